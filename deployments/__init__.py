@@ -1,0 +1,1 @@
+"""Serving low-bit ipex-llm models with Ray Serve."""

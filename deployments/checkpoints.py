@@ -1,0 +1,373 @@
+"""Low-bit checkpoints on a shared path: manifest, atomic publishing, verification, node cache.
+
+A checkpoint is a folder holding ipex-llm's ``save_low_bit`` output, the tokenizer files and
+``manifest.json`` (source, low-bit type, library versions, every file with size and sha256).
+
+Layout of a published checkpoint called ``name`` under ``root``::
+
+    <root>/<name>                         symlink -> .<name>.versions/<version id>
+    <root>/.<name>.versions/<version id>/ immutable version folders, never changed once renamed in
+    <root>/.<name>.tmp-<random>/          a build in progress (removed if the build fails)
+    <root>/.<name>.lock                   file lock serialising publishers of <name>
+
+A version id is ``<UTC timestamp>-<random hex>``, so ids sort by publishing time. Publishing
+renames the finished build into place and then swaps the symlink with rename(2): a reader
+sees the old version or the new one, never half of one, and a reader that resolved the name
+before a swap keeps a complete folder (old versions are never deleted here; remove them by
+hand once no replica uses them).
+
+Only the standard library, pydantic, filelock and tqdm are imported: the ingress and the unit
+tests use this module without the model stack installed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import secrets
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+
+from filelock import FileLock
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from tqdm import tqdm
+
+from deployments.constants import LOW_BITS, MANIFEST_FILE, MANIFEST_FORMAT_VERSION
+
+# Libraries whose versions a checkpoint records, by manifest key: (distribution name, how many
+# leading version parts must match the running one). save_low_bit pickles tensors laid out by
+# ipex-llm's own transforms (merged qkv, its quantized formats) under transformers' module
+# names, so those two must agree on major.minor; torch only has to read the file.
+_TRACKED_LIBRARIES = {
+    "torch": ("torch", 1),
+    "transformers": ("transformers", 2),
+    "ipex_llm": ("ipex-llm", 2),
+}
+_HASH_CHUNK_BYTES = 4 << 20
+
+
+class CheckpointError(Exception):
+    """A checkpoint is missing, incomplete, corrupt or incompatible.
+
+    The message is one line naming the checkpoint path and the problem, fit for a CLI's
+    stderr or a replica's failed health check.
+    """
+
+
+class _Defect(Exception):
+    """A problem found inside a checkpoint; verify_checkpoint prefixes the path once."""
+
+
+class ManifestFile(BaseModel):
+    """One file of a checkpoint, by path relative to the checkpoint folder."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    size: int = Field(ge=0)
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @field_validator("path")
+    @classmethod
+    def _inside_folder(cls, value: str) -> str:
+        # A crafted manifest must not make verify or copy look outside the checkpoint.
+        parts = PurePosixPath(value).parts
+        if not parts or value.startswith("/") or ".." in parts or value == MANIFEST_FILE:
+            raise ValueError(f"{value!r} is not a relative path inside the checkpoint")
+        return value
+
+
+class Manifest(BaseModel):
+    """What ``manifest.json`` records about a checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format_version: int
+    name: str
+    source: str = Field(description="The model it was converted from: folder, hub id or GGUF.")
+    low_bit: str = Field(description="ipex-llm low-bit type (load_in_low_bit).")
+    created_at: str = Field(description="UTC, ISO 8601.")
+    versions: dict[str, str] = Field(description="Library versions that made it.")
+    files: tuple[ManifestFile, ...]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry.size for entry in self.files)
+
+
+def installed_versions() -> dict[str, str]:
+    """Versions of the tracked libraries installed here (read from metadata, not imported)."""
+    found = {}
+    for key, (distribution, _) in _TRACKED_LIBRARIES.items():
+        try:
+            found[key] = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def write_manifest(folder: str | os.PathLike[str], *, source: str, low_bit: str,
+                   name: str) -> Manifest:
+    """Hash every file under ``folder`` (recursively) and write ``folder/manifest.json``."""
+    folder = Path(folder)
+    sizes = {path: (folder / path).stat().st_size for path in _files_under(folder)}
+    digests = _sha256_files(folder, sizes, desc=f"hashing {name}")
+    manifest = Manifest(
+        format_version=MANIFEST_FORMAT_VERSION,
+        name=name,
+        source=source,
+        low_bit=low_bit,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        versions=installed_versions(),
+        files=tuple(ManifestFile(path=path, size=size, sha256=digests[path])
+                    for path, size in sizes.items()),
+    )
+    (folder / MANIFEST_FILE).write_text(manifest.model_dump_json(indent=2) + "\n")
+    return manifest
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """The absolute, symlink-free version folder that ``path`` names.
+
+    A published name is a symlink; resolving it once and using the result from then on keeps
+    a reader on one immutable version even if a new one is published meanwhile.
+    """
+    given = Path(path).expanduser().absolute()
+    if not os.path.lexists(given):
+        raise CheckpointError(f"checkpoint {given}: does not exist")
+    folder = given.resolve()
+    if not folder.exists():
+        raise CheckpointError(f"checkpoint {given}: points at {folder}, which does not exist")
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint {given}: is not a folder")
+    return folder
+
+
+def verify_checkpoint(path: str | os.PathLike[str], *,
+                      supported_low_bits: Iterable[str] | None = None,
+                      quick: bool = False) -> Manifest:
+    """Check the checkpoint ``path`` names against its manifest and this environment.
+
+    Checks, in order: the manifest exists and parses; its low-bit type is one of
+    ``supported_low_bits`` (default: every type ``llm-checkpoint`` makes); the libraries that
+    made it are compatible with the installed ones; the folder holds exactly the listed
+    files, each of the listed size and (unless ``quick``) sha256. ``quick`` skips hashing,
+    for callers that re-check a folder they verified before.
+
+    Raises CheckpointError naming the path and the first problem found.
+    """
+    folder = resolve_checkpoint(path)
+    given = Path(path).expanduser().absolute()
+    label = str(given) if given == folder else f"{given} (version {folder})"
+    try:
+        manifest = _read_manifest(folder)
+        _check_low_bit(manifest.low_bit, tuple(supported_low_bits or LOW_BITS))
+        _check_versions(manifest.versions, installed_versions())
+        _check_files(folder, manifest.files, quick=quick)
+    except _Defect as defect:
+        raise CheckpointError(f"checkpoint {label}: {defect}") from None
+    return manifest
+
+
+def publish_checkpoint(build: Callable[[Path], None], destination: str | os.PathLike[str], *,
+                       source: str, low_bit: str, force: bool = False) -> Path:
+    """Build a checkpoint in a temporary folder and publish it atomically as ``destination``.
+
+    ``build(folder)`` writes the model files into an empty folder; this function adds the
+    manifest, renames the folder to a new immutable version and points ``destination`` at it
+    (see the module docstring for the layout). An existing ``destination`` is refused unless
+    ``force``, which publishes a new version and leaves the old one in place for its readers.
+    Concurrent publishers are serialised by a file lock; the last one to finish wins the
+    name. If anything fails, the temporary folder is removed.
+
+    Returns the new version folder.
+    """
+    destination = Path(destination).expanduser().absolute()
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_existing(destination, force=force)  # before a build that may take minutes
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-",
+                                    dir=destination.parent))
+    try:
+        staging.chmod(0o755)  # mkdtemp makes it 0700; replicas may run as other users
+        build(staging)
+        write_manifest(staging, source=source, low_bit=low_bit, name=destination.name)
+        with FileLock(destination.parent / f".{destination.name}.lock"):
+            _refuse_existing(destination, force=force)
+            version = _versions_folder(destination) / _new_version_id()
+            version.parent.mkdir(exist_ok=True)
+            staging.rename(version)
+            staging = version  # unpublished until the pointer switches: still ours to remove
+            _point(destination, version)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return version
+
+
+def cached_copy(checkpoint: str | os.PathLike[str], cache_root: str | os.PathLike[str]) -> Path:
+    """A verified node-local copy of the checkpoint's current version, made once per node.
+
+    The copy lives in ``cache_root/<name>-<first 16 hex of the manifest's sha256>``: one
+    folder per distinct version, whatever path it was reached by. The first caller copies
+    (under a file lock, into a temporary folder, verified with hashes, then renamed); callers
+    that find the copy reuse it after a size check, so replicas on one node read the network
+    copy once. A cached folder that fails the size check is copied again.
+    """
+    folder = resolve_checkpoint(checkpoint)
+    manifest = verify_checkpoint(folder, quick=True)
+    manifest_digest = hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).hexdigest()
+    key = f"{manifest.name}-{manifest_digest[:16]}"
+    cache_root = Path(cache_root).expanduser().absolute()
+    cache_root.mkdir(parents=True, exist_ok=True)
+    target = cache_root / key
+    with FileLock(cache_root / f".{key}.lock"):
+        if target.is_dir():
+            try:
+                verify_checkpoint(target, quick=True)
+                return target
+            except CheckpointError:
+                shutil.rmtree(target)
+        staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_root))
+        try:
+            shutil.copytree(folder, staging, dirs_exist_ok=True)
+            verify_checkpoint(staging)
+            staging.rename(target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return target
+
+
+# ---- verification steps: each raises _Defect ------------------------------------------------
+
+
+def _read_manifest(folder: Path) -> Manifest:
+    file = folder / MANIFEST_FILE
+    if not file.is_file():
+        raise _Defect(f"{MANIFEST_FILE} is missing (not a checkpoint, or an unfinished one)")
+    try:
+        document = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _Defect(f"{MANIFEST_FILE} is unreadable: {error}") from None
+    found_format = document.get("format_version") if isinstance(document, dict) else None
+    if found_format != MANIFEST_FORMAT_VERSION:
+        raise _Defect(f"{MANIFEST_FILE} has format_version {found_format!r}, this code reads "
+                      f"{MANIFEST_FORMAT_VERSION}")
+    try:
+        return Manifest.model_validate(document)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise _Defect(f"{MANIFEST_FILE} is malformed: {where}: {first['msg']}") from None
+
+
+def _check_low_bit(low_bit: str, supported: tuple[str, ...]) -> None:
+    if low_bit not in supported:
+        raise _Defect(f"low-bit type {low_bit!r} is not supported here "
+                      f"(supported: {', '.join(supported)})")
+
+
+def _check_versions(recorded: dict[str, str], running: dict[str, str]) -> None:
+    for key, here in running.items():
+        parts = _TRACKED_LIBRARIES[key][1]
+        made_with = recorded.get(key)
+        if made_with is None:
+            raise _Defect(f"{MANIFEST_FILE} records no {key} version")
+        if _leading_parts(made_with, parts) != _leading_parts(here, parts):
+            rule = "major.minor" if parts == 2 else "major version"
+            raise _Defect(f"made with {key} {made_with}, incompatible with the installed {here} "
+                          f"({rule} must match; convert it again)")
+
+
+def _leading_parts(version: str, count: int) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:count])
+
+
+def _check_files(folder: Path, entries: tuple[ManifestFile, ...], *, quick: bool) -> None:
+    listed = {entry.path for entry in entries}
+    for path in _files_under(folder):
+        if path not in listed:
+            raise _Defect(f"file {path} is not listed in {MANIFEST_FILE}")
+    for entry in entries:
+        file = folder / entry.path
+        if not file.is_file():
+            raise _Defect(f"file {entry.path} is missing")
+        size = file.stat().st_size
+        if size != entry.size:
+            raise _Defect(f"file {entry.path} has {size} bytes, {MANIFEST_FILE} says "
+                          f"{entry.size} (truncated or replaced)")
+    if quick:
+        return
+    digests = _sha256_files(folder, {entry.path: entry.size for entry in entries},
+                            desc=f"verifying {folder.name}")
+    for entry in entries:
+        if digests[entry.path] != entry.sha256:
+            raise _Defect(f"file {entry.path} sha256 mismatch (manifest {entry.sha256[:12]}..., "
+                          f"file {digests[entry.path][:12]}...): corrupt or modified")
+
+
+# ---- files and hashes ------------------------------------------------------------------------
+
+
+def _files_under(folder: Path) -> list[str]:
+    """Relative POSIX paths of every file under ``folder`` but the manifest, sorted."""
+    return sorted(path.relative_to(folder).as_posix() for path in folder.rglob("*")
+                  if path.is_file() and path != folder / MANIFEST_FILE)
+
+
+def _sha256_files(folder: Path, sizes: dict[str, int], *, desc: str) -> dict[str, str]:
+    """sha256 of each file, with one byte-counting progress bar (shown on terminals only)."""
+    digests = {}
+    with tqdm(total=sum(sizes.values()), desc=desc, unit="B", unit_scale=True,
+              disable=None, leave=False) as progress:
+        for path in sizes:
+            digest = hashlib.sha256()
+            with open(folder / path, "rb") as file:
+                while chunk := file.read(_HASH_CHUNK_BYTES):
+                    digest.update(chunk)
+                    progress.update(len(chunk))
+            digests[path] = digest.hexdigest()
+    return digests
+
+
+# ---- publishing ------------------------------------------------------------------------------
+
+
+def _refuse_existing(destination: Path, *, force: bool) -> None:
+    if not os.path.lexists(destination):
+        return
+    if not destination.is_symlink():
+        raise CheckpointError(f"checkpoint {destination}: exists and is not a published name "
+                              "(a symlink to a version folder), so it cannot be replaced "
+                              "atomically; remove it or choose another output")
+    if not force:
+        raise CheckpointError(f"checkpoint {destination}: already exists; use --force "
+                              "(force=True) to publish a new version under this name")
+
+
+def _versions_folder(destination: Path) -> Path:
+    return destination.parent / f".{destination.name}.versions"
+
+
+def _new_version_id() -> str:
+    return f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%S%fZ')}-{secrets.token_hex(4)}"
+
+
+def _point(destination: Path, version: Path) -> None:
+    """Make ``destination`` a symlink to ``version``, atomically replacing an older one.
+
+    The target is relative, so the tree stays valid wherever the shared path is mounted.
+    """
+    link = destination.with_name(f".{destination.name}.link-{secrets.token_hex(4)}")
+    os.symlink(os.path.relpath(version, destination.parent), link)
+    try:
+        os.replace(link, destination)
+    except BaseException:
+        link.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,108 @@
+"""The application's configuration: one pydantic model, one source of truth for every knob.
+
+``LLMConfig`` is what ``serve_config.yaml`` passes as an application's ``args``. Ray-level
+options (num_replicas, max_ongoing_requests, max_queued_requests, autoscaling_config,
+ray_actor_options) are not here: they belong in the config's ``deployments:`` section,
+Ray's standard place for operators to tune them. Unknown keys are refused (extra="forbid"),
+so a typo fails the deploy instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deployments import constants
+
+EngineName = Literal["ipex_llm", "echo"]
+ENGINE_CLASSES: dict[str, str] = {
+    "ipex_llm": "deployments.engine.ipex_llm:IpexLLMEngine",
+    "echo": "deployments.engine.echo:EchoEngine",
+}
+
+
+class LLMConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model_name: str = Field(constants.DEMO_MODEL_NAME, min_length=1,
+                            description="Name clients pass as `model`; /v1/models lists it.")
+    checkpoint_path: str = Field(
+        constants.DEMO_CHECKPOINT_DIR,
+        description="Checkpoint made by `llm-checkpoint` (a version folder or a name that "
+                    "points at one). On a cluster: an absolute path on the shared mount; a "
+                    "relative path is taken from the Ray cluster's working directory.")
+    engine: EngineName = Field("ipex_llm", description="Backend behind the engine protocol; "
+                               "`echo` is model-free, for tests and overhead benchmarks.")
+    engine_options: dict[str, Any] = Field(
+        default_factory=dict, description="Extra keyword arguments of the engine's `load`.")
+    device: Literal["auto", "cpu", "xpu"] = Field(
+        "auto", description="xpu: one Intel GPU tile per replica; cpu: one CPU socket per "
+                            "replica; auto: whatever the cluster advertises, else the host.")
+    accelerator_type: str | None = Field(
+        None, description="Ray accelerator type XPU replicas ask for (e.g. Intel-GPU-Max-1550).")
+    xmx_disabled: bool = Field(
+        False, description="Set BIGDL_LLM_XMX_DISABLED=1 in replicas: GPUs without XMX units "
+                           "(Core Ultra iGPUs).")
+    local_cache_dir: str | None = Field(
+        None, description="Copy the checkpoint to this node-local folder once per node "
+                          "(under a file lock) and load from there.")
+
+    max_batch_size: int = Field(constants.MAX_BATCH_SIZE, ge=1, le=256,
+                                description="Sequences decoded together per step.")
+    max_prefill_tokens_per_step: int = Field(
+        constants.MAX_PREFILL_TOKENS_PER_STEP, ge=16,
+        description="Prompt tokens prefilled per step; longer prompts are chunked so they "
+                    "do not stall everyone's decoding.")
+    default_max_tokens: int = Field(constants.DEFAULT_MAX_TOKENS, ge=1,
+                                    description="max_tokens of a request that names none.")
+    max_stop_strings: int = Field(constants.MAX_STOP_STRINGS, ge=0)
+    request_timeout_s: float = Field(
+        constants.REQUEST_TIMEOUT_S, gt=0,
+        description="Deadline of a request that names none (field `timeout`).")
+    max_request_timeout_s: float = Field(constants.MAX_REQUEST_TIMEOUT_S, gt=0,
+                                         description="Cap on a request's own `timeout`.")
+    max_request_body_bytes: int = Field(constants.MAX_REQUEST_BODY_BYTES, ge=1024)
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the API key(s), comma-separated. "
+                          "Keys never go in this file.")
+    api_key_file: str | None = Field(
+        None, description="File holding API keys, one per line.")
+    log_prompts: bool = Field(False, description="Put prompt text in request logs.")
+
+    @field_validator("checkpoint_path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        return str(Path(value).expanduser().absolute())
+
+    @model_validator(mode="after")
+    def _timeouts_ordered(self) -> LLMConfig:
+        if self.request_timeout_s > self.max_request_timeout_s:
+            raise ValueError("request_timeout_s must not exceed max_request_timeout_s")
+        return self
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], app_name: str = "llm") -> LLMConfig:
+        """The args of application ``app_name`` in a Serve config file."""
+        document = yaml.safe_load(Path(path).read_text())
+        for app in document.get("applications", []):
+            if app.get("name") == app_name:
+                return cls.model_validate(app.get("args") or {})
+        raise ValueError(f"{path}: no application named {app_name!r}")
+
+    @property
+    def engine_class_path(self) -> str:
+        return ENGINE_CLASSES[self.engine]
+
+    def api_keys(self) -> frozenset[str]:
+        """Configured API keys (empty: no auth). Read at start-up, never logged."""
+        keys: set[str] = set()
+        if self.api_key_env:
+            keys.update(k.strip() for k in os.environ.get(self.api_key_env, "").split(","))
+        if self.api_key_file:
+            keys.update(line.strip() for line in Path(self.api_key_file).read_text().splitlines())
+        keys.discard("")
+        return frozenset(keys)

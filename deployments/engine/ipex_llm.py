@@ -1,0 +1,281 @@
+"""IpexLLMEngine: an ipex-llm low-bit model driven step by step, with continuous batching.
+
+The decode loop is our own, over the model's forward pass and its KV cache, rather than one
+opaque ``generate()`` call: each sequence streams, stops and is aborted on its own, and
+new sequences join the running batch between decode steps. Rows are left-padded: a zero in
+the attention mask hides padded cache positions, and position ids come from the mask's
+cumulative sum, which reproduces ipex-llm's ``generate()`` token for token (design.md).
+
+Joining copies the batch's KV into a new cache (ipex-llm's ``DynamicNormalCache``, whose
+tensors are views into preallocated buffers), so joins are batched: one per step at most.
+
+torch, transformers and ipex_llm are imported inside methods: importing this module is
+cheap, so the router and the tests that never load a model do not pay for the stack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
+from deployments.engine.protocol import EngineError
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+_KV = list[tuple["torch.Tensor", "torch.Tensor"]]
+
+
+class _Rows:
+    """Batch tensors that travel together: per-layer KV, attention mask, last tokens."""
+
+    def __init__(self, kv: _KV, mask: torch.Tensor, last_tokens: torch.Tensor):
+        self.kv, self.mask, self.last_tokens = kv, mask, last_tokens
+
+
+class IpexLLMEngine(ContinuousBatchingEngine):
+    """A low-bit causal LM on one device ("cpu" or "xpu"), generating for many requests."""
+
+    def __init__(self, model: Any, tokenizer: Any, *, device: str, max_batch_size: int,
+                 max_prefill_tokens_per_step: int, max_context_tokens: int | None = None):
+        eos = model.generation_config.eos_token_id
+        eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
+        context = max_context_tokens or getattr(model.config, "max_position_embeddings", 2048)
+        super().__init__(max_batch_size=max_batch_size,
+                         max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+                         max_context_tokens=context,
+                         eos_token_ids={i for i in eos_ids if i is not None})
+        self._model = model
+        self._tokenizer = tokenizer
+        self._device = device
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._running_rows: _Rows | None = None
+        self._cache: Any = None  # the model's cache object for the running rows
+        self._pending: list[_Rows] = []
+        self._chunk: tuple[Any, int] | None = None  # (cache, length) of a chunked prefill
+        self._generators: dict[str, torch.Generator] = {}
+
+    @classmethod
+    def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
+             max_prefill_tokens_per_step: int, **options: Any) -> IpexLLMEngine:
+        """Verify the checkpoint, then load weights (no pickle code runs) and tokenizer."""
+        import torch
+        from ipex_llm.transformers import AutoModelForCausalLM
+        from transformers import AutoTokenizer
+
+        from deployments.checkpoints import resolve_checkpoint, verify_checkpoint
+
+        folder = resolve_checkpoint(checkpoint_path)
+        verify_checkpoint(folder)
+        if device.startswith("xpu") and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+            raise EngineError(f"device {device!r} asked for, but torch.xpu is not available",
+                              status_code=500)
+        with _weights_only_torch_load():
+            model = AutoModelForCausalLM.load_low_bit(str(folder), trust_remote_code=False)
+        model = model.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return cls(model, tokenizer, device=device, max_batch_size=max_batch_size,
+                   max_prefill_tokens_per_step=max_prefill_tokens_per_step, **options)
+
+    # ---- text ----------------------------------------------------------------------------
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise EngineError("this model has no chat template; use /v1/completions",
+                              param="messages")
+        return self._tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                   add_generation_prompt=True)
+
+    def _decode_text(self, token_ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # ---- backend hooks -------------------------------------------------------------------
+
+    def _prefill(self, sequences: Sequence[Sequence_]) -> list[int]:
+        import torch
+
+        width = max(len(s.prompt) for s in sequences)
+        ids = torch.full((len(sequences), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            ids[row, width - len(seq.prompt):] = torch.tensor(seq.prompt)
+            mask[row, width - len(seq.prompt):] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits, cache = self._forward(ids, mask, positions, None)
+        tokens = self._sample(logits, sequences)
+        self._pending.append(_Rows(_cache_tensors(cache), mask, tokens))
+        return tokens.tolist()
+
+    def _prefill_chunk(self, sequence: Sequence_, end: int) -> int | None:
+        import torch
+
+        cache, start = self._chunk or (None, 0)
+        ids = torch.tensor([sequence.prompt[start:end]], dtype=torch.long)
+        mask = torch.ones((1, end), dtype=torch.long)
+        positions = torch.arange(start, end, dtype=torch.long)[None, :]
+        logits, cache = self._forward(ids, mask, positions, cache)
+        if end < len(sequence.prompt):
+            self._chunk = (cache, end)
+            return None
+        self._chunk = None
+        tokens = self._sample(logits, [sequence])
+        self._pending.append(_Rows(_cache_tensors(cache), mask, tokens))
+        return int(tokens[0])
+
+    def _discard_chunk_state(self) -> None:
+        self._chunk = None
+
+    def _join_pending(self) -> None:
+        import torch
+
+        groups = list(self._pending)
+        if self._running_rows is not None:
+            current = self._running_rows
+            groups.insert(0, _Rows(_cache_tensors(self._cache), current.mask,
+                                   current.last_tokens))
+        self._pending = []
+        width = max(g.mask.shape[1] for g in groups)
+        num_layers = len(groups[0].kv)
+        kv = [tuple(torch.cat([_left_pad(g.kv[layer][part], width, dim=2) for g in groups])
+                    for part in (0, 1))
+              for layer in range(num_layers)]
+        mask = torch.cat([_left_pad(g.mask, width, dim=1) for g in groups])
+        tokens = torch.cat([g.last_tokens for g in groups])
+        self._set_running(_Rows(kv, mask, tokens))
+
+    def _decode(self, sequences: Sequence[Sequence_]) -> list[int]:
+        import torch
+
+        rows = self._running_rows
+        assert rows is not None
+        mask = torch.cat([rows.mask, torch.ones((rows.mask.shape[0], 1), dtype=torch.long)], 1)
+        positions = (mask.sum(-1, keepdim=True) - 1)
+        logits, self._cache = self._forward(rows.last_tokens[:, None], mask, positions,
+                                            self._cache)
+        tokens = self._sample(logits, sequences)
+        rows.mask, rows.last_tokens = mask, tokens
+        rows.kv = []  # stale: the cache object is the truth until the batch changes shape
+        return tokens.tolist()
+
+    def _drop_rows(self, rows: Sequence[int]) -> None:
+        import torch
+
+        for index in rows:
+            self._generators.pop(self._running[index].request_id, None)
+        current = self._running_rows
+        assert current is not None
+        keep = [i for i in range(current.mask.shape[0]) if i not in set(rows)]
+        if not keep:
+            self._running_rows, self._cache = None, None
+            return
+        index = torch.tensor(keep, dtype=torch.long)
+        mask = current.mask.index_select(0, index)
+        first_used = int((mask.sum(0) > 0).nonzero()[0])  # drop padding nobody needs now
+        kv = [tuple(t.index_select(0, index)[:, :, first_used:].contiguous() for t in layer)
+              for layer in _cache_tensors(self._cache)]
+        self._set_running(_Rows(kv, mask[:, first_used:].contiguous(),
+                                current.last_tokens.index_select(0, index)))
+
+    # ---- tensors -------------------------------------------------------------------------
+
+    def _set_running(self, rows: _Rows) -> None:
+        from ipex_llm.transformers.kv import DynamicNormalCache
+
+        self._cache = DynamicNormalCache.from_legacy_cache(tuple(rows.kv))
+        self._running_rows = rows
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: Any) -> tuple[torch.Tensor, Any]:
+        import torch
+
+        with torch.inference_mode():
+            out = self._model(input_ids=ids.to(self._device),
+                              attention_mask=mask.to(self._device),
+                              position_ids=positions.to(self._device),
+                              past_key_values=cache, use_cache=True)
+        return out.logits[:, -1, :].float().cpu(), out.past_key_values
+
+    def _sample(self, logits: torch.Tensor, sequences: Sequence[Sequence_]) -> torch.Tensor:
+        """One token per row: greedy at temperature 0, else top-p sampling with the
+        request's own generator, so a seeded request repeats whatever else is batched."""
+        import torch
+
+        eos = sorted(self._eos_token_ids)
+        tokens = torch.empty(len(sequences), dtype=torch.long)
+        for row, seq in enumerate(sequences):
+            params = seq.request.params
+            row_logits = logits[row]
+            if eos and len(seq.generated) < params.min_tokens:
+                row_logits = row_logits.clone()
+                row_logits[eos] = float("-inf")
+            if params.temperature == 0:
+                tokens[row] = int(row_logits.argmax())
+                continue
+            probs = torch.softmax(row_logits / params.temperature, dim=-1)
+            if params.top_p < 1.0:
+                probs = _top_p_filter(probs, params.top_p)
+            tokens[row] = int(torch.multinomial(probs, 1, generator=self._generator(seq)))
+        return tokens
+
+    def _generator(self, seq: Sequence_) -> torch.Generator:
+        import torch
+
+        generator = self._generators.get(seq.request_id)
+        if generator is None:
+            seed = seq.request.params.seed
+            generator = torch.Generator().manual_seed(
+                seed if seed is not None else random.getrandbits(63))
+            self._generators[seq.request_id] = generator
+        return generator
+
+
+def _cache_tensors(cache: Any) -> _KV:
+    return list(zip(cache.key_cache, cache.value_cache, strict=True))
+
+
+def _left_pad(tensor: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
+    import torch
+
+    missing = width - tensor.shape[dim]
+    if missing == 0:
+        return tensor.contiguous()
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    import torch
+
+    sorted_probs, order = torch.sort(probs, descending=True)
+    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the token crossing top_p
+    sorted_probs[outside] = 0.0
+    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return filtered / filtered.sum()
+
+
+@contextlib.contextmanager
+def _weights_only_torch_load() -> Iterator[None]:
+    """Make every torch.load during model loading refuse pickled code (weights only)."""
+    import torch
+
+    original = torch.load
+
+    def weights_only_load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return original(*args, **kwargs)
+
+    torch.load = weights_only_load
+    try:
+        yield
+    finally:
+        torch.load = original

@@ -1,0 +1,125 @@
+"""The engine contract: what a serving replica needs from a model backend.
+
+An engine owns one model on one device and advances a batch of sequences one step at a time,
+in the style of vLLM's ``LLMEngine`` (``add_request`` / ``step`` / ``abort``): the replica's
+scheduler loop calls these from a single thread of its own, so an implementation needs no
+locking. Step-wise operation is what lets each sequence stream, stop and be aborted on its own,
+and lets new sequences join the running batch between decode steps (continuous batching).
+
+This module imports neither ray nor torch, so the router, the adapter and unit tests can use
+the types without the model stack.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class EngineError(Exception):
+    """A request the engine cannot serve, with the HTTP status that describes why."""
+
+    def __init__(self, message: str, *, status_code: int = 400, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.status_code = status_code
+        self.param = param
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings; validated by the router before they get here."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class GenerationOutput:
+    """What one step produced for one request.
+
+    ``text`` is the new text since the previous output of this request (never a partial
+    stop string, never half a UTF-8 character); ``finish_reason`` is set on its last output.
+    """
+
+    request_id: str
+    text: str
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    finish_reason: FinishReason | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class StepResult:
+    """One scheduler iteration: the outputs, and how many sequences the step decoded."""
+
+    outputs: list[GenerationOutput]
+    batch_size: int
+    num_prefill_tokens: int = 0
+
+
+class LLMEngine(abc.ABC):
+    """A model on one device that generates for many requests, one step at a time.
+
+    Contract:
+    - ``load`` builds the engine from a verified checkpoint; it raises with a message naming
+      the checkpoint when the checkpoint is missing, corrupt or incompatible.
+    - ``add_request`` queues a sequence; it joins the running batch at a later ``step``.
+    - ``step`` admits waiting sequences (within ``max_batch_size`` and the per-step prefill
+      token budget), runs one decode step for every running sequence, and returns each
+      request's new text. A finished request (EOS, stop string, max_tokens, abort) is reported
+      once with its ``finish_reason`` and then forgotten.
+    - ``abort`` ends a request at the next step, freeing its batch slot.
+    All methods are called from one thread.
+    """
+
+    @classmethod
+    @abc.abstractmethod
+    def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
+             max_prefill_tokens_per_step: int, **options: Any) -> LLMEngine:
+        """Load the checkpoint at ``checkpoint_path`` onto ``device`` ("cpu" or "xpu")."""
+
+    @property
+    @abc.abstractmethod
+    def max_context_tokens(self) -> int:
+        """Prompt plus generated tokens one sequence may hold."""
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` as the model sees a prompt (special tokens included)."""
+
+    @abc.abstractmethod
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        """The prompt text for a chat, ending where the assistant's answer begins."""
+
+    @abc.abstractmethod
+    def add_request(self, request: GenerationRequest) -> None: ...
+
+    @abc.abstractmethod
+    def abort(self, request_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def has_unfinished_requests(self) -> bool: ...
+
+    @abc.abstractmethod
+    def step(self) -> StepResult: ...

@@ -1,0 +1,155 @@
+"""EngineLoop: runs an engine's steps on a thread of its own and routes outputs back.
+
+The replica's asyncio event loop must stay free to accept, batch and cancel requests while
+the model computes (design.md, "Pitfalls"), so one thread owns the engine: it takes new
+requests and aborts from an inbox between steps (continuous batching) and hands each
+step's outputs to the event loop in one call, where they land in per-request queues.
+
+Liveness for ``check_health``: the thread is alive, and when it has work it finishes a
+step at least every ``stall_timeout_s``. Nothing here runs a generation just to check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from deployments.engine.protocol import (
+    EngineError,
+    GenerationOutput,
+    GenerationRequest,
+    LLMEngine,
+    StepResult,
+)
+
+logger = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 0.5
+
+
+@dataclass
+class EngineFailure:
+    """Delivered instead of an output when the engine refused or failed a request."""
+
+    request_id: str
+    message: str
+    status_code: int
+    param: str | None = None
+
+
+class EngineLoop:
+    def __init__(self, engine: LLMEngine, *, stall_timeout_s: float,
+                 on_step: Callable[[StepResult, float], None] | None = None):
+        self._engine = engine
+        self._stall_timeout_s = stall_timeout_s
+        self._on_step = on_step
+        self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue[GenerationOutput | EngineFailure]] = {}
+        self._event_loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = threading.Event()
+        self._fatal: BaseException | None = None
+        self._busy_since: float | None = None
+        self._thread = threading.Thread(target=self._run, name="llm-engine-loop", daemon=True)
+
+    def start(self, event_loop: asyncio.AbstractEventLoop) -> None:
+        self._event_loop = event_loop
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=10)
+
+    # ---- event-loop side -----------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest
+               ) -> asyncio.Queue[GenerationOutput | EngineFailure]:
+        """Queue ``request``; its outputs arrive on the returned queue, the last one finished."""
+        if self._fatal is not None:
+            raise RuntimeError(f"the engine loop has failed: {self._fatal!r}")
+        outputs: asyncio.Queue[GenerationOutput | EngineFailure] = asyncio.Queue()
+        self._streams[request.request_id] = outputs
+        self._inbox.put(("add", request))
+        return outputs
+
+    def abort(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is not None:
+            self._inbox.put(("abort", request_id))
+
+    def check_alive(self) -> None:
+        """Raise when the loop died or is stuck in a step while work waits."""
+        if self._fatal is not None or not self._thread.is_alive():
+            raise RuntimeError(f"the engine loop is not running: {self._fatal!r}")
+        busy_since = self._busy_since
+        if busy_since is not None and time.monotonic() - busy_since > self._stall_timeout_s:
+            raise RuntimeError(
+                f"the engine loop made no step for {time.monotonic() - busy_since:.0f} s")
+
+    def _deliver(self, items: list[GenerationOutput | EngineFailure]) -> None:
+        for item in items:
+            stream = self._streams.get(item.request_id)
+            if stream is None:
+                continue  # aborted meanwhile
+            stream.put_nowait(item)
+            if isinstance(item, EngineFailure) or item.finished:
+                del self._streams[item.request_id]
+
+    # ---- engine thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                failures = self._drain_inbox(block=not self._engine.has_unfinished_requests())
+                if failures:
+                    self._send(failures)
+                if not self._engine.has_unfinished_requests():
+                    self._busy_since = None
+                    continue
+                started = time.monotonic()
+                self._busy_since = self._busy_since or started
+                result = self._engine.step()
+                self._busy_since = time.monotonic()
+                if result.outputs:
+                    self._send(list(result.outputs))
+                if self._on_step is not None:
+                    self._on_step(result, self._busy_since - started)
+        except BaseException as error:  # the replica must report it, not hang requests
+            logger.exception("engine loop failed")
+            self._fatal = error
+            self._fail_everyone(error)
+
+    def _drain_inbox(self, *, block: bool) -> list[GenerationOutput | EngineFailure]:
+        failures: list[GenerationOutput | EngineFailure] = []
+        try:
+            command, value = self._inbox.get(timeout=_IDLE_POLL_S) if block else \
+                self._inbox.get_nowait()
+        except queue.Empty:
+            return failures
+        while True:
+            if command == "add":
+                assert isinstance(value, GenerationRequest)
+                try:
+                    self._engine.add_request(value)
+                except EngineError as error:
+                    failures.append(EngineFailure(value.request_id, error.message,
+                                                  error.status_code, error.param))
+            else:
+                self._engine.abort(str(value))
+            try:
+                command, value = self._inbox.get_nowait()
+            except queue.Empty:
+                return failures
+
+    def _send(self, items: list[GenerationOutput | EngineFailure]) -> None:
+        assert self._event_loop is not None
+        self._event_loop.call_soon_threadsafe(self._deliver, items)
+
+    def _fail_everyone(self, error: BaseException) -> None:
+        if self._event_loop is None or self._event_loop.is_closed():
+            return
+        message = f"the model replica failed: {type(error).__name__}: {error}"
+        self._send([EngineFailure(rid, message, 503) for rid in list(self._streams)])

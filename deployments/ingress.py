@@ -1,0 +1,348 @@
+"""LLMRouter: the OpenAI-compatible front door, over HTTP and over Ray handles.
+
+Every operation is a plain Python method first (``completions``, ``chat_completions``,
+their ``*_stream`` variants, ``models``), used by handle callers such as the LangChain
+adapter; the HTTP routes only parse the body and call them. So validation, limits, auth
+and error mapping are the same for both paths. Errors are ``ServiceError`` (OpenAI error
+JSON over HTTP). Requests go to the LLMServer replicas through a deployment handle;
+Ray's ``BackPressureError`` (the replicas' queues are full) becomes 503 + Retry-After, and a
+replica that dies before sending a token is retried once on another replica.
+
+This module never imports torch. (No `from __future__ import annotations` here: FastAPI must
+see the real `Request` annotation of the route methods.)
+"""
+
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from deployments import constants
+from deployments.config import LLMConfig
+from deployments.errors import ServiceError
+from deployments.openai_protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    chat_chunk,
+    chat_response,
+    completion_chunk,
+    completion_response,
+    new_id,
+    parse_request,
+    usage_chunk,
+)
+
+logger = logging.getLogger("ray.serve")
+
+_REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
+HEALTH_TIMEOUT_S = 5.0
+
+app = FastAPI(title="ipex-llm-serve", description="OpenAI-compatible LLM serving on Intel "
+              "GPUs and CPU sockets", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    """Unknown routes and methods answer in OpenAI's error shape too."""
+    message = "no such route" if error.status_code == 404 else str(error.detail)
+    return _error_response(ServiceError(f"{message}: {request.method} {request.url.path}",
+                                        error.status_code))
+
+
+def _body_schema(model: type) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {
+        "application/json": {"schema": model.model_json_schema()}}}}
+
+
+async def _with_deadline(stream: Any, deadline: float) -> AsyncIterator[dict[str, Any]]:
+    """Backstop for the replica's own deadline: a stream that goes silent ends with 504."""
+    iterator = stream.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(iterator.__anext__(),
+                                           max(deadline - time.monotonic(), 0.001))
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            stream.cancel()
+            raise ServiceError("the model did not answer before the deadline", 504) from None
+        yield chunk
+
+
+async def _merge(streams: list[AsyncIterator[dict[str, Any]]]
+                 ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """Interleave several chunk streams as they produce, tagged with their index."""
+    if len(streams) == 1:
+        async for chunk in streams[0]:
+            yield 0, chunk
+        return
+    queue: asyncio.Queue[tuple[int, dict[str, Any] | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[dict[str, Any]]) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((index, chunk))
+            await queue.put((index, None))
+        except BaseException as error:
+            await queue.put((index, error))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _peek_stream_flag(body: bytes) -> bool:
+    """Whether the body asks to stream; full validation happens in the operation."""
+    try:
+        parsed = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(parsed, dict) and parsed.get("stream") is True
+
+
+async def _sse(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    yield f"data: {json.dumps(first)}\n\n"
+    try:
+        async for chunk in rest:
+            yield f"data: {json.dumps(chunk)}\n\n"
+    except ServiceError as error:
+        yield f"data: {json.dumps(error.to_dict())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def _error_response(error: ServiceError) -> JSONResponse:
+    return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers())
+
+
+@serve.deployment(name="LLMRouter", max_ongoing_requests=512)
+@serve.ingress(app)
+class LLMRouter:
+    def __init__(self, server: DeploymentHandle, config: LLMConfig):
+        self._server = server
+        self._config = config
+        self._api_keys = config.api_keys()
+
+    # ---- Python API (handle callers) -----------------------------------------------------
+
+    async def models(self) -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": self._config.model_name, "object": "model",
+                                            "created": 0, "owned_by": "ipex-llm-serve"}]}
+
+    async def completions(self, body: dict[str, Any] | bytes) -> dict[str, Any]:
+        request = self._parse(CompletionRequest, body)
+        response_id = new_id("cmpl")
+        results = await asyncio.gather(*(
+            self._generate(self._payload(request, prompt=prompt)) for prompt in request.prompts))
+        choices = [{"index": i, "text": r["text"], "logprobs": None,
+                    "finish_reason": r["finish_reason"]} for i, r in enumerate(results)]
+        return completion_response(response_id, request.model, choices,
+                                   sum(r["prompt_tokens"] for r in results),
+                                   sum(r["completion_tokens"] for r in results))
+
+    async def completions_stream(self, body: dict[str, Any] | bytes
+                                 ) -> AsyncIterator[dict[str, Any]]:
+        request = self._parse(CompletionRequest, body)
+        response_id = new_id("cmpl")
+        streams = [self._stream(self._payload(request, prompt=prompt))
+                   for prompt in request.prompts]
+        totals = [0, 0]
+        async for index, chunk in _merge(streams):
+            if chunk["text"] or chunk["finish_reason"]:
+                yield completion_chunk(response_id, request.model, index, chunk["text"],
+                                       chunk["finish_reason"])
+            if chunk["finish_reason"]:
+                totals[0] += chunk["prompt_tokens"]
+                totals[1] += chunk["completion_tokens"]
+        if request.include_usage:
+            yield usage_chunk(response_id, request.model, "text_completion", *totals)
+
+    async def chat_completions(self, body: dict[str, Any] | bytes) -> dict[str, Any]:
+        request = self._parse(ChatCompletionRequest, body)
+        result = await self._generate(self._payload(request, messages=request.chat_messages()))
+        return chat_response(new_id("chatcmpl"), request.model, result["text"],
+                             result["finish_reason"], result["prompt_tokens"],
+                             result["completion_tokens"])
+
+    async def chat_completions_stream(self, body: dict[str, Any] | bytes
+                                      ) -> AsyncIterator[dict[str, Any]]:
+        request = self._parse(ChatCompletionRequest, body)
+        response_id = new_id("chatcmpl")
+        first = True
+        async for chunk in self._stream(self._payload(request, messages=request.chat_messages())):
+            delta = {"role": "assistant", "content": chunk["text"]} if first else \
+                {"content": chunk["text"]}
+            if first or chunk["text"] or chunk["finish_reason"]:
+                yield chat_chunk(response_id, request.model, delta, chunk["finish_reason"])
+            first = False
+            if chunk["finish_reason"] and request.include_usage:
+                yield usage_chunk(response_id, request.model, "chat.completion.chunk",
+                                  chunk["prompt_tokens"], chunk["completion_tokens"])
+
+    async def health(self) -> dict[str, Any]:
+        """The serving replicas' state; ServiceError 503 while none can serve."""
+        try:
+            replica = await asyncio.wait_for(self._server.health.remote(), HEALTH_TIMEOUT_S)
+        except Exception as error:
+            raise ServiceError(f"no model replica is ready: {type(error).__name__}", 503,
+                               retry_after_s=constants.RETRY_AFTER_S) from None
+        return {"status": "ok", "replica": replica}
+
+    # ---- HTTP ----------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def http_health(self) -> Response:
+        return await self._respond(self.health)
+
+    @app.get("/v1/models")
+    async def http_models(self, request: Request) -> Response:
+        return await self._respond(self.models, request=request)
+
+    @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
+    async def http_completions(self, request: Request) -> Response:
+        return await self._http_generate(request, self.completions, self.completions_stream)
+
+    @app.post("/v1/chat/completions", openapi_extra=_body_schema(ChatCompletionRequest))
+    async def http_chat_completions(self, request: Request) -> Response:
+        return await self._http_generate(request, self.chat_completions,
+                                         self.chat_completions_stream)
+
+    async def _http_generate(self, request: Request,
+                             whole: Callable[[bytes], Awaitable[dict[str, Any]]],
+                             stream: Callable[[bytes], AsyncIterator[dict[str, Any]]]
+                             ) -> Response:
+        try:
+            self._authorize(request)
+            body = await self._read_body(request)
+            wants_stream = _peek_stream_flag(body)
+            if not wants_stream:
+                return JSONResponse(await whole(body))
+            chunks = stream(body)
+            first = await anext(chunks)  # errors before the first token are plain HTTP errors
+        except ServiceError as error:
+            return _error_response(error)
+        return StreamingResponse(_sse(first, chunks), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def _respond(self, operation: Callable[[], Awaitable[dict[str, Any]]],
+                       request: Request | None = None) -> Response:
+        try:
+            if request is not None:
+                self._authorize(request)
+            return JSONResponse(await operation())
+        except ServiceError as error:
+            return _error_response(error)
+
+    def _authorize(self, request: Request) -> None:
+        if not self._api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        presented = token.strip().encode() if scheme.lower() == "bearer" else b""
+        # Compare against every key, always, so timing does not reveal which one matched.
+        matched = False
+        for key in self._api_keys:
+            matched |= hmac.compare_digest(presented, key.encode())
+        if not matched:
+            raise ServiceError("missing or invalid API key (Authorization: Bearer <key>)", 401)
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self._config.max_request_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise ServiceError(f"the body is larger than {limit} bytes", 413)
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise ServiceError(f"the body is larger than {limit} bytes", 413)
+        return bytes(body)
+
+    # ---- shared path ---------------------------------------------------------------------
+
+    def _parse(self, model: type, body: dict[str, Any] | bytes) -> Any:
+        request = parse_request(model, body)
+        if request.model != self._config.model_name:
+            raise ServiceError(f"the model `{request.model}` does not exist; this server "
+                               f"serves `{self._config.model_name}`", 404, param="model",
+                               code="model_not_found")
+        if len(request.stop_strings) > self._config.max_stop_strings:
+            raise ServiceError(f"at most {self._config.max_stop_strings} stop strings",
+                               param="stop")
+        if any(len(s) > constants.MAX_STOP_STRING_CHARS for s in request.stop_strings):
+            raise ServiceError(f"stop strings are limited to {constants.MAX_STOP_STRING_CHARS}"
+                               " characters", param="stop")
+        if request.timeout is not None and request.timeout > self._config.max_request_timeout_s:
+            raise ServiceError(f"`timeout` is capped at {self._config.max_request_timeout_s} s",
+                               param="timeout")
+        return request
+
+    def _payload(self, request: Any, **prompt: Any) -> dict[str, Any]:
+        max_tokens = getattr(request, "requested_max_tokens", request.max_tokens)
+        if isinstance(prompt.get("prompt"), list):
+            prompt = {"prompt_token_ids": prompt["prompt"]}
+        return {**prompt, "request_id": new_id("req"),
+                "timeout_s": request.timeout or self._config.request_timeout_s,
+                "params": {"max_tokens": max_tokens or self._config.default_max_tokens,
+                           "temperature": request.temperature, "top_p": request.top_p,
+                           "seed": request.seed, "stop": list(request.stop_strings),
+                           "ignore_eos": request.ignore_eos,
+                           "min_tokens": request.min_tokens}}
+
+    async def _generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        text: list[str] = []
+        last: dict[str, Any] = {}
+        async for chunk in self._stream(payload):
+            text.append(chunk["text"])
+            last = chunk
+        return {**last, "text": "".join(text)}
+
+    async def _stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Chunks from a replica; retried once elsewhere if the replica dies before
+        the first token; errors raised as ServiceError."""
+        deadline = time.monotonic() + payload["timeout_s"] + constants.RETRY_AFTER_S * 5
+        for attempt in (1, 2):
+            sent_any = False
+            try:
+                stream = self._server.options(stream=True).generate_stream.remote(payload)
+                async for chunk in _with_deadline(stream, deadline):
+                    if "error" in chunk:
+                        error = chunk["error"]
+                        raise ServiceError(error["message"], error["status_code"],
+                                           error.get("param"),
+                                           retry_after_s=constants.RETRY_AFTER_S
+                                           if error["status_code"] == 503 else None)
+                    sent_any = True
+                    yield chunk
+                return
+            except BackPressureError:
+                raise ServiceError("the model replicas are at capacity; retry shortly", 503,
+                                   retry_after_s=constants.RETRY_AFTER_S) from None
+            except _REPLICA_LOST as error:
+                if sent_any or attempt == 2:
+                    raise ServiceError(f"the model replica serving this request was lost "
+                                       f"({type(error).__name__}); retry", 503,
+                                       retry_after_s=constants.RETRY_AFTER_S) from None
+                logger.warning("replica lost before the first token; retrying: %s", error)

@@ -1,0 +1,197 @@
+"""OpenAI request models, validation rules and response shapes.
+
+Requests are parsed strictly from the raw body (wrong JSON types are a 400, never coerced).
+Fields of OpenAI's schemas that we do not implement are accepted only at their default
+value; any other value is refused naming the field. Fields nobody knows are ignored, as
+vLLM does, so today's clients keep working. vLLM's ``ignore_eos`` and ``min_tokens``
+extensions are honoured, and ``timeout`` (seconds) sets a request's own deadline.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from deployments.errors import ServiceError
+
+# Known OpenAI fields we do not implement, with the values that mean "not used".
+UNSUPPORTED_FIELD_DEFAULTS: dict[str, tuple[Any, ...]] = {
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (0, 0.0),
+    "frequency_penalty": (0, 0.0),
+    "logit_bias": (None, {}),
+    "suffix": (None, ""),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none", "auto"),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "parallel_tool_calls": (None, True, False),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "prediction": (None,),
+}
+
+MAX_SEED = 2**63 - 1
+
+
+class _SamplingFields(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(0, ge=0)
+    timeout: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self) -> _SamplingFields:
+        for name, value in (self.model_extra or {}).items():
+            allowed = UNSUPPORTED_FIELD_DEFAULTS.get(name)
+            if allowed is not None and value not in allowed:
+                raise ServiceError(f"`{name}` = {value!r} is not supported by this server",
+                                   param=name)
+        return self
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool = False
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+    @model_validator(mode="after")
+    def _prompt_not_empty(self) -> CompletionRequest:
+        if not self.prompt or any(not p for p in self.prompts):
+            raise ValueError("`prompt` must not be empty")
+        return self
+
+    @property
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list: texts or token id lists."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return [prompt]
+        if prompt and isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]
+        return list(prompt)  # type: ignore[arg-type]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[ContentPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        role = {"developer": "system"}
+        return [{"role": role.get(m.role, m.role), "content": m.text()} for m in self.messages]
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def parse_request(model: type[_SamplingFields], body: bytes | dict[str, Any]) -> Any:
+    """Validate a body (raw JSON bytes or an already decoded dict); ServiceError 400 if bad."""
+    try:
+        if isinstance(body, bytes | bytearray):
+            return model.model_validate_json(body)
+        return model.model_validate(body)
+    except ValidationError as error:
+        raise ServiceError.from_validation(error) from None
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_response(request_id: str, model: str, choices: list[dict[str, Any]],
+                        prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()),
+            "model": model, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def chat_response(request_id: str, model: str, text: str, finish_reason: str | None,
+                  prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "logprobs": None, "finish_reason": finish_reason}],
+            "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def completion_chunk(request_id: str, model: str, index: int, text: str,
+                     finish_reason: str | None) -> dict[str, Any]:
+    return {"id": request_id, "object": "text_completion", "created": int(time.time()),
+            "model": model, "choices": [{"index": index, "text": text, "logprobs": None,
+                                         "finish_reason": finish_reason}]}
+
+
+def chat_chunk(request_id: str, model: str, delta: dict[str, str],
+               finish_reason: str | None) -> dict[str, Any]:
+    return {"id": request_id, "object": "chat.completion.chunk", "created": int(time.time()),
+            "model": model, "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                         "finish_reason": finish_reason}]}
+
+
+def usage_chunk(request_id: str, model: str, obj: str, prompt_tokens: int,
+                completion_tokens: int) -> dict[str, Any]:
+    return {"id": request_id, "object": obj, "created": int(time.time()), "model": model,
+            "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+
+
+_SamplingFields.model_rebuild()
+CompletionRequest.model_rebuild()
+ChatMessage.model_rebuild()
+ChatCompletionRequest.model_rebuild()

@@ -1,0 +1,183 @@
+"""LLMServer: the Ray Serve replica that owns one engine on one device.
+
+It turns a request (prompt text, chat messages or token ids, plus sampling parameters)
+into engine tokens, hands it to the engine loop, and streams the answer back in coalesced
+chunks: everything produced since the caller last took a chunk travels as one Ray message,
+so a loaded replica does not send one message per token. Cancelling the call (a client
+that hung up, a cancelled handle call) aborts the sequence and frees its batch slot.
+Errors travel as data (``{"error": {...}}`` chunks): the router maps them to HTTP.
+
+This module knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import importlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ray import serve
+
+from deployments import constants
+from deployments.config import LLMConfig
+from deployments.engine.protocol import (
+    EngineError,
+    GenerationOutput,
+    GenerationRequest,
+    LLMEngine,
+    SamplingParams,
+    StepResult,
+)
+from deployments.engine_loop import EngineFailure, EngineLoop
+
+logger = logging.getLogger("ray.serve")
+
+
+def load_engine_class(path: str) -> type[LLMEngine]:
+    module_name, _, class_name = path.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def error_chunk(message: str, status_code: int, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "status_code": status_code, "param": param}}
+
+
+@serve.deployment(name="LLMServer", max_ongoing_requests=64,
+                  health_check_period_s=10, health_check_timeout_s=30,
+                  graceful_shutdown_timeout_s=60)
+class LLMServer:
+    def __init__(self, config: LLMConfig):
+        self._config = config
+        started = time.monotonic()
+        engine_cls = load_engine_class(config.engine_class_path)
+        self._engine = engine_cls.load(
+            config.checkpoint_path, device="cpu", max_batch_size=config.max_batch_size,
+            max_prefill_tokens_per_step=config.max_prefill_tokens_per_step,
+            **config.engine_options)
+        self._batch_sizes: collections.Counter[int] = collections.Counter()
+        self._loop = EngineLoop(self._engine, stall_timeout_s=constants.SCHEDULER_STALL_TIMEOUT_S,
+                                on_step=self._record_step)
+        self._loop.start(asyncio.get_event_loop())
+        logger.info("LLMServer ready: model %s from %s in %.1f s", config.model_name,
+                    config.checkpoint_path, time.monotonic() - started)
+
+    # ---- handle API ----------------------------------------------------------------------
+
+    async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The whole answer as one object (same fields as the last streamed chunk)."""
+        text: list[str] = []
+        last: dict[str, Any] = {}
+        async for chunk in self.generate_stream(payload):
+            if "error" in chunk:
+                return chunk
+            text.append(chunk["text"])
+            last = chunk
+        return {**last, "text": "".join(text)}
+
+    async def generate_stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Chunks ``{"text", "finish_reason", "prompt_tokens", "completion_tokens"}``.
+
+        ``payload``: one of ``prompt`` (text), ``messages`` (chat) or ``prompt_token_ids``;
+        ``params`` (SamplingParams fields); optional ``request_id`` and ``timeout_s``.
+        """
+        try:
+            request = self._make_request(payload)
+        except EngineError as error:
+            yield error_chunk(error.message, error.status_code, error.param)
+            return
+        deadline = time.monotonic() + float(payload.get("timeout_s")
+                                            or self._config.request_timeout_s)
+        outputs = self._loop.submit(request)
+        finished = False
+        produced = 0
+        try:
+            while not finished:
+                try:
+                    first = await asyncio.wait_for(outputs.get(),
+                                                   max(deadline - time.monotonic(), 0))
+                except TimeoutError:
+                    yield self._timeout_chunk(produced, len(request.prompt_token_ids))
+                    return
+                batch = [first]
+                while not outputs.empty():
+                    batch.append(outputs.get_nowait())
+                chunk = _coalesce(batch)
+                finished = chunk.get("finish_reason") is not None or "error" in chunk
+                produced = chunk.get("completion_tokens", produced)
+                yield chunk
+        finally:
+            if not finished:
+                self._loop.abort(request.request_id)
+
+    async def health(self) -> dict[str, Any]:
+        """What /health reports for this replica; raises when the engine loop is not alive."""
+        self._loop.check_alive()
+        return {"model": self._config.model_name, "device": "cpu",
+                "running": getattr(self._engine, "num_running", None),
+                "waiting": getattr(self._engine, "num_waiting", None)}
+
+    async def stats(self) -> dict[str, Any]:
+        """Counters tests and operators read directly: batch sizes the engine reported."""
+        return {"batch_sizes": dict(self._batch_sizes),
+                "max_batch_size_seen": max(self._batch_sizes, default=0)}
+
+    async def check_health(self) -> None:
+        """Ray's liveness probe: the engine loop is alive and stepping while it has work."""
+        self._loop.check_alive()
+
+    def __del__(self) -> None:
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            loop.stop()
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _make_request(self, payload: dict[str, Any]) -> GenerationRequest:
+        engine = self._engine
+        if payload.get("messages") is not None:
+            token_ids = engine.encode(engine.apply_chat_template(payload["messages"]))
+        elif payload.get("prompt_token_ids") is not None:
+            token_ids = list(payload["prompt_token_ids"])
+        else:
+            token_ids = engine.encode(str(payload.get("prompt", "")))
+        params = SamplingParams(**{**payload.get("params", {}),
+                                   "stop": tuple(payload.get("params", {}).get("stop", ()))})
+        context = engine.max_context_tokens
+        if not token_ids:
+            raise EngineError("the prompt is empty", param="prompt")
+        if len(token_ids) + params.max_tokens > context:
+            raise EngineError(
+                f"this model's context is {context} tokens; the prompt has {len(token_ids)} "
+                f"and max_tokens asks for {params.max_tokens}: shorten the prompt or lower "
+                "max_tokens", param="max_tokens" if len(token_ids) < context else "prompt")
+        request_id = str(payload.get("request_id") or uuid.uuid4().hex)
+        return GenerationRequest(request_id, tuple(token_ids), params)
+
+    @staticmethod
+    def _timeout_chunk(produced: int, prompt_tokens: int) -> dict[str, Any]:
+        if produced:
+            return {"text": "", "finish_reason": "length", "prompt_tokens": prompt_tokens,
+                    "completion_tokens": produced, "timed_out": True}
+        return error_chunk("the request's deadline passed before the model answered; "
+                           "retry later or raise `timeout`", 504)
+
+    def _record_step(self, result: StepResult, seconds: float) -> None:
+        if result.batch_size:
+            self._batch_sizes[result.batch_size] += 1
+
+
+def _coalesce(items: list[GenerationOutput | EngineFailure]) -> dict[str, Any]:
+    """One chunk out of everything a request produced since its last chunk."""
+    for item in items:
+        if isinstance(item, EngineFailure):
+            return error_chunk(item.message, item.status_code, item.param)
+    last = items[-1]
+    assert isinstance(last, GenerationOutput)
+    return {"text": "".join(i.text for i in items if isinstance(i, GenerationOutput)),
+            "finish_reason": last.finish_reason, "prompt_tokens": last.num_prompt_tokens,
+            "completion_tokens": last.num_generated_tokens}

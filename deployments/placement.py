@@ -530,11 +530,15 @@ def _no_slot_message(
         )
         return f"no {placement} slot for this replica on node {node}: {what}"
     taken = ", ".join(str(slot.index) for slot in candidates)
-    resource = CPU_SOCKET_RESOURCE if placement == "cpu_socket" else GPU_RESOURCE
+    resource, hardware = (
+        (CPU_SOCKET_RESOURCE, "CPU sockets")
+        if placement == "cpu_socket"
+        else (GPU_RESOURCE, "Intel GPU tiles")
+    )
     return (
-        f"no free {placement} slot on node {node}: slots {taken} are all claimed by other "
-        f"replicas (locks in {lock_dir}). Ray placed more replicas here than the node has "
-        f"slots: its {resource!r} resource must not exceed its {placement} count."
+        f"no free {placement} slot on node {node}: every slot ({taken}) is held by another "
+        f"replica (locks in {lock_dir}). Ray placed more replicas here than the node has "
+        f"slots: the node's {resource!r} resource must not exceed its number of {hardware}."
     )
 
 

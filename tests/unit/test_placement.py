@@ -408,7 +408,7 @@ def test_two_claims_take_different_sockets_and_a_third_fails(
     assert {first.slot.cpus, second.slot.cpus} == {SOCKET0_CPUS, SOCKET1_CPUS}
     assert first.slot.node_id == second.slot.node_id == "node-a"
 
-    with pytest.raises(SlotUnavailableError, match=r"slots 0, 1 are all claimed.*'cpu_socket'"):
+    with pytest.raises(SlotUnavailableError, match=r"every slot \(0, 1\) is held.*'cpu_socket'"):
         claim()
 
     freed = first.slot

@@ -1,0 +1,164 @@
+"""The router and the replicas over real Ray Serve, with the model-free echo engine."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import httpx
+import pytest
+from ray import serve
+
+from deployments.errors import ServiceError
+from tests.helpers import serve_app, server_stats, sse_events
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    args = {"engine": "echo", "checkpoint_path": "/unused", "max_batch_size": 16,
+            "engine_options": {"step_delay_s": 0.01}}
+    with serve_app(args, server_options={"max_ongoing_requests": 128}) as url:
+        yield url
+
+
+@pytest.fixture
+def client(base_url):
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        yield c
+
+
+def test_completion_has_openai_shape_and_usage(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "say hello",
+                                              "max_tokens": 7})
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "text_completion"
+    assert body["choices"][0]["text"] == "hellohe"
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}
+
+
+def test_several_prompts_give_one_choice_each(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": ["a one", "b two"],
+                                              "max_tokens": 3})
+    assert [c["text"] for c in r.json()["choices"]] == ["one", "two"]
+    assert [c["index"] for c in r.json()["choices"]] == [0, 1]
+
+
+def test_chat_stream_is_openai_sse_with_role_first_usage_and_done(client):
+    r = client.post("/v1/chat/completions", json={
+        "model": MODEL, "messages": [{"role": "user", "content": "hi there"}],
+        "max_tokens": 6, "stream": True, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "there\n"
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert [f["choices"][0]["finish_reason"] for f in finals] == ["length"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_completion_stream_text_matches_non_streamed(client):
+    body = {"model": MODEL, "prompt": "x abcdefghij", "max_tokens": 10}
+    whole = client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+    r = client.post("/v1/completions", json={**body, "stream": True})
+    events = sse_events(r.text)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == whole
+
+
+def test_stop_strings_end_the_answer_without_the_stop_text(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x abcdef",
+                                              "max_tokens": 20, "stop": ["de"]})
+    choice = r.json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == ("abc", "stop")
+
+
+def test_concurrent_requests_are_batched_and_never_cross_talk(client):
+    def ask(i: int) -> tuple[int, str]:
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": f"id w{i:03d}",
+                                                  "max_tokens": 12})
+        assert r.status_code == 200, r.text
+        return i, r.json()["choices"][0]["text"]
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        answers = list(pool.map(ask, range(64)))
+    for i, text in answers:
+        assert text == (f"w{i:03d}" * 3)[:12]
+    assert server_stats()["max_batch_size_seen"] > 1
+
+
+@pytest.mark.parametrize(("body", "status", "param"), [
+    ({"model": "nope", "prompt": "a"}, 404, "model"),
+    ({"model": MODEL, "prompt": "a", "max_tokens": -1}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "a", "max_tokens": "5"}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "a", "temperature": 3}, 400, "temperature"),
+    ({"model": MODEL, "prompt": "a", "top_p": 0}, 400, "top_p"),
+    ({"model": MODEL, "prompt": ""}, 400, None),
+    ({"model": MODEL, "prompt": "a", "n": 2}, 400, "n"),
+    ({"model": MODEL, "prompt": "a", "logprobs": 3}, 400, "logprobs"),
+    ({"model": MODEL, "prompt": "a", "stop": ["s"] * 9}, 400, "stop"),
+    ({"model": MODEL, "prompt": "a", "max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": MODEL, "prompt": "y" * 5000, "max_tokens": 1}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "a", "timeout": 10**6}, 400, "timeout"),
+    ({"prompt": "a"}, 400, "model"),
+])
+def test_bad_requests_get_openai_errors(client, body, status, param):
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["message"] and error["type"]
+    assert error["param"] == param
+
+
+def test_unknown_fields_are_ignored(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x ab", "max_tokens": 2,
+                                              "some_future_field": {"x": 1}})
+    assert r.status_code == 200
+
+
+@pytest.mark.parametrize("raw", [b"\xff\xfe\x00", b"{not json", b"[]", b'"text"'])
+def test_malformed_bodies_are_400(client, raw):
+    r = client.post("/v1/chat/completions", content=raw,
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_oversize_body_is_413(client):
+    r = client.post("/v1/completions", content=b" " * 2_000_000,
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 413
+
+
+def test_unknown_route_is_openai_404(client):
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404
+    assert "error" in r.json()
+
+
+def test_health_and_models(client):
+    assert client.get("/health").json()["status"] == "ok"
+    assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
+
+
+def test_handle_callers_use_the_same_validation(base_url):
+    handle = serve.get_app_handle("llm")
+    ok = handle.completions.remote({"model": MODEL, "prompt": "x hey", "max_tokens": 3})
+    assert ok.result()["choices"][0]["text"] == "hey"
+    with pytest.raises(Exception) as raised:
+        handle.completions.remote({"model": MODEL, "prompt": "x", "max_tokens": 0}).result()
+    error = ServiceError.from_exception(raised.value)
+    assert error is not None and error.status_code == 400 and error.param == "max_tokens"
+
+
+def test_handle_streaming_yields_chunks(base_url):
+    handle = serve.get_app_handle("llm").options(stream=True)
+    chunks = list(handle.chat_completions_stream.remote(
+        {"model": MODEL, "messages": [{"role": "user", "content": "go abc"}], "max_tokens": 4}))
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "abc\n"

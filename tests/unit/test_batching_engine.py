@@ -1,0 +1,132 @@
+"""The continuous-batching scheduler, exercised through the model-free EchoEngine."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.engine.echo import EchoEngine
+from deployments.engine.protocol import EngineError, GenerationRequest, SamplingParams
+
+
+def make_engine(**kwargs) -> EchoEngine:
+    options = {"max_batch_size": 4, "max_prefill_tokens_per_step": 64, **kwargs}
+    return EchoEngine(**options)
+
+
+def request(engine: EchoEngine, rid: str, prompt: str, **params) -> GenerationRequest:
+    return GenerationRequest(rid, tuple(engine.encode(prompt)), SamplingParams(**params))
+
+
+def run(engine: EchoEngine, max_steps: int = 1000) -> tuple[dict[str, str], dict[str, str],
+                                                              list[int]]:
+    texts: dict[str, str] = {}
+    reasons: dict[str, str] = {}
+    batch_sizes: list[int] = []
+    for _ in range(max_steps):
+        if not engine.has_unfinished_requests():
+            break
+        result = engine.step()
+        batch_sizes.append(result.batch_size)
+        for out in result.outputs:
+            texts[out.request_id] = texts.get(out.request_id, "") + out.text
+            if out.finished:
+                reasons[out.request_id] = out.finish_reason
+    return texts, reasons, batch_sizes
+
+
+def test_answers_stay_with_their_request_in_one_batch():
+    engine = make_engine()
+    for word in ["apple", "berry", "cherry", "damson"]:
+        engine.add_request(request(engine, word, f"say {word}", max_tokens=10))
+    texts, reasons, sizes = run(engine)
+    for word in ["apple", "berry", "cherry", "damson"]:
+        assert texts[word] == (word * 3)[:10]
+        assert reasons[word] == "length"
+    assert max(sizes) == 4
+
+
+def test_new_requests_join_between_steps_and_short_ones_leave_early():
+    engine = make_engine()
+    engine.add_request(request(engine, "long", "x long", max_tokens=50))
+    engine.step()
+    engine.step()
+    engine.add_request(request(engine, "short", "x short", max_tokens=3))
+    finished_at: dict[str, int] = {}
+    for step in range(100):
+        for out in engine.step().outputs:
+            if out.finished:
+                finished_at[out.request_id] = step
+        if not engine.has_unfinished_requests():
+            break
+    assert finished_at["short"] < 5  # not held behind the long request
+    assert finished_at["long"] > finished_at["short"]
+
+
+def test_batch_size_is_capped_and_waiting_requests_are_admitted_when_slots_free():
+    engine = make_engine(max_batch_size=2)
+    for i in range(5):
+        engine.add_request(request(engine, f"r{i}", f"p w{i}", max_tokens=4))
+    texts, reasons, sizes = run(engine)
+    assert len(reasons) == 5
+    assert max(sizes) == 2
+
+
+def test_long_prompt_is_prefilled_in_chunks_while_others_decode():
+    engine = make_engine(max_prefill_tokens_per_step=16)
+    engine.add_request(request(engine, "running", "x run", max_tokens=30))
+    engine.step()
+    engine.add_request(request(engine, "long", "y" * 100 + " tail", max_tokens=2))
+    decoded_while_chunking = 0
+    for _ in range(6):
+        result = engine.step()
+        assert result.num_prefill_tokens <= 16
+        decoded_while_chunking += sum(1 for o in result.outputs if o.request_id == "running")
+    assert decoded_while_chunking >= 5  # the running request kept decoding every step
+    texts, reasons, _ = run(engine)
+    assert reasons["long"] == "length"
+    assert texts["long"] == "ta"
+
+
+def test_stop_string_is_cut_and_never_streamed():
+    engine = make_engine()
+    engine.add_request(request(engine, "s", "x abcdef", max_tokens=20, stop=("cde",)))
+    texts, reasons, _ = run(engine)
+    assert texts["s"] == "ab"
+    assert reasons["s"] == "stop"
+
+
+def test_abort_frees_the_slot_and_reports_abort():
+    engine = make_engine(max_batch_size=1)
+    engine.add_request(request(engine, "a", "x aaa", max_tokens=100))
+    engine.add_request(request(engine, "b", "x bbb", max_tokens=3))
+    engine.step()
+    engine.abort("a")
+    texts, reasons, _ = run(engine)
+    assert reasons == {"a": "abort", "b": "length"}
+    assert texts["b"] == "bbb"
+
+
+def test_aborting_a_waiting_request_never_runs_it():
+    engine = make_engine(max_batch_size=1)
+    engine.add_request(request(engine, "a", "x aaa", max_tokens=5))
+    engine.add_request(request(engine, "b", "x bbb", max_tokens=5))
+    engine.abort("b")
+    texts, reasons, _ = run(engine)
+    assert reasons["b"] == "abort"
+    assert texts.get("b", "") == ""
+
+
+def test_context_limit_ends_with_length_and_too_long_prompts_are_refused():
+    engine = make_engine(max_context_tokens=12)
+    engine.add_request(request(engine, "a", "x abcdefgh", max_tokens=100))
+    _, reasons, _ = run(engine)
+    assert reasons["a"] == "length"
+    with pytest.raises(EngineError, match="context"):
+        engine.add_request(request(engine, "b", "y" * 20, max_tokens=1))
+
+
+def test_duplicate_request_ids_are_refused():
+    engine = make_engine()
+    engine.add_request(request(engine, "a", "x a"))
+    with pytest.raises(EngineError, match="already"):
+        engine.add_request(request(engine, "a", "x a"))

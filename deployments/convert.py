@@ -221,8 +221,7 @@ def cli() -> None:
 @click.option("--force", is_flag=True,
               help="Publish a new version even if OUTPUT exists; the old version stays.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
-              help="Where the checkpoint will run; conversion itself "
-                   "runs on the CPU.")
+              help="Where the checkpoint will run; conversion itself runs on the CPU.")
 def convert(source: str, output: Path, low_bit: str, trust_remote_code: bool, force: bool,
             device: str) -> None:
     """Convert SOURCE to a low-bit checkpoint and publish it atomically as OUTPUT."""

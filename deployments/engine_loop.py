@@ -44,10 +44,12 @@ class EngineFailure:
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, *, stall_timeout_s: float,
-                 on_step: Callable[[StepResult, float], None] | None = None):
+                 on_step: Callable[[StepResult, float], None] | None = None,
+                 on_thread_start: Callable[[], None] | None = None):
         self._engine = engine
         self._stall_timeout_s = stall_timeout_s
         self._on_step = on_step
+        self._on_thread_start = on_thread_start
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue[GenerationOutput | EngineFailure]] = {}
         self._event_loop: asyncio.AbstractEventLoop | None = None
@@ -102,6 +104,8 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            if self._on_thread_start is not None:
+                self._on_thread_start()
             while not self._stopping.is_set():
                 failures = self._drain_inbox(block=not self._engine.has_unfinished_requests())
                 if failures:

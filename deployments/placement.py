@@ -667,6 +667,18 @@ def pin_to_slot(
     return report
 
 
+def apply_torch_threads(report: PinningReport, torch_module: Any = None) -> None:
+    """Give the calling thread its slot's torch thread count.
+
+    torch counts OpenMP threads per thread, so the engine's own thread, which runs every
+    forward pass, calls this once at its start; a no-op for XPU slots.
+    """
+    if report.torch_threads is None:
+        return
+    torch = torch_module if torch_module is not None else importlib.import_module("torch")
+    torch.set_num_threads(report.torch_threads)
+
+
 # ---------------------------------------------------------------------------- CLI
 
 

@@ -16,14 +16,17 @@ import asyncio
 import collections
 import importlib
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import ray
 from ray import serve
 
-from deployments import constants
+from deployments import constants, placement
+from deployments.checkpoints import cached_copy
 from deployments.config import LLMConfig
 from deployments.engine.protocol import (
     EngineError,
@@ -51,20 +54,31 @@ def error_chunk(message: str, status_code: int, param: str | None = None) -> dic
                   health_check_period_s=10, health_check_timeout_s=30,
                   graceful_shutdown_timeout_s=60)
 class LLMServer:
-    def __init__(self, config: LLMConfig):
+    def __init__(self, config: LLMConfig, slot_placement: placement.Placement = "host"):
+        """Claim and pin a slot first (before torch runs), then load the engine."""
         self._config = config
         started = time.monotonic()
+        node_id = ray.get_runtime_context().get_node_id()
+        self._claim = placement.claim_slot(slot_placement, node_id=node_id)
+        self._slot = self._claim.slot
+        self._pinning = placement.pin_to_slot(self._slot, xmx_disabled=config.xmx_disabled)
+        checkpoint = config.checkpoint_path
+        if config.local_cache_dir and config.engine != "echo":
+            checkpoint = str(cached_copy(checkpoint, config.local_cache_dir))
         engine_cls = load_engine_class(config.engine_class_path)
         self._engine = engine_cls.load(
-            config.checkpoint_path, device="cpu", max_batch_size=config.max_batch_size,
+            checkpoint, device=self._slot.device, max_batch_size=config.max_batch_size,
             max_prefill_tokens_per_step=config.max_prefill_tokens_per_step,
             **config.engine_options)
         self._batch_sizes: collections.Counter[int] = collections.Counter()
-        self._loop = EngineLoop(self._engine, stall_timeout_s=constants.SCHEDULER_STALL_TIMEOUT_S,
-                                on_step=self._record_step)
+        self._loop = EngineLoop(
+            self._engine, stall_timeout_s=constants.SCHEDULER_STALL_TIMEOUT_S,
+            on_step=self._record_step,
+            on_thread_start=lambda: placement.apply_torch_threads(self._pinning))
         self._loop.start(asyncio.get_event_loop())
-        logger.info("LLMServer ready: model %s from %s in %.1f s", config.model_name,
-                    config.checkpoint_path, time.monotonic() - started)
+        logger.info("LLMServer ready in %.1f s: model %s from %s on %s (node %s)",
+                    time.monotonic() - started, config.model_name, checkpoint,
+                    self._slot.describe(), node_id)
 
     # ---- handle API ----------------------------------------------------------------------
 
@@ -117,7 +131,8 @@ class LLMServer:
     async def health(self) -> dict[str, Any]:
         """What /health reports for this replica; raises when the engine loop is not alive."""
         self._loop.check_alive()
-        return {"model": self._config.model_name, "device": "cpu",
+        return {"model": self._config.model_name, "slot": self._slot.to_dict(),
+                "pinning": self._pinning.to_dict(), "pid": os.getpid(),
                 "running": getattr(self._engine, "num_running", None),
                 "waiting": getattr(self._engine, "num_waiting", None)}
 
@@ -134,6 +149,9 @@ class LLMServer:
         loop = getattr(self, "_loop", None)
         if loop is not None:
             loop.stop()
+        claim = getattr(self, "_claim", None)
+        if claim is not None:
+            claim.release()
 
     # ---- internals -----------------------------------------------------------------------
 

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
+import psutil
 import ray
 from ray import serve
 
@@ -59,3 +64,35 @@ def sse_events(text: str) -> list[Any]:
 
 def server_stats() -> dict[str, Any]:
     return serve.get_deployment_handle("LLMServer", app_name="llm").stats.remote().result()
+
+
+def stop_process_tree(process: subprocess.Popen, timeout_s: float = 30) -> None:
+    """End a process we started and every process below it, by PID (never by name).
+
+    `serve run` shuts Ray down on SIGINT/SIGTERM; whatever is left after the timeout is
+    killed. Ray workers live in sessions of their own, so they are found as descendants.
+    """
+    try:
+        root = psutil.Process(process.pid)
+        family = [*root.children(recursive=True), root]
+    except psutil.NoSuchProcess:
+        return
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root.send_signal(signal.SIGINT)
+    _, alive = psutil.wait_procs([root], timeout=timeout_s)
+    for proc in [*alive, *family]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    psutil.wait_procs(family, timeout=10)
+
+
+def wait_until_healthy(base_url: str, process: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"serve run exited with {process.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(f"{base_url}/health", timeout=5).status_code == 200:
+                return
+        time.sleep(1)
+    raise TimeoutError(f"{base_url}/health not ready after {timeout_s} s")

@@ -14,11 +14,10 @@ from deployments.checkpoints import resolve_checkpoint, verify_checkpoint
 from deployments.constants import DEFAULT_LOW_BIT, DEMO_CHECKPOINT_DIR, DEMO_GGUF_FILE
 from deployments.convert import cli
 
-from .conftest import REPO_ROOT
-
 pytestmark = pytest.mark.model
 
 WEIGHTS = "pytorch_model.bin"  # what ipex-llm's save_low_bit writes (a torch zip pickle)
+REPO_DEMO_CHECKPOINT = Path(__file__).resolve().parents[2] / DEMO_CHECKPOINT_DIR
 
 
 def invoke(*args: str) -> Result:
@@ -40,10 +39,10 @@ def test_demo_checkpoint_verifies_and_describes_its_conversion(demo_checkpoint: 
 
 
 def test_demo_command_is_idempotent(demo_checkpoint: Path) -> None:
-    result = invoke("demo", "--output", str(REPO_ROOT / DEMO_CHECKPOINT_DIR))
+    result = invoke("demo", "--output", str(REPO_DEMO_CHECKPOINT))
     assert result.exit_code == 0, result.output
     assert "exists and verifies" in result.stderr
-    assert result.stdout.strip() == str(resolve_checkpoint(REPO_ROOT / DEMO_CHECKPOINT_DIR))
+    assert result.stdout.strip() == str(resolve_checkpoint(REPO_DEMO_CHECKPOINT))
 
 
 def test_tokenizer_loads_from_the_checkpoint(demo_checkpoint: Path) -> None:

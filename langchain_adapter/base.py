@@ -1,0 +1,184 @@
+"""RayServeModel: what the LLM and the chat model share.
+
+The application they call, the model it serves, generation defaults in IpexLLM's
+``model_kwargs`` form, the request bodies they send, tracing parameters, and IpexLLM's
+constructors (``from_model_id``, ``from_model_id_low_bit``), which deploy the model first.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any, Self
+
+from langchain_core.language_models import LangSmithParams
+from pydantic import BaseModel, Field, PrivateAttr, model_validator
+
+from deployments.constants import DEFAULT_LOW_BIT
+from langchain_adapter.deploy import (
+    Deployment,
+    deploy_low_bit,
+    deploy_model,
+    resolve_checkpoint_root,
+)
+from langchain_adapter.router_client import RouterClient, generation_fields
+
+LS_PROVIDER = "ray_serve"
+
+
+class RayServeModel(BaseModel):
+    """Fields and request building shared by RayServeLLM and ChatRayServe (a mixin)."""
+
+    app_name: str = Field("llm", description="Serve application whose ingress is the LLM "
+                          "router (the `name` in serve_config.yaml).")
+    model: str | None = Field(None, description="Model the application serves (the requests' "
+                              "`model`); None asks the application.")
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Generation defaults; per-call keyword arguments override them. OpenAI "
+                    "names (max_tokens, temperature, top_p, seed, ignore_eos, min_tokens, "
+                    "timeout) or IpexLLM's: max_new_tokens and max_length become max_tokens "
+                    "(max_length then caps the answer alone, since the adapter does not "
+                    "tokenize), do_sample=False means temperature 0, trust_remote_code only "
+                    "matters to from_model_id's conversion.")
+
+    _router: RouterClient = PrivateAttr()
+
+    @model_validator(mode="after")
+    def _connect(self) -> Self:
+        """Find the application now: a wrong name or model fails here, not at the first call."""
+        generation_fields(self.model_kwargs)
+        self._router = RouterClient(self.app_name)
+        served = self._router.model_names
+        if self.model is None:
+            self.model = served[0]
+        elif self.model not in served:
+            raise ValueError(f"Serve application {self.app_name!r} serves {served}, not "
+                             f"{self.model!r}; leave `model` unset to use what it serves")
+        return self
+
+    # ---- IpexLLM's constructors ----------------------------------------------------------
+
+    @classmethod
+    def from_model_id(cls, model_id: str, model_kwargs: dict[str, Any] | None = None, *,
+                      tokenizer_id: str | None = None, load_in_4bit: bool = True,
+                      load_in_low_bit: str | None = None, app_name: str | None = None,
+                      checkpoint_root: str | os.PathLike[str] | None = None,
+                      app_args: Mapping[str, Any] | None = None,
+                      route_prefix: str | None = None, **kwargs: Any) -> Self:
+        """Serve ``model_id`` (hub id, model folder or .gguf file) and return the adapter.
+
+        As IpexLLM's, but the model is converted once to a low-bit checkpoint in the
+        checkpoint root (``checkpoint_root``, else $LLM_CHECKPOINT_ROOT, else
+        ``checkpoints``; a path every node sees) and served by a Serve application on the
+        connected cluster (``app_name``, default ``llm-<checkpoint name>``), both reused when
+        they exist. ``app_args`` are further LLMConfig fields (device, max_batch_size...);
+        ``route_prefix`` also exposes the application over HTTP. ``kwargs`` go to the adapter
+        (callbacks, tags...).
+        """
+        if tokenizer_id is not None and tokenizer_id != model_id:
+            raise ValueError("from_model_id converts a model with its own tokenizer; for "
+                             "another tokenizer, save the model with ipex-llm's save_low_bit "
+                             "and use from_model_id_low_bit(path, tokenizer_id=...)")
+        if load_in_low_bit is None and not load_in_4bit:
+            raise ValueError("this server runs low-bit models only; pass load_in_low_bit "
+                             "(e.g. 'bf16' or 'sym_int8') instead of load_in_4bit=False")
+        model_kwargs = dict(model_kwargs or {})
+        deployment = deploy_model(
+            model_id, low_bit=load_in_low_bit or DEFAULT_LOW_BIT,
+            trust_remote_code=bool(model_kwargs.get("trust_remote_code", False)),
+            root=resolve_checkpoint_root(checkpoint_root), app_name=app_name, app_args=app_args,
+            route_prefix=route_prefix)
+        return cls._for(deployment, model_kwargs, kwargs)
+
+    @classmethod
+    def from_model_id_low_bit(cls, model_id: str | os.PathLike[str],
+                              model_kwargs: dict[str, Any] | None = None, *,
+                              tokenizer_id: str | None = None, app_name: str | None = None,
+                              checkpoint_root: str | os.PathLike[str] | None = None,
+                              app_args: Mapping[str, Any] | None = None,
+                              route_prefix: str | None = None, **kwargs: Any) -> Self:
+        """Serve a low-bit model folder and return the adapter.
+
+        ``model_id`` is a checkpoint ``llm-checkpoint`` published (served as it is) or, as
+        with IpexLLM, a folder ipex-llm's ``save_low_bit`` wrote, with its tokenizer or the
+        tokenizer of ``tokenizer_id``: published once into the checkpoint root first. Other
+        arguments as in ``from_model_id``.
+        """
+        model_kwargs = dict(model_kwargs or {})
+        deployment = deploy_low_bit(
+            model_id, tokenizer_id=tokenizer_id,
+            trust_remote_code=bool(model_kwargs.get("trust_remote_code", False)),
+            root=resolve_checkpoint_root(checkpoint_root), app_name=app_name, app_args=app_args,
+            route_prefix=route_prefix)
+        return cls._for(deployment, model_kwargs, kwargs)
+
+    @classmethod
+    def _for(cls, deployment: Deployment, model_kwargs: dict[str, Any],
+             kwargs: dict[str, Any]) -> Self:
+        return cls(app_name=deployment.app_name, model=deployment.model_name,
+                   model_kwargs=model_kwargs, **kwargs)
+
+    # ---- requests ------------------------------------------------------------------------
+
+    def _generation_params(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        return {**generation_fields(self.model_kwargs), **generation_fields(kwargs)}
+
+    def _body(self, stop: Sequence[str] | None, kwargs: Mapping[str, Any], *, stream: bool,
+              **content: Any) -> dict[str, Any]:
+        """An OpenAI request body: ``content`` is ``prompt=`` or ``messages=``."""
+        body = {"model": self.model, **content, **self._generation_params(kwargs)}
+        if stop:
+            body["stop"] = list(stop)
+        if stream:
+            body["stream_options"] = {"include_usage": True}
+        return body
+
+    # ---- tracing -------------------------------------------------------------------------
+
+    @property
+    def _identifying_params(self) -> dict[str, Any]:
+        """Everything that decides an answer besides the prompt (LangChain's cache key)."""
+        return {"app_name": self.app_name, "model": self.model,
+                **generation_fields(self.model_kwargs)}
+
+    def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
+        params = super()._get_ls_params(stop=stop)  # type: ignore[misc]
+        params["ls_provider"] = LS_PROVIDER
+        generation = self._generation_params(kwargs)
+        if "temperature" in generation:
+            params["ls_temperature"] = generation["temperature"]
+        if "max_tokens" in generation:
+            params["ls_max_tokens"] = generation["max_tokens"]
+        return params
+
+
+class StreamState:
+    """Reads the router's stream chunks (completion or chat): text to pass on at once,
+    then the ending (finish_reason, its last text) and the usage, which close the stream."""
+
+    def __init__(self) -> None:
+        self.final_text = ""
+        self.finish_reason: str | None = None
+        self.usage: dict[str, int] | None = None
+
+    def text_of(self, chunk: Mapping[str, Any]) -> str:
+        """The text to stream now ("" when the chunk only ends the answer or counts usage)."""
+        if not chunk["choices"]:
+            self.usage = chunk.get("usage")
+            return ""
+        choice = chunk["choices"][0]
+        text = choice["text"] if "text" in choice else choice["delta"].get("content", "")
+        if choice["finish_reason"] is None:
+            return text
+        self.final_text, self.finish_reason = text, choice["finish_reason"]
+        return ""
+
+    @property
+    def ended(self) -> bool:
+        return self.finish_reason is not None
+
+
+def total_usage(usages: Sequence[Mapping[str, int]]) -> dict[str, int]:
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    return {key: sum(usage[key] for usage in usages) for key in keys}

@@ -1,0 +1,171 @@
+"""Deploy (or reuse) a Serve application for a model, the way IpexLLM's constructors load one.
+
+``from_model_id`` converts a model once, with the checkpoint CLI's code, into the checkpoint
+root; ``from_model_id_low_bit`` publishes a folder ipex-llm's ``save_low_bit`` wrote (or uses
+a published checkpoint as it is). Both then run ``build_app`` as a Serve application named
+after the checkpoint, unless it already runs. File locks in the checkpoint root keep two
+clients from converting the same model twice or deploying the same application twice.
+
+The checkpoint root must be a path the cluster's nodes read at the same place (the shared
+mount of design.md), since the replicas load the checkpoint from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from ray import serve
+from ray.serve.schema import ApplicationStatus
+
+from deployments.checkpoints import (
+    CheckpointError,
+    publish_checkpoint,
+    resolve_checkpoint,
+    verify_checkpoint,
+)
+from deployments.constants import DEMO_CHECKPOINT_DIR, MANIFEST_FILE
+from deployments.convert import convert_checkpoint
+from langchain_adapter.router_client import connect_ray
+
+CHECKPOINT_ROOT_ENV = "LLM_CHECKPOINT_ROOT"
+# Where `make serve` keeps the demo checkpoint: the root when neither argument nor env names one.
+DEFAULT_CHECKPOINT_ROOT = Path(DEMO_CHECKPOINT_DIR).parent
+# config.json key in which ipex-llm's save_low_bit records the low-bit type.
+_SAVED_LOW_BIT_KEY = "bigdl_transformers_low_bit"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+_REUSABLE = (ApplicationStatus.RUNNING, ApplicationStatus.DEPLOYING)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    app_name: str
+    model_name: str
+
+
+def resolve_checkpoint_root(root: str | os.PathLike[str] | None) -> Path:
+    """``root``, else $LLM_CHECKPOINT_ROOT, else ``checkpoints`` (relative to this process)."""
+    chosen = root or os.environ.get(CHECKPOINT_ROOT_ENV) or DEFAULT_CHECKPOINT_ROOT
+    return Path(chosen).expanduser().absolute()
+
+
+def deploy_model(model_id: str, *, low_bit: str, trust_remote_code: bool, root: Path,
+                 app_name: str | None, app_args: Mapping[str, Any] | None,
+                 route_prefix: str | None) -> Deployment:
+    """``model_id`` (hub id, model folder or .gguf file) converted once and served."""
+    local = Path(model_id).expanduser()
+    if local.exists():
+        name = f"{_slug(local.stem)}-{_digest(local.absolute())}-{low_bit}"
+        model_name = local.stem
+    else:
+        name = f"{_slug(model_id.replace('/', '--'))}-{low_bit}"
+        model_name = model_id
+    output = root / name
+
+    def convert(force: bool) -> Path:
+        return convert_checkpoint(model_id, output, low_bit=low_bit,
+                                  trust_remote_code=trust_remote_code, force=force)
+
+    version = _publish_once(output, source=model_id, low_bit=low_bit, publish=convert)
+    return _serve(version, model_name, app_name or f"llm-{name}", app_args, route_prefix, root)
+
+
+def deploy_low_bit(path: str | os.PathLike[str], *, tokenizer_id: str | None,
+                   trust_remote_code: bool, root: Path, app_name: str | None,
+                   app_args: Mapping[str, Any] | None, route_prefix: str | None) -> Deployment:
+    """A published checkpoint served as it is, or a ``save_low_bit`` folder published first
+    (with the tokenizer of ``tokenizer_id`` when given) and then served."""
+    given = Path(path).expanduser().absolute()
+    if tokenizer_id is None:
+        try:
+            manifest = verify_checkpoint(given, quick=True)
+        except CheckpointError:
+            pass  # not published by llm-checkpoint: publish a copy below
+        else:
+            return _serve(resolve_checkpoint(given), manifest.name, app_name or
+                          f"llm-{manifest.name}", app_args, route_prefix, root)
+    low_bit = _saved_low_bit(given)
+    name = f"{_slug(given.name)}-{_digest(given)}"
+    output = root / name
+
+    def build(folder: Path) -> None:
+        shutil.copytree(given, folder, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(MANIFEST_FILE))
+        if tokenizer_id is not None:
+            from transformers import AutoTokenizer  # the model stack, only for this case
+
+            AutoTokenizer.from_pretrained(tokenizer_id, trust_remote_code=trust_remote_code
+                                          ).save_pretrained(str(folder))
+        elif not any((folder / file).is_file() for file in _TOKENIZER_FILES):
+            raise CheckpointError(f"{given} holds no tokenizer files; pass tokenizer_id")
+
+    def publish(force: bool) -> Path:
+        return publish_checkpoint(build, output, source=str(given), low_bit=low_bit,
+                                  force=force)
+
+    version = _publish_once(output, source=str(given), low_bit=low_bit, publish=publish)
+    return _serve(version, given.name, app_name or f"llm-{name}", app_args, route_prefix, root)
+
+
+def _publish_once(output: Path, *, source: str, low_bit: str,
+                  publish: Callable[[bool], Path]) -> Path:
+    """The version folder published as ``output`` from ``source``: reused when it verifies
+    (sizes only; the replica hashes it again when it loads), else published now."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(output.parent / f".{output.name}.adapter.lock"):
+        exists = os.path.lexists(output)
+        if exists:
+            try:
+                manifest = verify_checkpoint(output, quick=True)
+                if manifest.source == source and manifest.low_bit == low_bit:
+                    return resolve_checkpoint(output)
+            except CheckpointError:
+                pass  # incomplete, or made by other library versions: publish a new version
+        return publish(exists)
+
+
+def _serve(version: Path, model_name: str, app_name: str, app_args: Mapping[str, Any] | None,
+           route_prefix: str | None, lock_dir: Path) -> Deployment:
+    """Run the application unless it runs (or is starting) already.
+
+    It is deployed from the immutable version folder, so publishing a newer version later
+    never changes what a running replica reloads.
+    """
+    from deployments.app import build_app  # the serving package, only when deploying
+
+    connect_ray()
+    args = {**(app_args or {}), "model_name": model_name, "checkpoint_path": str(version)}
+    with FileLock(lock_dir / f".{_slug(app_name)}.deploy.lock"):
+        status = serve.status().applications.get(app_name)
+        if status is None or status.status not in _REUSABLE:
+            serve.run(build_app(args), name=app_name, route_prefix=route_prefix)
+    return Deployment(app_name, model_name)
+
+
+def _saved_low_bit(folder: Path) -> str:
+    config = folder / "config.json"
+    try:
+        low_bit = json.loads(config.read_text()).get(_SAVED_LOW_BIT_KEY)
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{folder}: not a low-bit model folder ({error})") from None
+    if not low_bit:
+        raise CheckpointError(f"{folder}: config.json has no {_SAVED_LOW_BIT_KEY}; not saved by "
+                              "ipex-llm's save_low_bit (use from_model_id for other models)")
+    return str(low_bit)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.") or "model"
+
+
+def _digest(path: Path) -> str:
+    """Eight hex digits of where a local source is: same-named folders get distinct names."""
+    return hashlib.sha256(str(path).encode()).hexdigest()[:8]

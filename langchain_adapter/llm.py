@@ -1,0 +1,111 @@
+"""RayServeLLM: a LangChain LLM served by the application's LLM router, through its handle."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.language_models import LLM
+from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+
+from langchain_adapter.base import RayServeModel, StreamState, total_usage
+
+
+class RayServeLLM(RayServeModel, LLM):
+    """A text-completion LLM whose model runs in a Ray Serve application.
+
+    Calls go to the router's Python methods (``/v1/completions`` semantics), so validation,
+    limits and metrics are those of HTTP clients. ``batch`` sends every prompt at once, so
+    the replicas batch them; ``stream`` passes text on as the replica produces it. Service
+    errors (bad parameters, backpressure, deadlines) raise ``ServiceError``.
+
+    Example:
+        .. code-block:: python
+
+            import ray
+            from langchain_core.prompts import PromptTemplate
+            from langchain_adapter import RayServeLLM
+
+            ray.init(address="auto")  # the cluster that runs `serve run serve_config.yaml`
+            llm = RayServeLLM(app_name="llm", model_kwargs={"temperature": 0,
+                                                            "max_length": 64})
+            chain = PromptTemplate.from_template("USER: {question}\\nASSISTANT:") | llm
+            chain.invoke({"question": "What is the capital of France?"})
+    """
+
+    @property
+    def _llm_type(self) -> str:
+        return "ray_serve"
+
+    def _call(self, prompt: str, stop: list[str] | None = None,
+              run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
+        """LangChain's one-prompt entry point (invoke goes through ``_generate``)."""
+        return self._generate([prompt], stop, run_manager, **kwargs).generations[0][0].text
+
+    def _generate(self, prompts: list[str], stop: list[str] | None = None,
+                  run_manager: CallbackManagerForLLMRun | None = None,
+                  **kwargs: Any) -> LLMResult:
+        bodies = [self._body(stop, kwargs, stream=False, prompt=prompt) for prompt in prompts]
+        responses = [self._router.submit("completions", body) for body in bodies]
+        return self._result(self._router.wait_all(responses))
+
+    async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
+                         run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                         **kwargs: Any) -> LLMResult:
+        bodies = [self._body(stop, kwargs, stream=False, prompt=prompt) for prompt in prompts]
+        responses = [self._router.submit("completions", body) for body in bodies]
+        return self._result(await self._router.await_all(responses))
+
+    def _stream(self, prompt: str, stop: list[str] | None = None,
+                run_manager: CallbackManagerForLLMRun | None = None,
+                **kwargs: Any) -> Iterator[GenerationChunk]:
+        state = StreamState()
+        body = self._body(stop, kwargs, stream=True, prompt=prompt)
+        for chunk in self._router.stream("completions_stream", body):
+            if text := state.text_of(chunk):
+                piece = GenerationChunk(text=text)
+                if run_manager:
+                    run_manager.on_llm_new_token(text, chunk=piece)
+                yield piece
+        if state.ended:
+            last = _last_chunk(state)
+            if run_manager:
+                run_manager.on_llm_new_token(last.text, chunk=last)
+            yield last
+
+    async def _astream(self, prompt: str, stop: list[str] | None = None,
+                       run_manager: AsyncCallbackManagerForLLMRun | None = None,
+                       **kwargs: Any) -> AsyncIterator[GenerationChunk]:
+        state = StreamState()
+        body = self._body(stop, kwargs, stream=True, prompt=prompt)
+        async for chunk in self._router.astream("completions_stream", body):
+            if text := state.text_of(chunk):
+                piece = GenerationChunk(text=text)
+                if run_manager:
+                    await run_manager.on_llm_new_token(text, chunk=piece)
+                yield piece
+        if state.ended:
+            last = _last_chunk(state)
+            if run_manager:
+                await run_manager.on_llm_new_token(last.text, chunk=last)
+            yield last
+
+    def _result(self, responses: list[dict[str, Any]]) -> LLMResult:
+        """One generation per prompt, with its finish_reason and token usage (also summed
+        in llm_output, as LangChain's OpenAI LLM reports it)."""
+        generations = [[Generation(text=choice["text"], generation_info=_info(
+            choice["finish_reason"], response["usage"]))]
+            for response in responses for choice in response["choices"]]
+        return LLMResult(generations=generations, llm_output={
+            "token_usage": total_usage([response["usage"] for response in responses]),
+            "model_name": self.model})
+
+
+def _info(finish_reason: str | None, usage: Mapping[str, int] | None) -> dict[str, Any]:
+    return {"finish_reason": finish_reason, "token_usage": dict(usage or {})}
+
+
+def _last_chunk(state: StreamState) -> GenerationChunk:
+    return GenerationChunk(text=state.final_text,
+                           generation_info=_info(state.finish_reason, state.usage))

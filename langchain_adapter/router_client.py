@@ -1,0 +1,201 @@
+"""The LLMRouter of a Serve application, called through its handle; no LangChain here.
+
+``RouterClient`` finds the application's ingress (``serve.get_app_handle``) on the Ray cluster
+this process is connected to, and calls the router's Python methods (``completions``,
+``chat_completions``, their ``*_stream`` variants, ``models``), so validation, limits and
+metrics apply exactly as over HTTP. Errors come back as ``ServiceError`` (unwrapped from Ray's
+wrapper); a missing cluster or application as ``AppUnavailableError``.
+
+``generation_fields`` maps ``model_kwargs`` and per-call keyword arguments, in LangChain
+IpexLLM's Hugging Face names or OpenAI's, to the fields of an OpenAI request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import ray
+from ray import serve
+from ray.serve.exceptions import BackPressureError, RayServeException
+from ray.serve.handle import DeploymentHandle, DeploymentResponse
+
+from deployments.constants import RETRY_AFTER_S
+from deployments.errors import ServiceError
+
+# How long connecting waits for the router to name its model (it may still be starting).
+CONNECT_TIMEOUT_S = 60.0
+
+# Request fields that mean the same in model_kwargs, per-call kwargs and OpenAI requests
+# (ignore_eos, min_tokens: vLLM's extensions; timeout: the request's deadline in seconds).
+_OPENAI_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos", "min_tokens",
+                  "timeout")
+# Hugging Face generate() names (IpexLLM's model_kwargs) that become max_tokens, in precedence
+# order. max_length counts prompt + answer there; the adapter does not tokenize, so it caps
+# the answer alone: never shorter than IpexLLM's, never longer than max_length tokens.
+_MAX_TOKENS_ALIASES = ("max_new_tokens", "max_length")
+# IpexLLM's model-loading keys: they matter when from_model_id converts a model, not per request.
+LOAD_KWARGS = ("trust_remote_code",)
+_KNOWN_KWARGS = frozenset((*_OPENAI_FIELDS, *_MAX_TOKENS_ALIASES, "do_sample", *LOAD_KWARGS))
+
+
+class AppUnavailableError(ConnectionError):
+    """No Ray cluster to connect to, no such Serve application on it, or it does not answer."""
+
+
+def generation_fields(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The OpenAI request fields ``kwargs`` set (None values set nothing).
+
+    Accepts OpenAI's names and IpexLLM's Hugging Face ones: ``max_new_tokens`` and
+    ``max_length`` become ``max_tokens`` (an explicit ``max_tokens`` wins), ``do_sample=False``
+    means greedy (``temperature`` 0). Unknown keys raise ValueError naming them: a typo or a
+    knob this server lacks (``top_k``, ``repetition_penalty``) must not be silently ignored.
+    """
+    unknown = sorted(set(kwargs) - _KNOWN_KWARGS)
+    if unknown:
+        raise ValueError(f"unsupported generation keyword(s) {', '.join(unknown)}; supported: "
+                         f"{', '.join(sorted(_KNOWN_KWARGS))}")
+    given = {key: value for key, value in kwargs.items() if value is not None}
+    fields = {key: given[key] for key in _OPENAI_FIELDS if key in given}
+    for alias in _MAX_TOKENS_ALIASES:
+        if alias in given:
+            fields.setdefault("max_tokens", given[alias])
+    if given.get("do_sample") is False:
+        fields["temperature"] = 0.0
+    return fields
+
+
+def connect_ray() -> None:
+    """Connect this process to its Ray cluster unless it is connected already.
+
+    ``ray.init(address="auto")``: RAY_ADDRESS if set, else the cluster ``ray start`` made on
+    this machine. Never starts a cluster of its own, which could not run the application.
+    """
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError as error:
+        raise AppUnavailableError(
+            f"no Ray cluster to connect to ({error}); set RAY_ADDRESS, or call "
+            "ray.init(address=...) before making the adapter") from None
+
+
+def application_names() -> list[str]:
+    return sorted(serve.status().applications)
+
+
+class RouterClient:
+    """Calls to the LLMRouter ingress of Serve application ``app_name``."""
+
+    def __init__(self, app_name: str):
+        connect_ray()
+        try:
+            self._handle: DeploymentHandle = serve.get_app_handle(app_name)
+        except RayServeException as error:
+            running = application_names() if "does not exist" in str(error) else []
+            raise AppUnavailableError(
+                f"no Serve application {app_name!r} on the connected Ray cluster ({error}); "
+                f"running applications: {running or 'none'}. Start it (`serve run "
+                "serve_config.yaml`, or RayServeLLM.from_model_id), or pass the right "
+                "app_name") from None
+        self.app_name = app_name
+        try:
+            models = _wait(self._handle.models.remote(), CONNECT_TIMEOUT_S)
+        except TimeoutError:
+            raise AppUnavailableError(
+                f"Serve application {app_name!r} did not answer within {CONNECT_TIMEOUT_S:.0f} "
+                "s; is it still deploying? (see `serve status`)") from None
+        except RayServeException as error:
+            if "does not exist" not in str(error):
+                raise
+            raise AppUnavailableError(
+                f"Serve application {app_name!r} is not an LLM router (its ingress has no "
+                "`models` method); pass the app_name of a deployments.app application") from None
+        self.model_names = [entry["id"] for entry in models["data"]]
+
+    # ---- whole answers -------------------------------------------------------------------
+
+    def submit(self, method: str, body: dict[str, Any]) -> DeploymentResponse:
+        """Start a call without waiting for it: submit many, then wait, to run them together."""
+        return getattr(self._handle, method).remote(body)
+
+    @staticmethod
+    def wait_all(responses: Sequence[DeploymentResponse]) -> list[dict[str, Any]]:
+        """Every response's result; on the first error the others are cancelled."""
+        try:
+            with service_errors():
+                return [response.result() for response in responses]
+        except BaseException:
+            for response in responses:
+                response.cancel()
+            raise
+
+    @staticmethod
+    async def await_all(responses: Sequence[DeploymentResponse]) -> list[dict[str, Any]]:
+        try:
+            with service_errors():
+                return list(await asyncio.gather(*responses))
+        except BaseException:
+            for response in responses:
+                response.cancel()
+            raise
+
+    # ---- streams -------------------------------------------------------------------------
+
+    def stream(self, method: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The router's chunks as it yields them; leaving early cancels the request."""
+        chunks = getattr(self._handle.options(stream=True), method).remote(body)
+        finished = False
+        try:
+            with service_errors():
+                yield from chunks
+            finished = True
+        finally:
+            if not finished:
+                chunks.cancel()
+
+    async def astream(self, method: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        chunks = getattr(self._handle.options(stream=True), method).remote(body)
+        finished = False
+        try:
+            with service_errors():
+                async for chunk in chunks:
+                    yield chunk
+            finished = True
+        finally:
+            if not finished:
+                chunks.cancel()
+
+
+@contextmanager
+def service_errors() -> Iterator[None]:
+    """Raise the router's ServiceError itself, not Ray's wrapper around it.
+
+    A full router queue (Ray's BackPressureError on our handle) is the same 503 + Retry-After
+    an HTTP client would get.
+    """
+    try:
+        yield
+    except BackPressureError:
+        raise ServiceError("the router is at capacity; retry shortly", 503,
+                           retry_after_s=RETRY_AFTER_S) from None
+    except Exception as error:
+        unwrapped = ServiceError.from_exception(error)
+        if unwrapped is None:
+            raise
+        raise unwrapped from None
+
+
+def _wait(response: DeploymentResponse, timeout_s: float) -> Any:
+    """A response's result, also from code running in an event loop (a constructor called
+    inside ``async def``), where Ray refuses to block: then wait in a helper thread."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return response.result(timeout_s=timeout_s)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(response.result, timeout_s=timeout_s).result()

@@ -1,0 +1,98 @@
+"""IpexLLMEngine on the real demo checkpoint: answers, batching, refusal of bad checkpoints."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from deployments.checkpoints import CheckpointError
+from deployments.engine.ipex_llm import IpexLLMEngine
+from deployments.engine.protocol import GenerationRequest, SamplingParams
+
+pytestmark = pytest.mark.model
+
+FRANCE = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def engine(demo_checkpoint):
+    return IpexLLMEngine.load(str(demo_checkpoint), device="cpu", max_batch_size=16,
+                              max_prefill_tokens_per_step=512)
+
+
+def chat_ids(engine, question: str) -> tuple[int, ...]:
+    return tuple(engine.encode(engine.apply_chat_template([{"role": "user",
+                                                            "content": question}])))
+
+
+def generate(engine, prompts: dict[str, tuple[int, ...]], **params) -> dict[str, str]:
+    for rid, ids in prompts.items():
+        engine.add_request(GenerationRequest(rid, ids, SamplingParams(**params)))
+    texts = dict.fromkeys(prompts, "")
+    while engine.has_unfinished_requests():
+        for out in engine.step().outputs:
+            texts[out.request_id] = texts.get(out.request_id, "") + out.text
+    return texts
+
+
+def test_france_is_answered_with_paris(engine):
+    text = generate(engine, {"q": chat_ids(engine, FRANCE)}, max_tokens=20, temperature=0)["q"]
+    assert "Paris" in text
+
+
+def test_every_copy_of_the_question_in_one_batch_says_paris(engine):
+    prompts = {f"q{i}": chat_ids(engine, FRANCE) for i in range(8)}
+    answers = generate(engine, prompts, max_tokens=20, temperature=0)
+    assert all("Paris" in a for a in answers.values()), answers
+
+
+def test_requests_in_one_batch_keep_their_own_content(engine):
+    words = ["banana", "cherry", "guitar", "pencil", "window", "rocket"]
+    prompts = {w: tuple(engine.encode(f"{w}, {w}, {w}, {w},")) for w in words}
+    prompts["france"] = chat_ids(engine, FRANCE)
+    alone = {w: generate(engine, {w: ids}, max_tokens=8, temperature=0)[w]
+             for w, ids in prompts.items()}
+    together = generate(engine, prompts, max_tokens=8, temperature=0)
+    repeating = [w for w in words if w in alone[w]]
+    assert "banana" in repeating  # the model continues the pattern with its own word
+    for word in repeating:
+        assert word in together[word], (word, together[word])
+    for word in words:
+        assert not any(other in together[word] for other in words if other != word), together
+    assert "Paris" in together["france"]
+
+
+def test_requests_joining_a_running_batch_answer_correctly(engine):
+    engine.add_request(GenerationRequest("long", tuple(engine.encode("pencil, pencil, pencil,")),
+                                         SamplingParams(max_tokens=40, temperature=0,
+                                                        ignore_eos=True)))
+    for _ in range(5):
+        engine.step()
+    answers = generate(engine, {"germany": chat_ids(engine, "What is the capital of Germany?"),
+                                "france": chat_ids(engine, FRANCE)}, max_tokens=20,
+                       temperature=0)
+    assert "Berlin" in answers["germany"]
+    assert "Paris" in answers["france"]
+
+
+def test_seeded_sampling_repeats_and_stop_strings_cut(engine):
+    prompt = {"s": chat_ids(engine, "Tell me a short story about a cat.")}
+    first = generate(engine, prompt, max_tokens=16, temperature=0.9, seed=7)
+    again = generate(engine, prompt, max_tokens=16, temperature=0.9, seed=7)
+    assert first == again
+    cut = generate(engine, {"q": chat_ids(engine, FRANCE)}, max_tokens=20, temperature=0,
+                   stop=("Paris",))["q"]
+    assert cut.endswith("is ") and "Paris" not in cut
+
+
+def test_a_corrupt_checkpoint_is_refused_naming_the_file(demo_checkpoint, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(demo_checkpoint, copy)
+    weights = copy / "pytorch_model.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+        IpexLLMEngine.load(str(copy), device="cpu", max_batch_size=1,
+                           max_prefill_tokens_per_step=64)

@@ -1,0 +1,86 @@
+"""The service on the real demo model: batching under concurrency, and `serve run` itself."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.helpers import (
+    free_port,
+    serve_app,
+    server_stats,
+    sse_events,
+    stop_process_tree,
+    wait_until_healthy,
+)
+
+pytestmark = pytest.mark.model
+
+MODEL = "smollm2-135m-instruct"
+FRANCE = {"role": "user", "content": "What is the capital of France?"}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_64_concurrent_requests_are_batched_and_stay_correct(demo_checkpoint):
+    args = {"checkpoint_path": str(demo_checkpoint), "max_batch_size": 16}
+    with serve_app(args, server_options={"max_ongoing_requests": 128}) as url, \
+            httpx.Client(base_url=url, timeout=300) as client:
+
+        def ask(i: int) -> tuple[int, str]:
+            if i % 2 == 0:
+                r = client.post("/v1/chat/completions", json={
+                    "model": MODEL, "messages": [FRANCE], "max_tokens": 16, "temperature": 0})
+                return i, r.json()["choices"][0]["message"]["content"]
+            r = client.post("/v1/completions", json={
+                "model": MODEL, "prompt": "banana, banana, banana, banana,", "max_tokens": 6,
+                "temperature": 0})
+            return i, r.json()["choices"][0]["text"]
+
+        with concurrent.futures.ThreadPoolExecutor(64) as pool:
+            answers = dict(pool.map(ask, range(64)))
+        stats = server_stats()
+    france = [a for i, a in answers.items() if i % 2 == 0]
+    banana = [a for i, a in answers.items() if i % 2 == 1]
+    assert all("Paris" in a for a in france), france
+    assert all("banana" in a and "Paris" not in a for a in banana), banana
+    assert stats["max_batch_size_seen"] > 1, stats
+
+
+def _without_ray_address() -> dict[str, str]:
+    """serve run must start its own local cluster, never join one named in the environment."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def test_serve_run_with_the_shipped_config_answers_paris(demo_checkpoint, tmp_path):
+    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    port = free_port()
+    config["http_options"]["port"] = port  # the only change: a free port
+    config_path = tmp_path / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    serve = Path(sys.executable).parent / "serve"
+    process = subprocess.Popen([str(serve), "run", str(config_path)], cwd=REPO_ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True, env=_without_ray_address())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(base, process, timeout_s=240)
+        r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+            "model": MODEL, "messages": [FRANCE], "temperature": 0})
+        assert r.status_code == 200
+        assert "Paris" in r.json()["choices"][0]["message"]["content"]
+        r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+            "model": MODEL, "messages": [FRANCE], "temperature": 0, "stream": True})
+        events = sse_events(r.text)
+        assert events[-1] == "[DONE]"
+        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+        assert "Paris" in text
+        assert len(events) > 3  # streamed in several chunks
+    finally:
+        stop_process_tree(process)

@@ -4,6 +4,9 @@ deployments, nothing more."""
 
 from __future__ import annotations
 
+import tempfile
+import uuid
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -11,21 +14,33 @@ from ray.serve import Application
 
 from deployments.config import LLMConfig
 from deployments.ingress import LLMRouter
-from deployments.placement import resolve_placement, replica_ray_options
+from deployments.metrics import MULTIPROC_ENV
+from deployments.placement import replica_ray_options, resolve_placement
 from deployments.server import LLMServer
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The application for ``args``.
+    """The application for ``args`` (serve_config.yaml's application args)."""
+    return bind_app(LLMConfig.model_validate(args or {}))
+
+
+def bind_app(config: LLMConfig, *, server_options: dict[str, Any] | None = None) -> Application:
+    """The application for ``config``; ``server_options`` are LLMServer deployment options
+    (what serve_config.yaml's ``deployments:`` section sets), for Python callers and tests.
 
     Replicas ask Ray for their slot's resource (one GPU, or one ``cpu_socket``), as
     ``device`` and the cluster's advertised resources decide, and no CPUs: the slot is
-    the unit of capacity. An operator who sets ``ray_actor_options`` for LLMServer in
-    serve_config.yaml replaces these and must name the resource there.
+    the unit of capacity. Both deployments get a fresh prometheus-client multiprocess
+    directory (per node, per deploy) in their runtime_env, so the router's /metrics
+    aggregates every replica process of its node. An operator who sets
+    ``ray_actor_options`` in serve_config.yaml replaces these and must carry them over.
     """
-    config = LLMConfig.model_validate(args or {})
     resources = ray.cluster_resources() if ray.is_initialized() else {}
+    metrics_dir = Path(tempfile.gettempdir()) / "ipex-llm-serve-metrics" / uuid.uuid4().hex
+    runtime_env = {"env_vars": {MULTIPROC_ENV: str(metrics_dir)}}
     server = LLMServer.options(ray_actor_options={
-        "num_cpus": 0, **replica_ray_options(config.device, resources, config.accelerator_type)})
-    return LLMRouter.bind(server.bind(config, resolve_placement(config.device, resources)),
-                          config)
+        "num_cpus": 0, "runtime_env": runtime_env,
+        **replica_ray_options(config.device, resources, config.accelerator_type)},
+        **(server_options or {}))
+    router = LLMRouter.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
+    return router.bind(server.bind(config, resolve_placement(config.device, resources)), config)

@@ -33,6 +33,15 @@ _IDLE_POLL_S = 0.5
 
 
 @dataclass
+class Delivery:
+    """An output (or failure) with the engine step that made it, in time.monotonic()."""
+
+    item: GenerationOutput | EngineFailure
+    step_started: float
+    step_finished: float
+
+
+@dataclass
 class EngineFailure:
     """Delivered instead of an output when the engine refused or failed a request."""
 
@@ -51,7 +60,7 @@ class EngineLoop:
         self._on_step = on_step
         self._on_thread_start = on_thread_start
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue[GenerationOutput | EngineFailure]] = {}
+        self._streams: dict[str, asyncio.Queue[Delivery]] = {}
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
         self._fatal: BaseException | None = None
@@ -68,12 +77,11 @@ class EngineLoop:
 
     # ---- event-loop side -----------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest
-               ) -> asyncio.Queue[GenerationOutput | EngineFailure]:
+    def submit(self, request: GenerationRequest) -> asyncio.Queue[Delivery]:
         """Queue ``request``; its outputs arrive on the returned queue, the last one finished."""
         if self._fatal is not None:
             raise RuntimeError(f"the engine loop has failed: {self._fatal!r}")
-        outputs: asyncio.Queue[GenerationOutput | EngineFailure] = asyncio.Queue()
+        outputs: asyncio.Queue[Delivery] = asyncio.Queue()
         self._streams[request.request_id] = outputs
         self._inbox.put(("add", request))
         return outputs
@@ -91,12 +99,13 @@ class EngineLoop:
             raise RuntimeError(
                 f"the engine loop made no step for {time.monotonic() - busy_since:.0f} s")
 
-    def _deliver(self, items: list[GenerationOutput | EngineFailure]) -> None:
+    def _deliver(self, items: list[GenerationOutput | EngineFailure], started: float,
+                 finished: float) -> None:
         for item in items:
             stream = self._streams.get(item.request_id)
             if stream is None:
                 continue  # aborted meanwhile
-            stream.put_nowait(item)
+            stream.put_nowait(Delivery(item, started, finished))
             if isinstance(item, EngineFailure) or item.finished:
                 del self._streams[item.request_id]
 
@@ -109,7 +118,8 @@ class EngineLoop:
             while not self._stopping.is_set():
                 failures = self._drain_inbox(block=not self._engine.has_unfinished_requests())
                 if failures:
-                    self._send(failures)
+                    now = time.monotonic()
+                    self._send(failures, now, now)
                 if not self._engine.has_unfinished_requests():
                     self._busy_since = None
                     continue
@@ -118,7 +128,7 @@ class EngineLoop:
                 result = self._engine.step()
                 self._busy_since = time.monotonic()
                 if result.outputs:
-                    self._send(list(result.outputs))
+                    self._send(list(result.outputs), started, self._busy_since)
                 if self._on_step is not None:
                     self._on_step(result, self._busy_since - started)
         except BaseException as error:  # the replica must report it, not hang requests
@@ -148,12 +158,14 @@ class EngineLoop:
             except queue.Empty:
                 return failures
 
-    def _send(self, items: list[GenerationOutput | EngineFailure]) -> None:
+    def _send(self, items: list[GenerationOutput | EngineFailure], started: float,
+              finished: float) -> None:
         assert self._event_loop is not None
-        self._event_loop.call_soon_threadsafe(self._deliver, items)
+        self._event_loop.call_soon_threadsafe(self._deliver, items, started, finished)
 
     def _fail_everyone(self, error: BaseException) -> None:
         if self._event_loop is None or self._event_loop.is_closed():
             return
         message = f"the model replica failed: {type(error).__name__}: {error}"
-        self._send([EngineFailure(rid, message, 503) for rid in list(self._streams)])
+        now = time.monotonic()
+        self._send([EngineFailure(rid, message, 503) for rid in list(self._streams)], now, now)

@@ -29,7 +29,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from deployments import constants
+from deployments import constants, metrics
 from deployments.config import LLMConfig
 from deployments.errors import ServiceError
 from deployments.openai_protocol import (
@@ -59,6 +59,13 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
     message = "no such route" if error.status_code == 404 else str(error.detail)
     return _error_response(ServiceError(f"{message}: {request.method} {request.url.path}",
                                         error.status_code))
+
+
+@app.exception_handler(Exception)
+async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    """A bug still answers in OpenAI's shape (and is logged), never as plain text."""
+    logger.exception("unexpected error on %s %s", request.method, request.url.path)
+    return _error_response(ServiceError(f"internal error: {type(error).__name__}", 500))
 
 
 def _body_schema(model: type) -> dict[str, Any]:
@@ -144,6 +151,8 @@ class LLMRouter:
         self._server = server
         self._config = config
         self._api_keys = config.api_keys()
+        self._metric_labels = metrics.labels_for(config.model_name, "router", "")
+        metrics.prepare_multiprocess_dir()
 
     # ---- Python API (handle callers) -----------------------------------------------------
 
@@ -211,6 +220,12 @@ class LLMRouter:
         return {"status": "ok", "replica": replica}
 
     # ---- HTTP ----------------------------------------------------------------------------
+
+    @app.get("/metrics")
+    async def http_metrics(self) -> Response:
+        """Prometheus text format, aggregated over every replica process of this node."""
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     @app.get("/health")
     async def http_health(self) -> Response:
@@ -283,6 +298,16 @@ class LLMRouter:
     # ---- shared path ---------------------------------------------------------------------
 
     def _parse(self, model: type, body: dict[str, Any] | bytes) -> Any:
+        try:
+            return self._validate(model, body)
+        except ServiceError:
+            self._count("error")
+            raise
+
+    def _count(self, status: str) -> None:
+        metrics.REQUESTS_TOTAL.record(1, {**self._metric_labels, "status": status})
+
+    def _validate(self, model: type, body: dict[str, Any] | bytes) -> Any:
         request = parse_request(model, body)
         if request.model != self._config.model_name:
             raise ServiceError(f"the model `{request.model}` does not exist; this server "
@@ -338,6 +363,7 @@ class LLMRouter:
                     yield chunk
                 return
             except BackPressureError:
+                self._count("rejected")
                 raise ServiceError("the model replicas are at capacity; retry shortly", 503,
                                    retry_after_s=constants.RETRY_AFTER_S) from None
             except _REPLICA_LOST as error:

@@ -25,7 +25,7 @@ from typing import Any
 import ray
 from ray import serve
 
-from deployments import constants, placement
+from deployments import constants, metrics, placement
 from deployments.checkpoints import cached_copy
 from deployments.config import LLMConfig
 from deployments.engine.protocol import (
@@ -37,6 +37,7 @@ from deployments.engine.protocol import (
     StepResult,
 )
 from deployments.engine_loop import EngineFailure, EngineLoop
+from deployments.request_trace import RequestTrace
 
 logger = logging.getLogger("ray.serve")
 
@@ -61,6 +62,9 @@ class LLMServer:
         node_id = ray.get_runtime_context().get_node_id()
         self._claim = placement.claim_slot(slot_placement, node_id=node_id)
         self._slot = self._claim.slot
+        self._labels = metrics.labels_for(config.model_name, self._slot.kind,
+                                          str(self._slot.index))
+        metrics.prepare_multiprocess_dir()
         self._pinning = placement.pin_to_slot(self._slot, xmx_disabled=config.xmx_disabled)
         checkpoint = config.checkpoint_path
         if config.local_cache_dir and config.engine != "echo":
@@ -76,6 +80,7 @@ class LLMServer:
             on_step=self._record_step,
             on_thread_start=lambda: placement.apply_torch_threads(self._pinning))
         self._loop.start(asyncio.get_event_loop())
+        metrics.REPLICA_LOADED.record(1, self._labels)
         logger.info("LLMServer ready in %.1f s: model %s from %s on %s (node %s)",
                     time.monotonic() - started, config.model_name, checkpoint,
                     self._slot.describe(), node_id)
@@ -99,34 +104,44 @@ class LLMServer:
         ``payload``: one of ``prompt`` (text), ``messages`` (chat) or ``prompt_token_ids``;
         ``params`` (SamplingParams fields); optional ``request_id`` and ``timeout_s``.
         """
+        request_id = str(payload.get("request_id") or uuid.uuid4().hex)
+        trace = RequestTrace(request_id, self._labels, self._slot.describe(),
+                             str(payload.get("prompt") or payload.get("messages"))
+                             if self._config.log_prompts else None)
         try:
-            request = self._make_request(payload)
+            request = self._make_request(payload, request_id)
         except EngineError as error:
+            trace.end("error", error.message)
             yield error_chunk(error.message, error.status_code, error.param)
             return
         deadline = time.monotonic() + float(payload.get("timeout_s")
                                             or self._config.request_timeout_s)
         outputs = self._loop.submit(request)
-        finished = False
-        produced = 0
+        status = "cancelled"
         try:
-            while not finished:
+            while status == "cancelled":
                 try:
                     first = await asyncio.wait_for(outputs.get(),
                                                    max(deadline - time.monotonic(), 0))
                 except TimeoutError:
-                    yield self._timeout_chunk(produced, len(request.prompt_token_ids))
+                    status = "timeout"
+                    yield self._timeout_chunk(trace.generated_tokens, trace.prompt_tokens)
                     return
                 batch = [first]
                 while not outputs.empty():
                     batch.append(outputs.get_nowait())
-                chunk = _coalesce(batch)
-                finished = chunk.get("finish_reason") is not None or "error" in chunk
-                produced = chunk.get("completion_tokens", produced)
+                for delivery in batch:
+                    trace.on_delivery(delivery)
+                chunk = _coalesce([d.item for d in batch])
+                if "error" in chunk:
+                    status = "error"
+                elif chunk["finish_reason"] is not None:
+                    status = "finished"
                 yield chunk
         finally:
-            if not finished:
+            if status in ("cancelled", "timeout"):
                 self._loop.abort(request.request_id)
+            trace.end(status)
 
     async def health(self) -> dict[str, Any]:
         """What /health reports for this replica; raises when the engine loop is not alive."""
@@ -149,13 +164,16 @@ class LLMServer:
         loop = getattr(self, "_loop", None)
         if loop is not None:
             loop.stop()
+        labels = getattr(self, "_labels", None)
+        if labels is not None:
+            metrics.REPLICA_LOADED.record(0, labels)
         claim = getattr(self, "_claim", None)
         if claim is not None:
             claim.release()
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _make_request(self, payload: dict[str, Any]) -> GenerationRequest:
+    def _make_request(self, payload: dict[str, Any], request_id: str) -> GenerationRequest:
         engine = self._engine
         if payload.get("messages") is not None:
             token_ids = engine.encode(engine.apply_chat_template(payload["messages"]))
@@ -173,7 +191,6 @@ class LLMServer:
                 f"this model's context is {context} tokens; the prompt has {len(token_ids)} "
                 f"and max_tokens asks for {params.max_tokens}: shorten the prompt or lower "
                 "max_tokens", param="max_tokens" if len(token_ids) < context else "prompt")
-        request_id = str(payload.get("request_id") or uuid.uuid4().hex)
         return GenerationRequest(request_id, tuple(token_ids), params)
 
     @staticmethod
@@ -187,6 +204,11 @@ class LLMServer:
     def _record_step(self, result: StepResult, seconds: float) -> None:
         if result.batch_size:
             self._batch_sizes[result.batch_size] += 1
+            metrics.BATCH_SIZE.record(result.batch_size, self._labels)
+        metrics.NUM_REQUESTS_RUNNING.record(getattr(self._engine, "num_running", 0),
+                                            self._labels)
+        metrics.NUM_REQUESTS_WAITING.record(getattr(self._engine, "num_waiting", 0),
+                                            self._labels)
 
 
 def _coalesce(items: list[GenerationOutput | EngineFailure]) -> dict[str, Any]:

@@ -16,7 +16,8 @@ import psutil
 import ray
 from ray import serve
 
-from deployments.app import build_app
+from deployments.app import bind_app
+from deployments.config import LLMConfig
 
 
 def free_port() -> int:
@@ -33,23 +34,13 @@ def serve_app(args: dict[str, Any], *, server_options: dict[str, Any] | None = N
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        app = _with_server_options(args, server_options) if server_options else build_app(args)
+        app = bind_app(LLMConfig.model_validate(args), server_options=server_options)
         serve.run(app, name="llm", route_prefix="/")
         yield f"http://127.0.0.1:{port}"
     finally:
         with contextlib.suppress(Exception):
             serve.shutdown()
         ray.shutdown()
-
-
-def _with_server_options(args: dict[str, Any], options: dict[str, Any]) -> Any:
-    """build_app with LLMServer options changed, as serve_config.yaml's deployments: does."""
-    from deployments.config import LLMConfig
-    from deployments.ingress import LLMRouter
-    from deployments.server import LLMServer
-
-    config = LLMConfig.model_validate(args)
-    return LLMRouter.bind(LLMServer.options(**options).bind(config), config)
 
 
 def sse_events(text: str) -> list[Any]:

@@ -1,0 +1,112 @@
+"""Build llama.cpp's `llama-server` once, into bench/.cache/, for the peer benchmark.
+
+The source is the llama.cpp vendored in the llama-cpp-python sdist on PyPI (the only
+package index these machines reach). A build takes about 20 minutes on 2 cores, so it
+runs under `nice -n 19` (the machine is shared) and the result is cached: `bench.run`
+uses the binary when it is there and skips the llama.cpp peer with a note when not.
+
+    python -m bench.build_llama_server          # build (no-op when the binary exists)
+    python -m bench.build_llama_server --force  # rebuild
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+LLAMA_CPP_PYTHON_VERSION = "0.3.36"
+CACHE_DIR = Path(__file__).resolve().parent / ".cache"
+SOURCE_DIR = CACHE_DIR / "src"
+BUILD_DIR = CACHE_DIR / "llama-build"
+LLAMA_SERVER_BIN = CACHE_DIR / "bin" / "llama-server"
+BUILD_LOG = CACHE_DIR / "llama-build.log"
+
+# Static, CPU-only, no network at build time (no HF UI download, no OpenSSL/curl), only
+# what the server needs.
+CMAKE_OPTIONS = (
+    "-DCMAKE_BUILD_TYPE=Release",
+    "-DBUILD_SHARED_LIBS=OFF",
+    "-DGGML_NATIVE=ON",
+    "-DLLAMA_BUILD_SERVER=ON",
+    "-DLLAMA_BUILD_TOOLS=ON",
+    "-DLLAMA_BUILD_COMMON=ON",
+    "-DLLAMA_BUILD_TESTS=OFF",
+    "-DLLAMA_BUILD_EXAMPLES=OFF",
+    "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF",
+    "-DLLAMA_OPENSSL=OFF",
+)
+
+
+def llama_server_path() -> Path | None:
+    """The cached binary, or None when it has not been built."""
+    return LLAMA_SERVER_BIN if LLAMA_SERVER_BIN.is_file() and os.access(LLAMA_SERVER_BIN, os.X_OK) else None
+
+
+def _run(cmd: list[str], log) -> None:
+    log.write(f"\n$ {' '.join(cmd)}\n")
+    log.flush()
+    subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _source_tree(log) -> Path:
+    tree = SOURCE_DIR / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}" / "vendor" / "llama.cpp"
+    if (tree / "CMakeLists.txt").is_file():
+        return tree
+    SOURCE_DIR.mkdir(parents=True, exist_ok=True)
+    sdist = SOURCE_DIR / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
+    if not sdist.is_file():
+        _run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+              f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "-d", str(SOURCE_DIR)], log)
+    with tarfile.open(sdist) as tar:
+        tar.extractall(SOURCE_DIR, filter="data")
+    return tree
+
+
+def build(force: bool = False, jobs: int | None = None) -> Path:
+    """Download, configure and build llama-server; return the cached binary's path."""
+    if not force and (existing := llama_server_path()):
+        return existing
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    jobs = jobs or os.cpu_count() or 1
+    started = time.monotonic()
+    with open(BUILD_LOG, "a") as log:
+        tree = _source_tree(log)
+        nice = ["nice", "-n", "19"]
+        generator = "Ninja" if shutil.which("ninja") else "Unix Makefiles"
+        _run([*nice, "cmake", "-S", str(tree), "-B", str(BUILD_DIR), "-G", generator,
+              *CMAKE_OPTIONS], log)
+        _run([*nice, "cmake", "--build", str(BUILD_DIR), "--target", "llama-server",
+              "-j", str(jobs)], log)
+        built = BUILD_DIR / "bin" / "llama-server"
+        LLAMA_SERVER_BIN.parent.mkdir(parents=True, exist_ok=True)
+        staging = LLAMA_SERVER_BIN.with_suffix(".tmp")
+        shutil.copy2(built, staging)
+        os.replace(staging, LLAMA_SERVER_BIN)  # readers never see a half-copied binary
+        log.write(f"\nbuilt {LLAMA_SERVER_BIN} in {time.monotonic() - started:.0f} s\n")
+    return LLAMA_SERVER_BIN
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="rebuild even if cached")
+    parser.add_argument("--jobs", type=int, default=None, help="parallel compile jobs")
+    args = parser.parse_args(argv)
+    print(f"building llama-server (log: {BUILD_LOG}) ...", flush=True)
+    try:
+        path = build(force=args.force, jobs=args.jobs)
+    except subprocess.CalledProcessError as exc:
+        print(f"build failed ({exc}); see {BUILD_LOG}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""LangChain chains over a real Serve application running the demo model (SmolLM2-135M-Instruct,
+sym_int4), through the application's handle.
+
+The prompt template is the one of LangChain's IpexLLM example. As a raw completion this tiny
+model answers it with "The answer is:" over and over, so the chains that must say "Paris"
+use ``chat_template=True`` (the prompt framed by the model's chat template); the raw mode is
+checked for the mechanics (stream == invoke, stop).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+from langchain_core.messages import HumanMessage, SystemMessage
+from langchain_core.prompts import PromptTemplate
+from ray import serve
+
+from deployments.app import build_app
+from langchain_adapter import ChatRayServe, RayServeLLM
+
+pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
+
+APP = "llm"
+TEMPLATE = "USER: {question}\nASSISTANT:"
+FRANCE = {"question": "What is the capital of France?"}
+COUNTRIES = ["France", "Germany", "Japan", "England", "Russia", "China", "Egypt", "Greece"]
+# IpexLLM's model_kwargs, as the example of LangChain's IpexLLM passes them.
+SEED_KWARGS = {"temperature": 0, "max_length": 24, "trust_remote_code": True}
+
+
+@pytest.fixture(scope="module")
+def demo_app(demo_checkpoint: Path) -> Iterator[None]:
+    # address="local": a Ray of our own, never a cluster someone else started on this machine.
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        serve.start(proxy_location="Disabled")
+        serve.run(build_app({"engine": "ipex_llm", "checkpoint_path": str(demo_checkpoint),
+                             "max_batch_size": 8}), name=APP, route_prefix=None)
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llm(demo_app: None) -> RayServeLLM:
+    return RayServeLLM(app_name=APP, chat_template=True, model_kwargs=SEED_KWARGS)
+
+
+@pytest.fixture(scope="module")
+def raw_llm(demo_app: None) -> RayServeLLM:
+    return RayServeLLM(app_name=APP, model_kwargs={**SEED_KWARGS, "max_length": 12})
+
+
+def batches_above_one(before: dict[str, Any], after: dict[str, Any]) -> int:
+    return sum(count - before["batch_sizes"].get(size, 0)
+               for size, count in after["batch_sizes"].items() if size > 1)
+
+
+def test_the_chain_answers_paris(llm: RayServeLLM) -> None:
+    answer = (PromptTemplate.from_template(TEMPLATE) | llm).invoke(FRANCE)
+    assert "Paris" in answer
+    assert "USER:" not in answer and "What is the capital" not in answer
+
+
+def test_a_batch_of_eight_questions_is_served_together(llm: RayServeLLM) -> None:
+    stats = serve.get_deployment_handle("LLMServer", app_name=APP).stats
+    before = stats.remote().result()
+    chain = PromptTemplate.from_template(TEMPLATE) | llm
+    answers = chain.batch([{"question": f"What is the capital of {country}?"}
+                           for country in COUNTRIES])
+    assert "Paris" in answers[0]
+    assert all(answer.strip() for answer in answers)
+    assert batches_above_one(before, stats.remote().result()) > 0
+
+
+@pytest.mark.parametrize("chat_template", [False, True], ids=["raw", "chat_template"])
+def test_stream_concatenates_to_invoke(llm: RayServeLLM, raw_llm: RayServeLLM,
+                                       chat_template: bool) -> None:
+    chain = PromptTemplate.from_template(TEMPLATE) | (llm if chat_template else raw_llm)
+    chunks = list(chain.stream(FRANCE))
+    assert len([chunk for chunk in chunks if chunk]) > 1
+    assert "".join(chunks) == chain.invoke(FRANCE)
+
+
+def test_stop_cuts_the_answer(llm: RayServeLLM, raw_llm: RayServeLLM) -> None:
+    whole = (PromptTemplate.from_template(TEMPLATE) | llm).invoke(FRANCE)
+    cut = (PromptTemplate.from_template(TEMPLATE) | llm.bind(stop=["Paris"])).invoke(FRANCE)
+    assert "Paris" not in cut
+    assert whole.startswith(cut) and len(cut) < len(whole)
+    raw = raw_llm.invoke(TEMPLATE.format(**FRANCE), stop=[":"])
+    assert ":" not in raw
+
+
+async def test_async_variants(llm: RayServeLLM) -> None:
+    chain = PromptTemplate.from_template(TEMPLATE) | llm
+    answer = await chain.ainvoke(FRANCE)
+    assert "Paris" in answer
+    chunks = [chunk async for chunk in chain.astream(FRANCE)]
+    assert len([chunk for chunk in chunks if chunk]) > 1
+    assert "".join(chunks) == answer
+    answers = await chain.abatch([FRANCE, {"question": "What is the capital of Germany?"}])
+    assert "Paris" in answers[0] and "Berlin" in answers[1]
+    stopped = PromptTemplate.from_template(TEMPLATE) | llm.bind(stop=["Paris"])
+    cut = await stopped.ainvoke(FRANCE)
+    assert "Paris" not in cut and answer.startswith(cut)
+
+
+def test_the_chat_model_answers_with_usage(demo_app: None) -> None:
+    chat = ChatRayServe(app_name=APP, model_kwargs={"temperature": 0, "max_tokens": 24})
+    answer = chat.invoke([SystemMessage("Answer in one sentence."),
+                          HumanMessage("What is the capital of France?")])
+    assert "Paris" in answer.content
+    assert answer.usage_metadata is not None
+    assert 0 < answer.usage_metadata["output_tokens"] <= 24
+
+
+def test_moving_from_ipex_llm_is_one_line(demo_checkpoint: Path, tmp_path: Path) -> None:
+    """IpexLLM.from_model_id_low_bit(path, model_kwargs=...) -> RayServeLLM's, same arguments:
+    a second application serves the published checkpoint as it is."""
+    llm = RayServeLLM.from_model_id_low_bit(str(demo_checkpoint), model_kwargs=SEED_KWARGS,
+                                            checkpoint_root=tmp_path, chat_template=True)
+    try:
+        assert llm.app_name != APP
+        assert "Paris" in (PromptTemplate.from_template(TEMPLATE) | llm).invoke(FRANCE)
+    finally:
+        serve.delete(llm.app_name)

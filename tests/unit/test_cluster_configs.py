@@ -1,0 +1,336 @@
+"""The deployment configs in serve_config.yaml and cluster/, checked with Ray's own schemas.
+
+Ray's schemas are lenient in places (a misspelt deployment option or autoscaling field is
+accepted and ignored), so the tests also check field names against Ray's models, the app
+args against LLMConfig, and the files against each other: the cluster Serve configs are
+generated from serve_config.yaml, the launcher uses the node start script, the Kubernetes
+manifest mounts the paths its Serve config names, the install pins meet pyproject's extra.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+from packaging.requirements import Requirement
+from packaging.version import Version
+from ray.autoscaler._private.util import prepare_config, validate_config
+from ray.serve.config import AutoscalingConfig
+from ray.serve.schema import DeploymentSchema, ServeDeploySchema
+
+from deployments.config import LLMConfig
+from deployments.placement import CPU_SOCKET_RESOURCE
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"
+SERVE_CONFIG = REPO / "serve_config.yaml"
+CLUSTER_SERVE_CONFIG = CLUSTER / "serve_config.cluster.yaml"
+MULTI_MODEL_CONFIG = CLUSTER / "serve_config.multi_model.yaml"
+LAUNCHER = CLUSTER / "ray-cluster.yaml"
+RAYSERVICE = CLUSTER / "rayservice.yaml"
+DOCKERFILE = CLUSTER / "Dockerfile.xpu"
+RENDER_SCRIPT = CLUSTER / "render_serve_configs.py"
+START_NODE = CLUSTER / "start-node.sh"
+INTEL_GPU = "gpu.intel.com/i915"
+# The deployments build_app binds (names as in server.py and ingress.py, which these tests do
+# not import: a config check should not need the serving stack to import).
+LLM_SERVER = "LLMServer"
+APP_DEPLOYMENTS = {LLM_SERVER, "LLMRouter"}
+
+
+def load_render_module() -> Any:
+    spec = importlib.util.spec_from_file_location("render_serve_configs", RENDER_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def manifest_documents() -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(RAYSERVICE.read_text()) if doc]
+
+
+def rayservice() -> dict[str, Any]:
+    services = [doc for doc in manifest_documents() if doc.get("kind") == "RayService"]
+    assert len(services) == 1
+    return services[0]
+
+
+def serve_configs() -> dict[str, dict[str, Any]]:
+    """Every Serve config this repository ships, by where it lives."""
+    return {
+        "serve_config.yaml": yaml.safe_load(SERVE_CONFIG.read_text()),
+        "cluster/serve_config.cluster.yaml": yaml.safe_load(CLUSTER_SERVE_CONFIG.read_text()),
+        "cluster/serve_config.multi_model.yaml": yaml.safe_load(MULTI_MODEL_CONFIG.read_text()),
+        "rayservice.yaml serveConfigV2": yaml.safe_load(rayservice()["spec"]["serveConfigV2"]),
+    }
+
+
+def llm_server_options(app: dict[str, Any]) -> dict[str, Any]:
+    (options,) = [d for d in app["deployments"] if d["name"] == LLM_SERVER]
+    return options
+
+
+# ---- Serve configs ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(serve_configs()))
+def test_serve_config_is_valid_for_ray_and_for_the_app(name: str) -> None:
+    document = serve_configs()[name]
+    schema = ServeDeploySchema.model_validate(document)
+    assert schema.applications
+    for app in document["applications"]:
+        assert app["import_path"] == "deployments.app:build_app"
+        LLMConfig.model_validate(app["args"])  # extra="forbid": a misspelt arg fails here
+        for deployment in app["deployments"]:
+            assert deployment["name"] in APP_DEPLOYMENTS  # Serve refuses unknown names
+            # DeploymentSchema ignores unknown keys: a typo would silently do nothing.
+            assert set(deployment) <= set(DeploymentSchema.model_fields), deployment
+            if "autoscaling_config" in deployment:
+                fields = set(deployment["autoscaling_config"])
+                assert fields <= set(AutoscalingConfig.model_fields), fields
+                AutoscalingConfig(**deployment["autoscaling_config"])
+
+
+@pytest.mark.parametrize("name", list(serve_configs()))
+def test_llm_server_autoscales_for_batched_work(name: str) -> None:
+    for app in serve_configs()[name]["applications"]:
+        args = LLMConfig.model_validate(app["args"])
+        options = llm_server_options(app)
+        assert options.get("num_replicas") in (None, "auto")  # an int disables autoscaling
+        scaling = AutoscalingConfig(**options["autoscaling_config"])
+        assert 1 <= scaling.min_replicas < scaling.max_replicas
+        # Scale on full batches, not Ray's default of 2 requests per replica...
+        assert args.max_batch_size / 2 <= scaling.target_ongoing_requests <= args.max_batch_size
+        # ...and replicas must accept more than they are scaled at, or batches never fill.
+        assert options["max_ongoing_requests"] > scaling.target_ongoing_requests
+        assert options["max_ongoing_requests"] >= args.max_batch_size
+        # Starting a replica loads a model: scale down far more reluctantly than up.
+        assert 0 < scaling.upscale_delay_s < scaling.downscale_delay_s
+        assert options["health_check_period_s"] < options["health_check_timeout_s"]
+        assert options["graceful_shutdown_timeout_s"] > 0
+
+
+def test_cluster_serve_configs_are_generated_from_serve_config() -> None:
+    result = subprocess.run([sys.executable, str(RENDER_SCRIPT), "--check"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_rayservice_serves_the_applications_of_serve_config() -> None:
+    """Equal but for the args a cluster must set; nothing else may differ."""
+    render = load_render_module()
+    source = yaml.safe_load(SERVE_CONFIG.read_text())
+    served = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+    cluster_only = {"checkpoint_path", "local_cache_dir", "device"}
+
+    def without_cluster_args(config: dict[str, Any]) -> list[dict[str, Any]]:
+        apps = copy.deepcopy(config["applications"])
+        for app in apps:
+            app["args"] = {k: v for k, v in app["args"].items() if k not in cluster_only}
+        return apps
+
+    assert without_cluster_args(served) == without_cluster_args(source)
+    (app,) = served["applications"]
+    assert app["args"]["checkpoint_path"] == str(
+        render.CHECKPOINT_ROOT / PurePosixPath(source["applications"][0]["args"]
+                                               ["checkpoint_path"]).name)
+    assert app["args"]["device"] != "auto"  # resolved at build time, before workers join
+    assert served == yaml.safe_load(CLUSTER_SERVE_CONFIG.read_text())
+
+
+def test_render_follows_serve_config_and_keeps_the_rest_of_the_manifest() -> None:
+    render = load_render_module()
+    source = yaml.safe_load(SERVE_CONFIG.read_text())
+    source["applications"][0]["deployments"][0]["max_ongoing_requests"] = 7
+    rendered = render.render_yaml(render.cluster_serve_config(source))
+    assert "max_ongoing_requests: 7" in rendered
+
+    manifest = "spec:\n  serveConfigV2: |\n    old: 1\n\n    older: 2\n\n  # kept\n  next: x\n"
+    updated = render.with_block(manifest, render.RAYSERVICE_KEY, "new: 1\nnewer: 2\n")
+    assert updated == "spec:\n  serveConfigV2: |\n    new: 1\n    newer: 2\n\n  # kept\n  next: x\n"
+    assert yaml.safe_load(updated)["spec"]["serveConfigV2"] == "new: 1\nnewer: 2\n"
+
+
+def test_multi_model_variant_runs_each_model_as_its_own_application() -> None:
+    document = yaml.safe_load(MULTI_MODEL_CONFIG.read_text())
+    apps = document["applications"]
+    assert len(apps) >= 2
+    args = [LLMConfig.model_validate(app["args"]) for app in apps]
+    assert len({a.model_name for a in args}) == len(apps)
+    assert len({a.checkpoint_path for a in args}) == len(apps)
+    assert len({app["route_prefix"] for app in apps}) == len(apps)
+    assert all(app["route_prefix"] != "/" for app in apps)  # "/" would shadow the others
+    for app, config in zip(apps, args, strict=True):
+        assert config.checkpoint_path.startswith("/mnt/models/")
+        assert config.local_cache_dir and config.device != "auto"
+        options = llm_server_options(app)
+        # A replica being drained may hold a request for up to request_timeout_s.
+        assert options["graceful_shutdown_timeout_s"] >= config.request_timeout_s / 2
+
+
+# ---- cluster launcher ------------------------------------------------------------------
+
+
+def launcher() -> dict[str, Any]:
+    return yaml.safe_load(LAUNCHER.read_text())
+
+
+def test_launcher_config_validates_with_ray_schema() -> None:
+    config = launcher()
+    schema_file = Path(ray.autoscaler.__file__).parent / "ray-schema.json"
+    jsonschema.validate(config, json.loads(schema_file.read_text()))
+    # What `ray up` does: fill in the local provider's single node type, then validate.
+    prepared = prepare_config(config)
+    validate_config(prepared)
+    (node_type,) = prepared["available_node_types"].values()
+    workers = len(config["provider"]["worker_ips"])
+    assert node_type["min_workers"] == node_type["max_workers"] == workers
+
+
+def test_launcher_uses_local_provider_without_node_types() -> None:
+    config = launcher()
+    assert config["provider"]["type"] == "local"
+    assert config["provider"]["head_ip"] not in config["provider"]["worker_ips"]
+    assert not {"available_node_types", "head_node_type", "head_node", "worker_nodes"} & set(
+        config)
+
+
+def test_launcher_workers_advertise_slots_through_start_node_script() -> None:
+    config = launcher()
+    script = START_NODE.relative_to(REPO).as_posix()
+    (start,) = [c for c in config["worker_start_ray_commands"] if script in c]
+    assert "RAY_HEAD=" in start and "$RAY_HEAD_IP" in start
+    assert START_NODE.is_file() and os.access(START_NODE, os.X_OK)
+    text = START_NODE.read_text()
+    assert "--num-gpus" in text and f'"{CPU_SOCKET_RESOURCE}"' in text
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--head" in head and "--autoscaling-config=~/ray_bootstrap_config.yaml" in head
+    assert "--num-gpus=0" in head  # no replica on the head
+
+
+def test_launcher_syncs_and_installs_the_project() -> None:
+    config = launcher()
+    (remote,) = [path for path, local in config["file_mounts"].items() if local == "."]
+    assert "**/.venv" in config["rsync_exclude"]
+    for key in ("head_setup_commands", "worker_setup_commands"):
+        installs = [shlex.split(c) for c in config[key] if " install -e " in c]
+        assert installs, key
+        assert any(os.path.expandvars(arg.replace("~", "$HOME")).startswith(
+            os.path.expandvars(remote.replace("~", "$HOME"))) for arg in installs[-1])
+
+
+# ---- KubeRay ---------------------------------------------------------------------------
+
+
+def gpu_groups() -> list[dict[str, Any]]:
+    groups = rayservice()["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return [g for g in groups if any(INTEL_GPU in c.get("resources", {}).get("limits", {})
+                                     for c in g["template"]["spec"]["containers"])]
+
+
+def test_rayservice_manifest_is_well_formed() -> None:
+    kinds = {doc["kind"]: doc for doc in manifest_documents()}
+    service = kinds["RayService"]
+    assert service["apiVersion"] == "ray.io/v1"
+    assert service["metadata"]["name"]
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    assert cluster["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values())  # KubeRay
+    claim = kinds["PersistentVolumeClaim"]
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+    assert "ReadWriteMany" in kinds["PersistentVolume"]["spec"]["accessModes"]
+
+
+def test_rayservice_gpu_workers_request_intel_gpus_and_advertise_tiles() -> None:
+    groups = gpu_groups()
+    assert groups
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        resources = container["resources"]
+        cards = resources["limits"][INTEL_GPU]
+        assert cards >= 1 and resources["requests"][INTEL_GPU] == cards  # extended resource
+        # KubeRay does not derive num-gpus from gpu.intel.com/i915; tiles are whole multiples.
+        tiles = int(group["rayStartParams"]["num-gpus"])
+        assert tiles >= cards and tiles % cards == 0
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert env.get("ZE_FLAT_DEVICE_HIERARCHY") == "FLAT"
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+def volume_holding(mounts: dict[str, dict[str, Any]], path: str) -> dict[str, Any]:
+    """The volume mounted deepest above ``path``, from ``{mount path: volume}``."""
+    matches = [mount for mount in mounts if PurePosixPath(path).is_relative_to(mount)]
+    assert matches, f"{path} is on no mounted volume"
+    return mounts[max(matches, key=len)]
+
+
+def test_rayservice_mounts_what_its_serve_config_names() -> None:
+    served = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+    (app,) = served["applications"]
+    claim = next(d for d in manifest_documents() if d["kind"] == "PersistentVolumeClaim")
+    for group in gpu_groups():
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
+        checkpoints = volume_holding(mounts, app["args"]["checkpoint_path"])
+        assert checkpoints["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        assert "emptyDir" in volume_holding(mounts, app["args"]["local_cache_dir"])  # node-local
+
+
+def test_rayservice_can_grow_to_max_replicas() -> None:
+    served = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+    scaling = llm_server_options(served["applications"][0])["autoscaling_config"]
+    slots = sum(int(g["rayStartParams"]["num-gpus"]) * g["maxReplicas"] for g in gpu_groups())
+    min_slots = sum(int(g["rayStartParams"]["num-gpus"]) * g["minReplicas"]
+                    for g in gpu_groups())
+    assert scaling["max_replicas"] <= slots
+    assert scaling["min_replicas"] <= min_slots  # min_replicas never waits for a new pod
+
+
+# ---- Intel GPU install pins ------------------------------------------------------------
+
+
+def xpu_extra() -> dict[str, Requirement]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in project["optional-dependencies"]["xpu"]]
+    return {r.name: r for r in requirements}
+
+
+def pinned_versions(text: str) -> dict[str, list[Version]]:
+    found: dict[str, list[Version]] = {}
+    for name, version in re.findall(r"\b([A-Za-z][\w.-]*)==([0-9][\w.+]*)", text):
+        found.setdefault(name.lower().replace("_", "-"), []).append(Version(version))
+    return found
+
+
+def xpu_installs() -> dict[str, str]:
+    """The text of each place that installs the Intel GPU stack."""
+    return {"Dockerfile.xpu": DOCKERFILE.read_text(),
+            "ray-cluster.yaml workers": "\n".join(launcher()["worker_setup_commands"])}
+
+
+@pytest.mark.parametrize("where", list(xpu_installs()))
+def test_xpu_install_pins_meet_the_projects_xpu_extra(where: str) -> None:
+    pins = pinned_versions(xpu_installs()[where])
+    for name, requirement in xpu_extra().items():
+        assert pins.get(name), f"{where} does not pin {name}"
+        for version in pins[name]:
+            assert requirement.specifier.contains(version, prereleases=True), (name, version)
+    assert any(v.local == "xpu" for v in pins["intel-extension-for-pytorch"])  # not the CPU build

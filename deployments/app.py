@@ -30,17 +30,30 @@ def bind_app(config: LLMConfig, *, server_options: dict[str, Any] | None = None)
 
     Replicas ask Ray for their slot's resource (one GPU, or one ``cpu_socket``), as
     ``device`` and the cluster's advertised resources decide, and no CPUs: the slot is
-    the unit of capacity. Both deployments get a fresh prometheus-client multiprocess
+    the unit of capacity. Where nothing is advertised the slot is a whole host, reserved
+    as a node's CPUs. Both deployments get a fresh prometheus-client multiprocess
     directory (per node, per deploy) in their runtime_env, so the router's /metrics
     aggregates every replica process of its node. An operator who sets
     ``ray_actor_options`` in serve_config.yaml replaces these and must carry them over.
     """
     resources = ray.cluster_resources() if ray.is_initialized() else {}
+    slot_placement = resolve_placement(config.device, resources)
     metrics_dir = Path(tempfile.gettempdir()) / "ipex-llm-serve-metrics" / uuid.uuid4().hex
     runtime_env = {"env_vars": {MULTIPROC_ENV: str(metrics_dir)}}
     server = LLMServer.options(ray_actor_options={
-        "num_cpus": 0, "runtime_env": runtime_env,
+        "num_cpus": _host_cpus() if slot_placement == "host" and config.engine != "echo" else 0,
+        "runtime_env": runtime_env,
         **replica_ray_options(config.device, resources, config.accelerator_type)},
         **(server_options or {}))
     router = LLMRouter.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
-    return router.bind(server.bind(config, resolve_placement(config.device, resources)), config)
+    return router.bind(server.bind(config, slot_placement), config)
+
+
+def _host_cpus() -> float:
+    """CPUs a whole-host replica reserves: a node's CPUs (the smallest node's), so that a
+    second model replica waits in Ray's queue instead of sharing the host's cores. The
+    model-free echo engine owns no hardware and reserves nothing."""
+    if not ray.is_initialized():
+        return 0
+    counts = [node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]]
+    return min((c for c in counts if c > 0), default=0)

@@ -103,7 +103,7 @@ def test_the_model_is_asked_from_the_application(llm: RayServeLLM) -> None:
     assert llm.model == DEMO_MODEL_NAME
     assert llm._llm_type == "ray_serve"
     assert llm._identifying_params == {"app_name": APP, "model": DEMO_MODEL_NAME,
-                                       "max_tokens": 8}
+                                       "max_tokens": 8, "chat_template": False}
     params = llm._get_ls_params(stop=["x"], temperature=0.5)
     assert params["ls_provider"] == "ray_serve"
     assert params["ls_model_name"] == DEMO_MODEL_NAME
@@ -123,6 +123,16 @@ def test_usage_and_finish_reason_are_reported(llm: RayServeLLM) -> None:
 
 async def test_ainvoke(llm: RayServeLLM) -> None:
     assert await llm.ainvoke("say hello", max_tokens=6) == "helloh"
+
+
+def test_chat_template_frames_the_prompt_as_a_user_message(echo_app: None) -> None:
+    llm = RayServeLLM(chat_template=True, model_kwargs={"max_tokens": 8})
+    # The echo engine's template: "user: say hello\nassistant:".
+    assert llm.invoke("say hello") == echo("hello\nassistant:", 8)
+    assert "".join(llm.stream("say hello", max_tokens=20)) == echo("hello\nassistant:", 20)
+    result = llm.generate(["say hi"], stop=["a"])
+    assert result.generations[0][0].text == "hi\n"
+    assert result.llm_output["token_usage"]["prompt_tokens"] == len("user: say hi\nassistant:")
 
 
 # ---- batch ------------------------------------------------------------------------------

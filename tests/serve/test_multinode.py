@@ -117,7 +117,8 @@ def replica_states() -> dict[str, int]:
     status = serve.status().applications.get(APP)
     if status is None or SERVER not in status.deployments:
         return {}
-    return {state.value: count
+    # ReplicaState members are str enums; keys compare by their value either way.
+    return {str(getattr(state, "value", state)): count
             for state, count in status.deployments[SERVER].replica_states.items()}
 
 

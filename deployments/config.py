@@ -60,6 +60,9 @@ class LLMConfig(BaseModel):
     default_max_tokens: int = Field(constants.DEFAULT_MAX_TOKENS, ge=1,
                                     description="max_tokens of a request that names none.")
     max_stop_strings: int = Field(constants.MAX_STOP_STRINGS, ge=0)
+    max_prompts_per_request: int = Field(
+        constants.MAX_PROMPTS_PER_REQUEST, ge=1,
+        description="Prompts one /v1/completions request may carry (each is a sequence).")
     request_timeout_s: float = Field(
         constants.REQUEST_TIMEOUT_S, gt=0,
         description="Deadline of a request that names none (field `timeout`).")
@@ -67,8 +70,9 @@ class LLMConfig(BaseModel):
                                          description="Cap on a request's own `timeout`.")
     max_request_body_bytes: int = Field(constants.MAX_REQUEST_BODY_BYTES, ge=1024)
     api_key_env: str | None = Field(
-        None, description="Environment variable holding the API key(s), comma-separated. "
-                          "Keys never go in this file.")
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the API key(s), "
+                    "comma-separated. Keys never go in this file.")
     api_key_file: str | None = Field(
         None, description="File holding API keys, one per line.")
     log_prompts: bool = Field(False, description="Put prompt text in request logs.")
@@ -98,11 +102,29 @@ class LLMConfig(BaseModel):
         return ENGINE_CLASSES[self.engine]
 
     def api_keys(self) -> frozenset[str]:
-        """Configured API keys (empty: no auth). Read at start-up, never logged."""
+        """Configured API keys (empty: no auth). Read at start-up, never logged.
+
+        A configured source that yields no key (variable unset or blank, file missing or
+        blank) is an error, never a silently open server.
+        """
         keys: set[str] = set()
         if self.api_key_env:
-            keys.update(k.strip() for k in os.environ.get(self.api_key_env, "").split(","))
+            from_env = {k.strip() for k in os.environ.get(self.api_key_env, "").split(",")}
+            from_env.discard("")
+            if not from_env:
+                raise ValueError(f"api_key_env names ${self.api_key_env}, which is unset or "
+                                 "holds no key; set it, or remove api_key_env to serve "
+                                 "without keys")
+            keys |= from_env
         if self.api_key_file:
-            keys.update(line.strip() for line in Path(self.api_key_file).read_text().splitlines())
-        keys.discard("")
+            try:
+                lines = Path(self.api_key_file).read_text().splitlines()
+            except OSError as error:
+                raise ValueError(f"api_key_file {self.api_key_file} cannot be read: "
+                                 f"{error.strerror or error}") from None
+            from_file = {line.strip() for line in lines} - {""}
+            if not from_file:
+                raise ValueError(f"api_key_file {self.api_key_file} holds no key; add one "
+                                 "per line, or remove api_key_file to serve without keys")
+            keys |= from_file
         return frozenset(keys)

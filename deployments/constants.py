@@ -20,6 +20,11 @@ MAX_BATCH_SIZE = 16
 MAX_PREFILL_TOKENS_PER_STEP = 512
 # Requests a replica accepts beyond those it runs (Ray Serve's max_queued_requests on the handle).
 MAX_QUEUED_REQUESTS = 256
+# The router's own bounds (a full router queue is Ray's proxy-level 503, in plain text).
+ROUTER_MAX_ONGOING_REQUESTS = 512
+ROUTER_MAX_QUEUED_REQUESTS = 1024
+# Prompts one /v1/completions request may carry; each becomes a sequence of its own.
+MAX_PROMPTS_PER_REQUEST = 16
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 8

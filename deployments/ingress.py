@@ -144,7 +144,8 @@ def _error_response(error: ServiceError) -> JSONResponse:
     return JSONResponse(error.to_dict(), status_code=error.status_code, headers=error.headers())
 
 
-@serve.deployment(name="LLMRouter", max_ongoing_requests=512)
+@serve.deployment(name="LLMRouter", max_ongoing_requests=constants.ROUTER_MAX_ONGOING_REQUESTS,
+                  max_queued_requests=constants.ROUTER_MAX_QUEUED_REQUESTS)
 @serve.ingress(app)
 class LLMRouter:
     def __init__(self, server: DeploymentHandle, config: LLMConfig):
@@ -163,8 +164,13 @@ class LLMRouter:
     async def completions(self, body: dict[str, Any] | bytes) -> dict[str, Any]:
         request = self._parse(CompletionRequest, body)
         response_id = new_id("cmpl")
-        results = await asyncio.gather(*(
-            self._generate(self._payload(request, prompt=prompt)) for prompt in request.prompts))
+        tasks = [asyncio.ensure_future(self._generate(self._payload(request, prompt=prompt)))
+                 for prompt in request.prompts]
+        try:
+            results = await asyncio.gather(*tasks)
+        finally:  # one prompt failed: stop the others' generation too
+            for task in tasks:
+                task.cancel()
         choices = [{"index": i, "text": r["text"], "logprobs": None,
                     "finish_reason": r["finish_reason"]} for i, r in enumerate(results)]
         return completion_response(response_id, request.model, choices,
@@ -322,6 +328,9 @@ class LLMRouter:
         if request.timeout is not None and request.timeout > self._config.max_request_timeout_s:
             raise ServiceError(f"`timeout` is capped at {self._config.max_request_timeout_s} s",
                                param="timeout")
+        if len(getattr(request, "prompts", ())) > self._config.max_prompts_per_request:
+            raise ServiceError(f"at most {self._config.max_prompts_per_request} prompts per "
+                               "request", param="prompt")
         return request
 
     def _payload(self, request: Any, **prompt: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -40,6 +40,9 @@ UNSUPPORTED_FIELD_DEFAULTS: dict[str, tuple[Any, ...]] = {
 }
 
 MAX_SEED = 2**63 - 1
+# Token ids are never negative and fit an int32 index (the model's vocabulary is smaller).
+MAX_TOKEN_ID = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
 
 class _SamplingFields(BaseModel):
@@ -85,7 +88,7 @@ class StreamOptions(BaseModel):
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
 
     @model_validator(mode="after")
     def _prompt_not_empty(self) -> CompletionRequest:

@@ -52,6 +52,7 @@ def error_chunk(message: str, status_code: int, param: str | None = None) -> dic
 
 
 @serve.deployment(name="LLMServer", max_ongoing_requests=64,
+                  max_queued_requests=constants.MAX_QUEUED_REQUESTS,
                   health_check_period_s=10, health_check_timeout_s=30,
                   graceful_shutdown_timeout_s=60)
 class LLMServer:
@@ -116,7 +117,12 @@ class LLMServer:
             return
         deadline = time.monotonic() + float(payload.get("timeout_s")
                                             or self._config.request_timeout_s)
-        outputs = self._loop.submit(request)
+        try:
+            outputs = self._loop.submit(request)
+        except RuntimeError as error:  # the engine loop died; check_health gets us replaced
+            trace.end("error", str(error))
+            yield error_chunk(f"{error}; retry shortly", 503)
+            return
         status = "cancelled"
         try:
             while status == "cancelled":
@@ -152,9 +158,14 @@ class LLMServer:
                 "waiting": getattr(self._engine, "num_waiting", None)}
 
     async def stats(self) -> dict[str, Any]:
-        """Counters tests and operators read directly: batch sizes the engine reported."""
+        """Counters tests and operators read directly: batch sizes the engine reported, the
+        tokens its decode steps produced (engine progress), its running and waiting
+        sequences."""
         return {"batch_sizes": dict(self._batch_sizes),
-                "max_batch_size_seen": max(self._batch_sizes, default=0)}
+                "max_batch_size_seen": max(self._batch_sizes, default=0),
+                "decoded_tokens": sum(size * n for size, n in self._batch_sizes.items()),
+                "running": getattr(self._engine, "num_running", None),
+                "waiting": getattr(self._engine, "num_waiting", None)}
 
     async def check_health(self) -> None:
         """Ray's liveness probe: the engine loop is alive and stepping while it has work."""

@@ -97,6 +97,7 @@ def deploy(server_options: dict[str, Any], checkpoint_root: Path, cache_dir: Pat
     server.pop("autoscaling_config", None)
     server.update(server_options)
     config = ServeDeploySchema.model_validate({"applications": [app]})
+    # What `serve run serve_config.yaml` does after starting Serve (ray/serve/scripts.py).
     _get_global_client().deploy_apps(config)
     wait_for(lambda: app_status() == "RUNNING", DEPLOY_TIMEOUT_S, "the app to run",
              fail_if=lambda: app_status() == "DEPLOY_FAILED")

@@ -137,6 +137,10 @@ async def _sse(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> As
             yield f"data: {json.dumps(chunk)}\n\n"
     except ServiceError as error:
         yield f"data: {json.dumps(error.to_dict())}\n\n"
+    except Exception as error:  # a bug mid-stream still ends the stream in OpenAI's shape
+        logger.exception("unexpected error in a stream")
+        internal = ServiceError(f"internal error: {type(error).__name__}", 500)
+        yield f"data: {json.dumps(internal.to_dict())}\n\n"
     yield "data: [DONE]\n\n"
 
 

@@ -93,6 +93,6 @@ def test_a_corrupt_checkpoint_is_refused_naming_the_file(demo_checkpoint, tmp_pa
     data = bytearray(weights.read_bytes())
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="pytorch_model.bin"):
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin"):
         IpexLLMEngine.load(str(copy), device="cpu", max_batch_size=1,
                            max_prefill_tokens_per_step=64)

@@ -66,7 +66,7 @@ def test_batch_size_is_capped_and_waiting_requests_are_admitted_when_slots_free(
     engine = make_engine(max_batch_size=2)
     for i in range(5):
         engine.add_request(request(engine, f"r{i}", f"p w{i}", max_tokens=4))
-    texts, reasons, sizes = run(engine)
+    _, reasons, sizes = run(engine)
     assert len(reasons) == 5
     assert max(sizes) == 2
 

@@ -68,7 +68,7 @@ class LLMServer:
         metrics.prepare_multiprocess_dir()
         self._pinning = placement.pin_to_slot(self._slot, xmx_disabled=config.xmx_disabled)
         checkpoint = config.checkpoint_path
-        if config.local_cache_dir and config.engine != "echo":
+        if config.local_cache_dir:
             checkpoint = str(cached_copy(checkpoint, config.local_cache_dir))
         engine_cls = load_engine_class(config.engine_class_path)
         self._engine = engine_cls.load(

@@ -137,11 +137,14 @@ def _serve(version: Path, model_name: str, app_name: str, app_args: Mapping[str,
     """Run the application unless it runs (or is starting) already.
 
     It is deployed from the immutable version folder, so publishing a newer version later
-    never changes what a running replica reloads.
+    never changes what a running replica reloads. Serve, if it does not run yet, starts
+    without HTTP proxies when nobody asked for a route: no port is opened for nothing.
     """
     from deployments.app import build_app  # the serving package, only when deploying
 
     connect_ray()
+    if route_prefix is None:
+        serve.start(proxy_location="Disabled")  # no-op when Serve runs already
     args = {**(app_args or {}), "model_name": model_name, "checkpoint_path": str(version)}
     with FileLock(lock_dir / f".{_slug(app_name)}.deploy.lock"):
         status = serve.status().applications.get(app_name)

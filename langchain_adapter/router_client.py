@@ -80,8 +80,10 @@ def connect_ray() -> None:
         ray.init(address="auto")
     except ConnectionError as error:
         raise AppUnavailableError(
-            f"no Ray cluster to connect to ({error}); set RAY_ADDRESS, or call "
-            "ray.init(address=...) before making the adapter") from None
+            f"cannot connect to a Ray cluster ({error}); set RAY_ADDRESS, or call "
+            "ray.init(address=...) before making the adapter. A cluster with token "
+            "authentication (Ray's default for local clusters) also needs "
+            "RAY_AUTH_MODE=token here when RAY_ADDRESS names it") from None
 
 
 def application_names() -> list[str]:

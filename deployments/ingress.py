@@ -343,7 +343,7 @@ class LLMRouter:
             prompt = {"prompt_token_ids": prompt["prompt"]}
         return {**prompt, "request_id": new_id("req"),
                 "timeout_s": request.timeout or self._config.request_timeout_s,
-                "params": {"max_tokens": max_tokens or self._config.default_max_tokens,
+                "params": {"max_tokens": max_tokens,  # None: the replica picks what fits
                            "temperature": request.temperature, "top_p": request.top_p,
                            "seed": request.seed, "stop": list(request.stop_strings),
                            "ignore_eos": request.ignore_eos,

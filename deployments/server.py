@@ -192,11 +192,14 @@ class LLMServer:
             token_ids = list(payload["prompt_token_ids"])
         else:
             token_ids = engine.encode(str(payload.get("prompt", "")))
-        params = SamplingParams(**{**payload.get("params", {}),
-                                   "stop": tuple(payload.get("params", {}).get("stop", ()))})
+        fields = dict(payload.get("params", {}))
         context = engine.max_context_tokens
         if not token_ids:
             raise EngineError("the prompt is empty", param="prompt")
+        if fields.get("max_tokens") is None:  # not asked for: the default, within the context
+            fields["max_tokens"] = max(min(self._config.default_max_tokens,
+                                           context - len(token_ids)), 1)
+        params = SamplingParams(**{**fields, "stop": tuple(fields.get("stop", ()))})
         if len(token_ids) + params.max_tokens > context:
             raise EngineError(
                 f"this model's context is {context} tokens; the prompt has {len(token_ids)} "

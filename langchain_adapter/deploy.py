@@ -63,18 +63,20 @@ def deploy_model(model_id: str, *, low_bit: str, trust_remote_code: bool, root: 
     """``model_id`` (hub id, model folder or .gguf file) converted once and served."""
     local = Path(model_id).expanduser()
     if local.exists():
+        source = str(local.absolute())
         name = f"{_slug(local.stem)}-{_digest(local.absolute())}-{low_bit}"
         model_name = local.stem
     else:
+        source = model_id
         name = f"{_slug(model_id.replace('/', '--'))}-{low_bit}"
         model_name = model_id
     output = root / name
 
     def convert(force: bool) -> Path:
-        return convert_checkpoint(model_id, output, low_bit=low_bit,
+        return convert_checkpoint(source, output, low_bit=low_bit,
                                   trust_remote_code=trust_remote_code, force=force)
 
-    version = _publish_once(output, source=model_id, low_bit=low_bit, publish=convert)
+    version = _publish_once(output, source=source, low_bit=low_bit, publish=convert)
     return _serve(version, model_name, app_name or f"llm-{name}", app_args, route_prefix, root)
 
 
@@ -89,8 +91,9 @@ def deploy_low_bit(path: str | os.PathLike[str], *, tokenizer_id: str | None,
             manifest = verify_checkpoint(given, quick=True)
         except CheckpointError:
             pass  # not published by llm-checkpoint: publish a copy below
-        else:
-            return _serve(resolve_checkpoint(given), manifest.name, app_name or
+        else:  # served under its name without the low-bit suffix, as serve_config.yaml does
+            model_name = manifest.name.removesuffix(f"-{manifest.low_bit}")
+            return _serve(resolve_checkpoint(given), model_name, app_name or
                           f"llm-{manifest.name}", app_args, route_prefix, root)
     low_bit = _saved_low_bit(given)
     name = f"{_slug(given.name)}-{_digest(given)}"

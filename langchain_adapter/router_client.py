@@ -71,8 +71,9 @@ def generation_fields(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 def connect_ray() -> None:
     """Connect this process to its Ray cluster unless it is connected already.
 
-    ``ray.init(address="auto")``: RAY_ADDRESS if set, else the cluster ``ray start`` made on
-    this machine. Never starts a cluster of its own, which could not run the application.
+    ``ray.init(address="auto")``: RAY_ADDRESS if set, else the Ray cluster running on this
+    machine (``ray start``'s, or the one ``serve run`` started). Never starts a cluster of
+    its own, which could not run the application.
     """
     if ray.is_initialized():
         return

@@ -10,6 +10,7 @@ mode is checked for the mechanics (stream == invoke, stop).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,9 @@ from langchain_core.prompts import PromptTemplate
 from ray import serve
 
 from deployments.app import build_app
+from deployments.checkpoints import verify_checkpoint
+from deployments.constants import DEFAULT_LOW_BIT, DEMO_MODEL_NAME
+from deployments.convert import demo_gguf_path
 from langchain_adapter import ChatRayServe, RayServeLLM
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(300)]
@@ -126,12 +130,38 @@ def test_the_chat_model_answers_with_usage(demo_app: None) -> None:
 
 
 def test_moving_from_ipex_llm_is_one_line(demo_checkpoint: Path, tmp_path: Path) -> None:
-    """IpexLLM.from_model_id_low_bit(path, model_kwargs=...) -> RayServeLLM's, same arguments:
-    a second application serves the published checkpoint as it is."""
+    """IpexLLM.from_model_id_low_bit(path, model_kwargs=...) becomes RayServeLLM's, same
+    arguments. The application already serving that checkpoint is reused, not deployed
+    again (a whole-host replica reserves the host's CPUs: a second one could not start)."""
+    deployed_at = serve.status().applications[APP].last_deployed_time_s
     llm = RayServeLLM.from_model_id_low_bit(str(demo_checkpoint), model_kwargs=SEED_KWARGS,
-                                            checkpoint_root=tmp_path, chat_template=True)
+                                            app_name=APP, checkpoint_root=tmp_path,
+                                            chat_template=True)
+    assert (llm.app_name, llm.model) == (APP, DEMO_MODEL_NAME)
+    assert "Paris" in (PromptTemplate.from_template(TEMPLATE) | llm).invoke(FRANCE)
+    assert serve.status().applications[APP].last_deployed_time_s == deployed_at
+
+
+def test_from_model_id_converts_the_model_once(tmp_path: Path, demo_app: None) -> None:
+    """Two clients at once, as IpexLLM.from_model_id users would start: the real conversion
+    (GGUF -> sym_int4) runs once under the lock, the second client reuses its checkpoint.
+    The application runs the echo engine: this host's CPUs are reserved by the demo app's
+    whole-host replica, and what is checked here is the conversion and the deploy path."""
+    gguf = demo_gguf_path()
+
+    def client(_: int) -> RayServeLLM:
+        return RayServeLLM.from_model_id(str(gguf), model_kwargs=SEED_KWARGS,
+                                         checkpoint_root=tmp_path, app_args={"engine": "echo"})
+
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(client, range(2))
     try:
-        assert llm.app_name != APP
-        assert "Paris" in (PromptTemplate.from_template(TEMPLATE) | llm).invoke(FRANCE)
+        assert first.app_name == second.app_name
+        assert first.model == second.model == gguf.stem
+        (published,) = [path for path in tmp_path.iterdir() if path.is_symlink()]
+        assert len(list(published.parent.glob(f".{published.name}.versions/*"))) == 1
+        manifest = verify_checkpoint(published)
+        assert (manifest.source, manifest.low_bit) == (str(gguf), DEFAULT_LOW_BIT)
+        assert first.invoke("say hello", max_tokens=5) == "hello"
     finally:
-        serve.delete(llm.app_name)
+        serve.delete(first.app_name)

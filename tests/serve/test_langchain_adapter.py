@@ -395,6 +395,22 @@ def test_from_model_id_low_bit_publishes_a_save_low_bit_folder(tmp_path: Path) -
         serve.delete("saved")
 
 
+def test_from_model_id_low_bit_serves_a_published_checkpoint_as_it_is(tmp_path: Path) -> None:
+    publish_checkpoint(lambda folder: (folder / "config.json").write_text("{}"),
+                       tmp_path / "tiny-sym_int4", source="tiny", low_bit="sym_int4")
+    root = tmp_path / "root"
+    try:
+        llm = RayServeLLM.from_model_id_low_bit(tmp_path / "tiny-sym_int4",
+                                                checkpoint_root=root,
+                                                app_args={"engine": "echo"})
+        assert (llm.app_name, llm.model) == ("llm-tiny-sym_int4", "tiny")
+        assert llm.invoke("say hello", max_tokens=3) == "hel"
+        # No copy: only the deploy lock is in the checkpoint root.
+        assert not [path for path in root.iterdir() if not path.name.endswith(".lock")]
+    finally:
+        serve.delete("llm-tiny-sym_int4")
+
+
 def test_from_model_id_low_bit_needs_a_tokenizer(tmp_path: Path) -> None:
     saved = tmp_path / "saved"
     saved.mkdir()

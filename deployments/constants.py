@@ -34,6 +34,8 @@ MAX_REQUEST_BODY_BYTES = 1_000_000
 REQUEST_TIMEOUT_S = 120.0
 MAX_REQUEST_TIMEOUT_S = 600.0
 RETRY_AFTER_S = 1
+# A stopped or redeployed replica (router or model) lets in-flight requests run this long.
+GRACEFUL_SHUTDOWN_TIMEOUT_S = 60.0
 
 # A scheduler loop that has work but made no step for this long is reported unhealthy.
 SCHEDULER_STALL_TIMEOUT_S = 120.0

@@ -8,9 +8,14 @@ Ray needs to carry it between processes.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from pydantic import ValidationError
+
+# Where pydantic names the member of a union in an error's location: `str`,
+# `list[constrained-int]`, a model's class name. Field names are snake_case.
+_UNION_TAG = re.compile(r"[\[\-]|^(str|int|float|bool|bytes|none|list|dict)$|^[A-Z]")
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -55,8 +60,13 @@ class ServiceError(Exception):
 
     @classmethod
     def from_validation(cls, error: ValidationError) -> ServiceError:
-        first = error.errors(include_url=False)[0]
-        location = ".".join(str(part) for part in first["loc"])
+        errors = error.errors(include_url=False)
+        # A union field fails once per form it may take: report the form that got furthest
+        # (a value out of range beats a wrong type), located without pydantic's form tags.
+        first = max((e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]),
+                    key=lambda e: (not e["type"].endswith(("_type", "_parsing")), len(e["loc"])))
+        location = ".".join(str(part) for part in first["loc"]
+                            if not (isinstance(part, str) and _UNION_TAG.search(part)))
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "json_invalid":
             return cls(f"the body is not valid JSON: {first.get('ctx', {}).get('error', '')}"

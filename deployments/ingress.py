@@ -74,18 +74,31 @@ def _body_schema(model: type) -> dict[str, Any]:
 
 
 async def _with_deadline(stream: Any, deadline: float) -> AsyncIterator[dict[str, Any]]:
-    """Backstop for the replica's own deadline: a stream that goes silent ends with 504."""
+    """Backstop for the replica's own deadline: a stream that goes silent ends with 504.
+
+    A stream left unfinished (deadline, error, or the caller cancelled: a client that hung
+    up) is cancelled here, so the replica aborts the sequence and frees its batch slot
+    without waiting for Ray's propagation of the caller's cancellation.
+    """
     iterator = stream.__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(iterator.__anext__(),
-                                           max(deadline - time.monotonic(), 0.001))
-        except StopAsyncIteration:
-            return
-        except TimeoutError:
+    ended = False
+    try:
+        while True:
+            try:
+                # Not asyncio.wait_for: on Python 3.11 it drops a cancellation that lands
+                # as a chunk arrives, and the generation would run on.
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+                    chunk = await iterator.__anext__()
+            except StopAsyncIteration:
+                ended = True
+                return
+            except TimeoutError:
+                raise ServiceError("the model did not answer before the deadline",
+                                   504) from None
+            yield chunk
+    finally:
+        if not ended:
             stream.cancel()
-            raise ServiceError("the model did not answer before the deadline", 504) from None
-        yield chunk
 
 
 async def _merge(streams: list[AsyncIterator[dict[str, Any]]]
@@ -125,7 +138,7 @@ def _peek_stream_flag(body: bytes) -> bool:
     """Whether the body asks to stream; full validation happens in the operation."""
     try:
         parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: a deeply nested body
         return False
     return isinstance(parsed, dict) and parsed.get("stream") is True
 
@@ -149,7 +162,9 @@ def _error_response(error: ServiceError) -> JSONResponse:
 
 
 @serve.deployment(name="LLMRouter", max_ongoing_requests=constants.ROUTER_MAX_ONGOING_REQUESTS,
-                  max_queued_requests=constants.ROUTER_MAX_QUEUED_REQUESTS)
+                  max_queued_requests=constants.ROUTER_MAX_QUEUED_REQUESTS,
+                  # Ray's default (20 s) would cut streams the model replicas still serve.
+                  graceful_shutdown_timeout_s=constants.GRACEFUL_SHUTDOWN_TIMEOUT_S)
 @serve.ingress(app)
 class LLMRouter:
     def __init__(self, server: DeploymentHandle, config: LLMConfig):
@@ -224,6 +239,10 @@ class LLMRouter:
         """The serving replicas' state; ServiceError 503 while none can serve."""
         try:
             replica = await asyncio.wait_for(self._server.health.remote(), HEALTH_TIMEOUT_S)
+        except BackPressureError:
+            # Replicas up and at capacity: they serve (excess requests get 503 + Retry-After),
+            # so a load balancer must not take this service out of rotation for it.
+            return {"status": "busy", "replica": None}
         except Exception as error:
             raise ServiceError(f"no model replica is ready: {type(error).__name__}", 503,
                                retry_after_s=constants.RETRY_AFTER_S) from None

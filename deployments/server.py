@@ -54,7 +54,7 @@ def error_chunk(message: str, status_code: int, param: str | None = None) -> dic
 @serve.deployment(name="LLMServer", max_ongoing_requests=64,
                   max_queued_requests=constants.MAX_QUEUED_REQUESTS,
                   health_check_period_s=10, health_check_timeout_s=30,
-                  graceful_shutdown_timeout_s=60)
+                  graceful_shutdown_timeout_s=constants.GRACEFUL_SHUTDOWN_TIMEOUT_S)
 class LLMServer:
     def __init__(self, config: LLMConfig, slot_placement: placement.Placement = "host"):
         """Claim and pin a slot first (before torch runs), then load the engine."""
@@ -127,8 +127,10 @@ class LLMServer:
         try:
             while status == "cancelled":
                 try:
-                    first = await asyncio.wait_for(outputs.get(),
-                                                   max(deadline - time.monotonic(), 0))
+                    # Not asyncio.wait_for: on Python 3.11 it drops a cancellation that
+                    # lands as an output arrives, and the sequence would never be aborted.
+                    async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                        first = await outputs.get()
                 except TimeoutError:
                     status = "timeout"
                     yield self._timeout_chunk(trace.generated_tokens, trace.prompt_tokens)
@@ -190,6 +192,9 @@ class LLMServer:
             token_ids = engine.encode(engine.apply_chat_template(payload["messages"]))
         elif payload.get("prompt_token_ids") is not None:
             token_ids = list(payload["prompt_token_ids"])
+            if any(not 0 <= t < engine.vocab_size for t in token_ids):
+                raise EngineError(f"token ids must lie in [0, {engine.vocab_size}) for this "
+                                  "model", param="prompt")
         else:
             token_ids = engine.encode(str(payload.get("prompt", "")))
         fields = dict(payload.get("params", {}))

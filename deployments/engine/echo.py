@@ -17,6 +17,7 @@ from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
 
 ECHO_EOS_TOKEN = 0  # never produced: answers end by max_tokens or stop strings
 ECHO_CONTEXT_TOKENS = 4096
+ECHO_VOCAB_SIZE = 0xD800  # code points below the surrogates: every id decodes to text
 
 
 class EchoEngine(ContinuousBatchingEngine):
@@ -33,8 +34,12 @@ class EchoEngine(ContinuousBatchingEngine):
         return cls(max_batch_size=max_batch_size,
                    max_prefill_tokens_per_step=max_prefill_tokens_per_step, **options)
 
+    @property
+    def vocab_size(self) -> int:
+        return ECHO_VOCAB_SIZE
+
     def encode(self, text: str) -> list[int]:
-        return [ord(c) for c in text]
+        return [min(ord(c), ECHO_VOCAB_SIZE - 1) for c in text]
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)

@@ -85,6 +85,10 @@ class IpexLLMEngine(ContinuousBatchingEngine):
 
     # ---- text ----------------------------------------------------------------------------
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self._model.config.vocab_size)
+
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text)
 

@@ -104,6 +104,11 @@ class LLMEngine(abc.ABC):
     def max_context_tokens(self) -> int:
         """Prompt plus generated tokens one sequence may hold."""
 
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1; callers check prompts of token ids."""
+
     @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` as the model sees a prompt (special tokens included)."""

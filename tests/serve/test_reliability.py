@@ -2,8 +2,8 @@
 deadlines, API keys, redeploys and replica faults.
 
 One application serves the whole module (Ray starts once); the tests run in file order and
-the last two change it: a redeploy under load (to two replicas) and a replica killed under
-load. The echo engine answers with the prompt's last word repeated, one character per
+the last two change it: a redeploy under load, then two replicas and one of them killed
+under load. The echo engine answers with the prompt's last word repeated, one character per
 token, so a surviving request's text is exact; its steps take STEP_DELAY_S, so a request
 of N tokens in a batch lasts about N * STEP_DELAY_S.
 
@@ -241,43 +241,65 @@ def test_keys_are_required_except_for_health(base_url, client):
     assert client.get("/v1/models").status_code == 200
 
 
-def test_a_burst_of_1000_gets_200_or_503_at_once_and_memory_stays_bounded(base_url):
-    rss_before = _serve_replica_rss()
+def _burst(base_url: str, size: int) -> tuple[list[tuple[int, float, httpx.Response]],
+                                               list[int]]:
+    """``size`` requests at once, each with a connection of its own, and /health probes
+    meanwhile: (request index, seconds, response) per request, and the probes' statuses."""
 
-    async def burst() -> list[tuple[int, float, httpx.Response]]:
-        limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
+    async def run() -> tuple[list[tuple[int, float, httpx.Response]], list[int]]:
+        limits = httpx.Limits(max_connections=size, max_keepalive_connections=0)
         async with httpx.AsyncClient(base_url=base_url, timeout=60, limits=limits,
                                      headers={"Authorization": f"Bearer {API_KEY}"}) as c:
             async def one(i: int) -> tuple[int, float, httpx.Response]:
                 started = time.monotonic()
                 r = await c.post("/v1/completions", json=_body(f"b{i}", 8, timeout=LONG))
                 return i, time.monotonic() - started, r
-            return await asyncio.gather(*(one(i) for i in range(1000)))
 
-    started = time.monotonic()
-    results = asyncio.run(burst())
-    elapsed = time.monotonic() - started
-    by_status: dict[int, int] = {}
-    for i, _, r in results:
-        by_status[r.status_code] = by_status.get(r.status_code, 0) + 1
-        if r.status_code == 200:
-            assert r.json()["choices"][0]["text"] == echo(f"b{i}", 8)
-        else:
-            assert r.status_code == 503, r.text
-            assert r.headers["retry-after"] == "1"
-            assert r.json()["error"]["type"] == "service_unavailable_error"
-    rejected = sorted(t for _, t, r in results if r.status_code == 503)
-    print(f"burst of 1000: {by_status} in {elapsed:.1f} s; 503 median "
-          f"{rejected[len(rejected) // 2]:.2f} s" if rejected else "")
-    assert by_status.get(200, 0) >= 2 * MAX_BATCH_SIZE and by_status.get(503, 0) > 0
-    assert elapsed < 90
-    assert rejected[len(rejected) // 2] < 15  # rejected at once, not after waiting a turn
-    # Everything accepted was bounded by the queues: nothing is left over afterwards, and the
-    # replicas' memory did not grow with the burst.
-    assert _wait_for(lambda: server_stats()["running"] == 0 == server_stats()["waiting"], 10)
-    rss_after = _serve_replica_rss()
-    for name, before in rss_before.items():
-        assert rss_after.get(name, 0) - before < 150 * 2**20, (name, before, rss_after)
+            async def health_probes() -> list[int]:
+                statuses = []
+                for _ in range(5):
+                    await asyncio.sleep(0.5)
+                    statuses.append((await c.get("/health")).status_code)
+                return statuses
+
+            probes = asyncio.ensure_future(health_probes())
+            results = await asyncio.gather(*(one(i) for i in range(size)))
+            return results, await probes
+
+    return asyncio.run(run())
+
+
+def test_a_burst_of_1000_gets_200_or_503_at_once_and_memory_stays_bounded(base_url):
+    rss = [_serve_replica_rss()]
+    for _ in range(2):  # the second burst shows that memory does not grow with each burst
+        started = time.monotonic()
+        results, health_statuses = _burst(base_url, 1000)
+        elapsed = time.monotonic() - started
+        by_status: dict[int, int] = {}
+        for i, _, r in results:
+            by_status[r.status_code] = by_status.get(r.status_code, 0) + 1
+            if r.status_code == 200:
+                assert r.json()["choices"][0]["text"] == echo(f"b{i}", 8)
+            else:
+                assert r.status_code == 503, r.text
+                assert r.headers["retry-after"] == "1"
+                assert r.json()["error"]["type"] == "service_unavailable_error"
+        rejected = sorted(t for _, t, r in results if r.status_code == 503)
+        print(f"burst of 1000: {by_status} in {elapsed:.1f} s; 503 median "
+              f"{rejected[len(rejected) // 2]:.2f} s" if rejected else "")
+        assert by_status.get(200, 0) >= 2 * MAX_BATCH_SIZE and by_status.get(503, 0) > 0
+        assert elapsed < 90
+        assert rejected[len(rejected) // 2] < 15  # rejected at once, not after waiting a turn
+        assert health_statuses == [200] * 5  # busy is not down: /health stays 200
+        # What was accepted was bounded by the queues: nothing is left over afterwards.
+        assert _wait_for(lambda: server_stats()["running"] == 0 == server_stats()["waiting"],
+                         10)
+        rss.append(_serve_replica_rss())
+    growth = [{name: round((after.get(name, 0) - before) / 2**20)
+               for name, before in rss[0].items()} for after in rss[1:]]
+    print("RSS growth over the first and the second burst (MB):", growth)
+    for name in rss[0]:
+        assert growth[0][name] < 200 and growth[1][name] - growth[0][name] < 50, growth
     assert httpx.get(f"{base_url}/health").status_code == 200
 
 
@@ -329,9 +351,13 @@ def test_a_client_that_hangs_up_stops_its_generation_and_not_the_others(base_url
         lines = response.iter_lines()  # kept: dropping the iterator would hang up now
         assert next(lines).startswith("data: ")
     else:
+        gave_up: list[BaseException] = []
+
         def ask_and_give_up() -> None:
-            with pytest.raises(httpx.ReadTimeout):
+            try:
                 quitter_client.post("/v1/completions", json=victim)
+            except httpx.ReadTimeout as error:  # the client's own timeout: it hangs up
+                gave_up.append(error)
 
         quitter = threading.Thread(target=ask_and_give_up)
         quitter.start()
@@ -347,6 +373,7 @@ def test_a_client_that_hangs_up_stops_its_generation_and_not_the_others(base_url
         response.close()
     else:
         quitter.join()
+        assert gave_up
     quitter_client.close()
     at_hang_up = server_stats()["decoded_tokens"]
     thread.join(30)
@@ -357,7 +384,7 @@ def test_a_client_that_hangs_up_stops_its_generation_and_not_the_others(base_url
     # The survivor had at most survivor_tokens to go; the victim, not aborted, would have
     # made as many again.
     victim_tokens_after_hang_up = (after - at_hang_up) - survivor_tokens
-    assert victim_tokens_after_hang_up < 30, (at_hang_up, after)
+    assert victim_tokens_after_hang_up < 50, (at_hang_up, after)  # < 1 s of steps
     time.sleep(0.3)
     assert server_stats()["decoded_tokens"] == after
 
@@ -398,7 +425,7 @@ def test_a_request_timeout_ends_a_stream_with_length(client):
     text, finish = _stream_text(client, _body("brief", 2000, timeout=0.5), threading.Event())
     assert finish == "length"
     assert 0 < len(text) < 2000 and text == echo("brief", len(text))
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 5
 
 
 def test_a_deadline_before_any_token_is_a_504_error(base_url, client):
@@ -414,7 +441,7 @@ def test_a_deadline_before_any_token_is_a_504_error(base_url, client):
             assert r.status_code == 504, r.text
             assert r.json()["error"]["type"] == "timeout_error"
             assert "deadline" in r.json()["error"]["message"]
-            assert time.monotonic() - started < 3
+            assert time.monotonic() - started < 5
     finally:
         for filler in fillers:
             filler.cancel()
@@ -429,7 +456,6 @@ def test_a_timeout_above_the_cap_is_refused(client):
 # ---- the last two change the application -------------------------------------------------
 
 REDEPLOYED_ARGS = {**ARGS, "default_max_tokens": 7}
-REDEPLOYED_OPTIONS = {**SERVER_OPTIONS, "num_replicas": 2}
 
 
 async def _ask(client: httpx.AsyncClient, word: str, tokens: int, stream: bool
@@ -452,7 +478,9 @@ async def _ask(client: httpx.AsyncClient, word: str, tokens: int, stream: bool
 
 def test_a_redeploy_under_load_lets_in_flight_requests_finish(base_url, client):
     old_pids = _replica_pids(base_url, want=1)
-    tokens = 150  # about 3 s in a full batch: in flight during the whole redeploy
+    # About 3 s in a full batch. With one replica, Serve stops the old one first (it drains
+    # while the new one starts); going to two replicas it would start a new one first.
+    tokens = 150
 
     def old_replica_stopping() -> bool:
         states = serve.status().applications["llm"].deployments["LLMServer"].replica_states
@@ -467,7 +495,7 @@ def test_a_redeploy_under_load_lets_in_flight_requests_finish(base_url, client):
                 await asyncio.sleep(0.05)
             redeploy = asyncio.ensure_future(asyncio.to_thread(
                 serve.run, bind_app(LLMConfig.model_validate(REDEPLOYED_ARGS),
-                                    server_options=REDEPLOYED_OPTIONS),
+                                    server_options=SERVER_OPTIONS),
                 name="llm", route_prefix="/"))
             await asyncio.sleep(0.5)
             during = [asyncio.ensure_future(_ask(c, f"d{i}", 20, stream=i % 2 == 0))
@@ -488,16 +516,15 @@ def test_a_redeploy_under_load_lets_in_flight_requests_finish(base_url, client):
     assert during == [("ok", echo(f"d{i}", 20)) for i in range(4)]
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": "new config"})
     assert r.json()["usage"]["completion_tokens"] == REDEPLOYED_ARGS["default_max_tokens"]
-    new_pids = _replica_pids(base_url, want=2)
-    assert len(new_pids) == 2 and not new_pids & old_pids
+    new_pids = _replica_pids(base_url, want=1)
+    assert len(new_pids) == 1 and not new_pids & old_pids
 
 
 def test_a_replica_killed_under_load_fails_fast_and_the_service_recovers(base_url, client):
+    serve.run(bind_app(LLMConfig.model_validate(ARGS),
+                       server_options={**SERVER_OPTIONS, "num_replicas": 2}),
+              name="llm", route_prefix="/")
     pids = _replica_pids(base_url, want=2)
-    if len(pids) < 2:  # run on its own: deploy the two replicas the redeploy test leaves
-        serve.run(bind_app(LLMConfig.model_validate(REDEPLOYED_ARGS),
-                           server_options=REDEPLOYED_OPTIONS), name="llm", route_prefix="/")
-        pids = _replica_pids(base_url, want=2)
     assert len(pids) == 2
     victim = min(pids)
     tokens = 100
@@ -509,8 +536,9 @@ def test_a_replica_killed_under_load_fails_fast_and_the_service_recovers(base_ur
                 started = time.monotonic()
                 return await coro, time.monotonic() - started
 
+            # 3 batches' worth over 2 replicas: each runs a full batch and queues the rest.
             load = [asyncio.ensure_future(timed(_ask(c, f"k{i}", tokens, stream=i % 2 == 0)))
-                    for i in range(2 * MAX_BATCH_SIZE)]
+                    for i in range(3 * MAX_BATCH_SIZE)]
             await asyncio.sleep(0.8)
             os.kill(victim, signal.SIGKILL)
             # Meanwhile new requests go to the healthy replica (or are retried there).
@@ -529,7 +557,11 @@ def test_a_replica_killed_under_load_fails_fast_and_the_service_recovers(base_ur
             assert status in (200, 503)  # 200: the stream had begun; the error is its last event
             assert error["type"] == "service_unavailable_error"
             assert "replica" in error["message"]
-    assert 0 < failed < len(outcomes), outcomes  # the victim's requests, and only those
+    print(f"killed a replica under load: {failed} of {len(outcomes)} requests failed, "
+          f"slowest {max(seconds):.1f} s")
+    # Only the victim's running requests fail (their tokens had started); its queued ones,
+    # with no token yet, are retried on the other replica.
+    assert 0 < failed <= MAX_BATCH_SIZE, outcomes
     assert max(seconds) < 15, seconds  # nobody hung
     assert after_kill == [("ok", echo(f"n{i}", 5)) for i in range(6)]
     # Ray restarts the replica.

@@ -162,3 +162,12 @@ def test_handle_streaming_yields_chunks(base_url):
     chunks = list(handle.chat_completions_stream.remote(
         {"model": MODEL, "messages": [{"role": "user", "content": "go abc"}], "max_tokens": 4}))
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "abc\n"
+
+
+def test_token_ids_outside_the_vocabulary_are_400_and_the_replica_survives(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": [65, 0x10FFFF],
+                                              "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": [32, 65, 66],
+                                              "max_tokens": 2})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "AB"

@@ -1,0 +1,115 @@
+"""The benchmark's statistics: percentiles, per-request timings, run summaries, parsers."""
+
+import math
+
+import pytest
+
+from bench.machine import disturbed, quieter
+from bench.service import parse_histogram_sums, server_means, summarize_pyspy
+from bench.stats import RequestRecord, percentile, ratio, summarize
+
+
+@pytest.mark.parametrize(("q", "expected"), [(0, 1.0), (50, 2.5), (100, 4.0), (25, 1.75),
+                                             (99, 3.97)])
+def test_percentile_interpolates_like_numpy_linear(q, expected):
+    assert percentile([4.0, 1.0, 3.0, 2.0], q) == pytest.approx(expected)
+
+
+def test_percentile_edge_cases():
+    assert math.isnan(percentile([], 50))
+    assert percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def _record(start, chunks, end, tokens, error=None):
+    return RequestRecord(started=start, chunk_times=list(chunks), finished=end,
+                         completion_tokens=tokens, error=error)
+
+
+def test_request_record_timings():
+    record = _record(10.0, [10.5, 10.7, 11.0, 11.5], 11.6, 5)
+    assert record.ok
+    assert record.ttft == pytest.approx(0.5)
+    assert record.e2e == pytest.approx(1.6)
+    assert record.inter_chunk_gaps == pytest.approx([0.2, 0.3, 0.5])
+    # 5 tokens in 4 chunks (one coalesced): TPOT spreads the time over the tokens
+    assert record.tpot == pytest.approx((11.5 - 10.5) / 4)
+
+
+def test_request_without_chunks_or_with_error_is_not_ok():
+    assert not _record(0.0, [], 1.0, 0).ok
+    assert not _record(0.0, [0.5], 1.0, 1, error="HTTP 503").ok
+    assert _record(0.0, [0.5], 1.0, 1).tpot is None
+
+
+def test_summarize_throughput_over_wall_time_and_latency_percentiles():
+    records = [_record(0.0, [1.0, 2.0], 2.0, 10), _record(0.0, [0.5, 3.5], 4.0, 10),
+               _record(0.0, [], 1.0, 0, error="boom")]
+    summary = summarize(records, clients=2)
+    assert summary.requests == 2 and summary.errors == 1
+    assert summary.duration_s == pytest.approx(4.0)
+    assert summary.tokens_per_s == pytest.approx(20 / 4.0)
+    assert summary.requests_per_s == pytest.approx(0.5)
+    assert summary.ttft_p50_s == pytest.approx(0.75)
+    assert summary.e2e_p99_s == pytest.approx(2.0 + 0.99 * 2.0)
+    assert summary.itl_p50_s == pytest.approx(2.0)  # gaps 1.0 and 3.0
+    assert summary.completion_tokens == 20
+
+
+def test_summarize_with_no_successes_is_nan_not_an_error():
+    summary = summarize([_record(0.0, [], 1.0, 0, error="x")], clients=1)
+    assert summary.requests == 0 and math.isnan(summary.tokens_per_s)
+    assert math.isnan(summary.ttft_p50_s)
+
+
+def test_ratio_handles_missing_values():
+    assert ratio(3.0, 2.0) == 1.5
+    assert math.isnan(ratio(None, 2.0))
+    assert math.isnan(ratio(1.0, 0.0))
+    assert math.isnan(ratio(math.nan, 1.0))
+
+
+def test_quieter_keeps_the_less_disturbed_measurement():
+    busy, calm = {"foreign_cores": 0.9, "x": 1}, {"foreign_cores": 0.1, "x": 2}
+    assert quieter(None, busy) is busy
+    assert quieter(busy, calm) is calm
+    assert quieter(calm, busy) is calm
+    assert disturbed(busy) and not disturbed(calm)
+
+
+def test_histogram_sums_from_a_prometheus_exposition():
+    text = "\n".join([
+        "# HELP llm_time_to_first_token_seconds x",
+        'llm_time_to_first_token_seconds_bucket{le="0.1",model="m"} 1.0',
+        'llm_time_to_first_token_seconds_sum{model="m",slot="0"} 1.5',
+        'llm_time_to_first_token_seconds_count{model="m",slot="0"} 3.0',
+        'llm_time_to_first_token_seconds_sum{model="m",slot="1"} 0.5',
+        'llm_time_to_first_token_seconds_count{model="m",slot="1"} 1.0',
+        "llm_request_queue_time_seconds_sum 0.2",
+        "llm_request_queue_time_seconds_count 2.0"])
+    sums = parse_histogram_sums(text)
+    assert sums["ttft"] == (2.0, 4.0)
+    assert sums["queue"] == (0.2, 2.0)
+    assert sums["itl"] == (0.0, 0.0)
+    later = {**sums, "ttft": (5.0, 6.0)}
+    means = server_means(sums, later)
+    assert means["server_ttft_mean_s"] == pytest.approx(1.5)
+    assert means["server_itl_mean_s"] is None
+
+
+def test_pyspy_raw_profile_is_split_by_innermost_category():
+    categories = (("matmul", "ggml_matmul", "low_bit_linear.py"),
+                  ("forward", "_forward", "engine/ipex_llm.py"))
+    raw = "\n".join([
+        "thread (1);_run (engine_loop.py:1);_forward (deployments/engine/ipex_llm.py:9);"
+        "ggml_matmul (ipex_llm/transformers/low_bit_linear.py:3) 6",
+        "thread (1);_forward (deployments/engine/ipex_llm.py:9);silu (torch/nn.py:2) 3",
+        "thread (2);run (asyncio/events.py:80) 1",
+        "garbage line"])
+    summary = summarize_pyspy(raw, categories)
+    assert summary["samples"] == 10
+    assert summary["by_category"] == {"matmul": 0.6, "forward": 0.3,
+                                      "other (Ray, asyncio, threads)": 0.1}
+    assert summary["top_leaves"][0] == ("ggml_matmul (ipex_llm/transformers/low_bit_linear.py:3)",
+                                        0.6)

@@ -13,11 +13,13 @@ from typing import Any
 
 import httpx
 import psutil
+import pytest
 import ray
 from ray import serve
 
 from deployments.app import bind_app
 from deployments.config import LLMConfig
+from deployments.placement import CPU_SOCKET_RESOURCE
 
 
 def free_port() -> int:
@@ -87,3 +89,31 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen, timeout_s: floa
                 return
         time.sleep(1)
     raise TimeoutError(f"{base_url}/health not ready after {timeout_s} s")
+
+
+@contextlib.contextmanager
+def socket_cluster(worker_cpus: int) -> Iterator[tuple[Any, list[Any]]]:
+    """A one-machine Ray cluster: a head without sockets (2 CPUs) and two worker nodes that
+    advertise one CPU socket each, connected, with Serve started (no HTTP); always shut down.
+    Yields the cluster and its worker nodes."""
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as patch:
+        # Cluster records its address in /tmp/ray/ray_current_cluster, where a plain
+        # ray.init() of anyone else on this machine would find it, and deletes that file on
+        # shutdown even when it names someone else's cluster: keep out of the shared file.
+        patch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
+        patch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
+        cluster = Cluster(
+            initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+        try:
+            workers = [cluster.add_node(num_cpus=worker_cpus,
+                                        resources={CPU_SOCKET_RESOURCE: 1}) for _ in range(2)]
+            ray.init(address=cluster.address)
+            serve.start(proxy_location="Disabled")
+            yield cluster, workers
+        finally:
+            if ray.is_initialized():
+                serve.shutdown()
+                ray.shutdown()
+            cluster.shutdown()

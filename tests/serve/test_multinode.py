@@ -33,6 +33,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments.checkpoints import publish_checkpoint, verify_checkpoint
 from deployments.placement import CPU_SOCKET_RESOURCE
+from tests.helpers import socket_cluster
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -50,26 +51,8 @@ POLL_S = 0.25
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """A head without sockets and two worker nodes with one socket each; always shut down."""
-    with pytest.MonkeyPatch.context() as patch:
-        # Cluster records its address in /tmp/ray/ray_current_cluster, where a plain
-        # ray.init() of anyone else on this machine would find it, and deletes that file on
-        # shutdown even when it names someone else's cluster: keep out of the shared file.
-        patch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
-        patch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
-        cluster = Cluster(
-            initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
-        )
-        try:
-            for _ in range(2):
-                cluster.add_node(num_cpus=1, resources={CPU_SOCKET_RESOURCE: 1})
-            ray.init(address=cluster.address)
-            serve.start(proxy_location="Disabled")
-            yield cluster
-        finally:
-            if ray.is_initialized():
-                serve.shutdown()
-                ray.shutdown()
-            cluster.shutdown()
+    with socket_cluster(worker_cpus=1) as (cluster, _):
+        yield cluster
 
 
 @pytest.fixture

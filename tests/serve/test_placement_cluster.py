@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import ray
 from ray import serve
-from ray.cluster_utils import Cluster
 from ray.serve.api import RunTarget
 
 from deployments.placement import CPU_SOCKET_RESOURCE, claim_slot, replica_ray_options
+from tests.helpers import socket_cluster
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -43,27 +43,8 @@ class SlotReporter:
 @pytest.fixture(scope="module")
 def worker_node_ids() -> Iterator[list[str]]:
     """A head without sockets (but with CPUs to spare) and two one-socket worker nodes."""
-    with pytest.MonkeyPatch.context() as patch:
-        # Cluster records its address in /tmp/ray/ray_current_cluster, where a plain
-        # ray.init() of anyone else on this machine would find it, and deletes that file on
-        # shutdown, even when it names someone else's cluster: keep out of the shared file.
-        patch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
-        patch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
-        cluster = Cluster(
-            initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False}
-        )
-        try:
-            workers = [
-                cluster.add_node(num_cpus=2, resources={CPU_SOCKET_RESOURCE: 1}) for _ in range(2)
-            ]
-            ray.init(address=cluster.address)
-            serve.start(proxy_location="Disabled")
-            yield [node.node_id for node in workers]
-        finally:
-            if ray.is_initialized():
-                serve.shutdown()
-                ray.shutdown()
-            cluster.shutdown()
+    with socket_cluster(worker_cpus=2) as (_, workers):
+        yield [node.node_id for node in workers]
 
 
 def reporter(num_replicas: int, lock_dir: Path):

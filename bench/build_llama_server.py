@@ -19,6 +19,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import TextIO
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
@@ -46,16 +47,18 @@ CMAKE_OPTIONS = (
 
 def llama_server_path() -> Path | None:
     """The cached binary, or None when it has not been built."""
-    return LLAMA_SERVER_BIN if LLAMA_SERVER_BIN.is_file() and os.access(LLAMA_SERVER_BIN, os.X_OK) else None
+    if LLAMA_SERVER_BIN.is_file() and os.access(LLAMA_SERVER_BIN, os.X_OK):
+        return LLAMA_SERVER_BIN
+    return None
 
 
-def _run(cmd: list[str], log) -> None:
+def _run(cmd: list[str], log: TextIO) -> None:
     log.write(f"\n$ {' '.join(cmd)}\n")
     log.flush()
     subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _source_tree(log) -> Path:
+def _source_tree(log: TextIO) -> Path:
     tree = SOURCE_DIR / f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}" / "vendor" / "llama.cpp"
     if (tree / "CMakeLists.txt").is_file():
         return tree

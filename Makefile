@@ -16,6 +16,7 @@ test: $(INSTALLED) demo-checkpoint
 	$(PY) -m pytest
 
 bench: $(INSTALLED) demo-checkpoint
+	$(PIP) install -q -e '.[test,bench]'
 	$(PY) -m bench.run
 
 lint: $(INSTALLED)

@@ -431,6 +431,7 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             "model.")
     paths = {(p["batch"], p["tokens_per_row"]): p for p in inproc.get("matmul_paths") or []}
     prefill = paths.get((8, 31)) or paths.get((1, 31))
+    threshold = int((r.get("env") or {}).get("BIGDL_LLM_LINEAR_THRESHOLD", 512))
     if prefill and (1, 1) in paths:
         lines.append(
             f"- Prefill is slow for the same reason: ggml's kernel costs about "
@@ -438,9 +439,12 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             f" per extra activation row, so a {prefill['rows']}-token prefill takes "
             f"{_num(prefill['ggml_ms'], 0)} ms, while ipex-llm's other CPU path "
             f"(dequantize to fp32, then sgemm) takes {_num(prefill['dequant_sgemm_ms'], 0)} ms."
-            " ipex-llm only switches at 512 rows (`BIGDL_LLM_LINEAR_THRESHOLD`), so every "
-            "prompt of our workload, and every batched prefill, runs on the slow path: that "
-            "is most of the TTFT at 8+ clients (see the matmul path table).")
+            f" ipex-llm switches at {threshold} rows (`BIGDL_LLM_LINEAR_THRESHOLD`)"
+            + (", so every prompt of this workload, and every batched prefill, runs on the "
+               "slow path: that is most of the TTFT at 8+ clients (see the matmul path table)."
+               " `python -m bench.run --env BIGDL_LLM_LINEAR_THRESHOLD=17` measures the "
+               "what-if (prefill on sgemm, decode batches up to 16 rows on ggml)."
+               if threshold > prefill["rows"] else "."))
     if 8 in engine and 8 in ceiling:
         e8 = engine[8]
         lines.append(
@@ -478,8 +482,9 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
                 f"{_ms(h8.get('server_ttft_mean_s'))} ms) is prefill: 8 prompts of "
                 f"{inproc.get('prompt_tokens')} tokens cost {_num(paths[(8, 31)]['ggml_ms'], 0)}"
                 f" ms on ggml's path, {_num(paths[(8, 31)]['dequant_sgemm_ms'], 0)} ms on "
-                "dequantize + sgemm; while it runs, every running sequence waits too (ITL p99 "
-                f"{_ms(h8['itl_p99_s'])} ms).")
+                "dequantize + sgemm (this run uses "
+                f"{'ggml' if threshold > paths[(8, 31)]['rows'] else 'sgemm'}); while it runs, "
+                f"every running sequence waits too (ITL p99 {_ms(h8['itl_p99_s'])} ms).")
     scaling = ratio(ceiling.get(8), ceiling.get(1))
     sequential = (inproc.get("sequential") or {}).get("tokens_per_s", math.nan)
     lines.append(f"- vs the ceiling at 8 clients: {_x(v['http8_vs_ceiling'])} over HTTP, "

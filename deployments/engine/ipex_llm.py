@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _KV = list[tuple["torch.Tensor", "torch.Tensor"]]
+
+# ipex-llm multiplies sym_int4 weights with ggml's kernel below this many activation rows and
+# dequantizes to fp32 + sgemm at or above it; its default (512) puts every prefill on the
+# ggml path, which costs ~7.8 ms per row on our CPUs. At 17, decode steps (batch <= 16) keep
+# ggml and prefills take sgemm: TTFT p50 at 8 clients 2178 -> 949 ms, 16 clients 40.5 ->
+# 63.8 tok/s (bench/RESULTS.md). Read once, when ipex_llm is imported; an operator's own
+# value wins.
+LINEAR_THRESHOLD_ENV = "BIGDL_LLM_LINEAR_THRESHOLD"
+LINEAR_THRESHOLD_ROWS = "17"
 
 
 class _Rows:
@@ -65,6 +75,7 @@ class IpexLLMEngine(ContinuousBatchingEngine):
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
              max_prefill_tokens_per_step: int, **options: Any) -> IpexLLMEngine:
         """Verify the checkpoint, then load weights (no pickle code runs) and tokenizer."""
+        os.environ.setdefault(LINEAR_THRESHOLD_ENV, LINEAR_THRESHOLD_ROWS)
         import torch
         from ipex_llm.transformers import AutoModelForCausalLM
         from transformers import AutoTokenizer

@@ -5,7 +5,12 @@ import math
 import pytest
 
 from bench.machine import disturbed, quieter
-from bench.service import parse_histogram_sums, server_means, summarize_pyspy
+from bench.service import (
+    parse_histogram_sums,
+    pyspy_thread_names,
+    server_means,
+    summarize_pyspy,
+)
 from bench.stats import RequestRecord, percentile, ratio, summarize
 
 
@@ -113,3 +118,17 @@ def test_pyspy_raw_profile_is_split_by_innermost_category():
                                       "other": 0.1}
     assert summary["top_leaves"][0] == ("ggml_matmul (ipex_llm/transformers/low_bit_linear.py:3)",
                                         0.6)
+
+
+def test_pyspy_summary_of_one_thread_and_thread_names():
+    raw = "\n".join([
+        "thread (7): llm-engine-loop;_run (deployments/engine_loop.py:1);"
+        "IpexLLMEngine._forward (deployments/engine/ipex_llm.py:9) 3",
+        "thread (8): AsyncIO Thread: default;Thread.run (threading.py:982) 5",
+        "thread (9);native_frame (lib.so) 1"])
+    categories = (("forward", "_forward", "deployments/engine/ipex_llm.py"),)
+    summary = summarize_pyspy(raw, categories, thread="llm-engine-loop")
+    assert summary["samples"] == 3
+    assert summary["by_category"] == {"forward": 1.0}  # Class.method matches the method
+    assert pyspy_thread_names(raw) == {7: "llm-engine-loop", 8: "AsyncIO Thread: default",
+                                       9: "?"}

@@ -303,8 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     engine = load_engine(args.checkpoint, max_batch)
     model, tokenizer = engine._model, engine._tokenizer
     prompt_ids = engine.encode(work.prompt)
+    import ipex_llm.transformers.low_bit_linear as low_bit_linear
+
     result: dict[str, Any] = {"prompt_tokens": len(prompt_ids),
-                              "load_s": time.perf_counter() - started}
+                              "load_s": time.perf_counter() - started,
+                              # rows from which ipex-llm takes dequantize + sgemm (as loaded)
+                              "linear_threshold_rows": low_bit_linear.TORCH_LINEAR_THRESHOLD}
     result["ceiling"] = ceiling(model, tokenizer, work)
     result["sequential"] = sequential(model, tokenizer, work)
     result["engine"] = engine_direct(engine, prompt_ids, work)

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.machine import DISTURBED_CORES
 from bench.stats import ratio
 
 NA = "n/a"
@@ -93,8 +94,11 @@ def _header(r: dict[str, Any]) -> list[str]:
         *(["- Environment overrides (a what-if run): "
            + ", ".join(f"`{k}={v}`" for k, v in r["env"].items())] if r.get("env") else []),
         "- `other load` columns: CPU cores used by processes outside this benchmark during "
-        "the measurement (the machine is shared): near 0 is a quiet machine; at 0.5 and above "
-        "the row's numbers are depressed and not comparable with a quiet run.", ""]
+        f"the measurement (the machine is shared). At {DISTURBED_CORES} or more a measurement "
+        "is repeated once and the quieter attempt kept; a row still at that level is "
+        "depressed and not comparable with a quiet run. Even on a quiet machine, repeated "
+        "runs of one configuration differed by up to ~10% here: read ratios within 0.1 of a "
+        "target as a tie.", ""]
 
 
 def _targets(r: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
@@ -280,7 +284,10 @@ def _coldstart(r: dict[str, Any]) -> list[str]:
         lines += _why_missing(convert, "coldstart convert")
     if startup:
         rows += [("`ray.init` (fresh local cluster)", _num(startup.get("ray_init_s"), 2)),
-                 ("bare Ray actor start", _num(startup.get("bare_actor_start_s"), 2)),
+                 ("bare Ray actor start (a prestarted idle worker)",
+                  _num(startup.get("bare_actor_start_s"), 2)),
+                 ("bare Ray actor with a runtime_env (a new worker process)",
+                  _num(startup.get("bare_actor_with_runtime_env_start_s"), 2)),
                  ("`serve.start`", _num(startup.get("serve_start_s"), 2)),
                  ("`serve.run` to ready (replica loads the shared checkpoint)",
                   _num(startup.get("serve_run_to_ready_s"), 2)),
@@ -364,7 +371,8 @@ def _profile(r: dict[str, Any]) -> list[str]:
     if paths:
         lines += ["One forward pass on each of ipex-llm's CPU sym_int4 matmul paths (ms, "
                   "median of 3): ggml's int4 kernel, which ipex-llm uses below "
-                  "`BIGDL_LLM_LINEAR_THRESHOLD` (default 512) activation rows, and "
+                  "`BIGDL_LLM_LINEAR_THRESHOLD` activation rows (ipex-llm's default 512; "
+                  f"this run {inproc.get('linear_threshold_rows', '?')}), and "
                   "dequantize-to-fp32 + torch sgemm, which it uses at or above it on "
                   "AVX-512-VNNI CPUs without AMX (like this one). Rows = batch x tokens.", ""]
         lines += _table(("shape", "rows", "ggml (ms)", "dequant + sgemm (ms)", "faster",
@@ -408,9 +416,10 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
     http = {row["clients"]: row for row in service.get("http") or []}
     noisy = [name for name, rows in (("ceiling", inproc.get("ceiling")),
                                      ("service", service.get("http")))
-             for row in rows or () if row.get("foreign_cores", 0) >= 0.5]
+             for row in rows or () if row.get("foreign_cores", 0) >= DISTURBED_CORES]
     if noisy:
-        lines.append("- **Caveat: other processes used >= 0.5 cores during some measurements "
+        lines.append(f"- **Caveat: other processes used >= {DISTURBED_CORES} cores during "
+                     "some measurements "
                      f"({', '.join(sorted(set(noisy)))})**; ratios between rows measured at "
                      "different moments are unreliable. Rerun on a quiet machine.")
     if 1 in profiles and 8 in profiles:
@@ -431,20 +440,24 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             "model.")
     paths = {(p["batch"], p["tokens_per_row"]): p for p in inproc.get("matmul_paths") or []}
     prefill = paths.get((8, 31)) or paths.get((1, 31))
-    threshold = int((r.get("env") or {}).get("BIGDL_LLM_LINEAR_THRESHOLD", 512))
+    threshold = int(inproc.get("linear_threshold_rows")
+                    or (r.get("env") or {}).get("BIGDL_LLM_LINEAR_THRESHOLD", 512))
     if prefill and (1, 1) in paths:
         lines.append(
-            f"- Prefill is slow for the same reason: ggml's kernel costs about "
+            f"- Prefill would be slow for the same reason: ggml's kernel costs about "
             f"{(prefill['ggml_ms'] - paths[(1, 1)]['ggml_ms']) / (prefill['rows'] - 1):.1f} ms"
             f" per extra activation row, so a {prefill['rows']}-token prefill takes "
-            f"{_num(prefill['ggml_ms'], 0)} ms, while ipex-llm's other CPU path "
+            f"{_num(prefill['ggml_ms'], 0)} ms there, while ipex-llm's other CPU path "
             f"(dequantize to fp32, then sgemm) takes {_num(prefill['dequant_sgemm_ms'], 0)} ms."
-            f" ipex-llm switches at {threshold} rows (`BIGDL_LLM_LINEAR_THRESHOLD`)"
-            + (", so every prompt of this workload, and every batched prefill, runs on the "
-               "slow path: that is most of the TTFT at 8+ clients (see the matmul path table)."
-               " `python -m bench.run --env BIGDL_LLM_LINEAR_THRESHOLD=17` measures the "
-               "what-if (prefill on sgemm, decode batches up to 16 rows on ggml)."
-               if threshold > prefill["rows"] else "."))
+            f" This run switches at {threshold} rows"
+            + (" (`BIGDL_LLM_LINEAR_THRESHOLD`): every prompt of this workload, and every "
+               "batched prefill, runs on the slow path, which is most of the TTFT at 8+ "
+               "clients. `python -m bench.run --env BIGDL_LLM_LINEAR_THRESHOLD=17` "
+               "measures the what-if (prefill on sgemm, decode batches up to 16 rows "
+               "on ggml)."
+               if threshold > prefill["rows"] else
+               " (`BIGDL_LLM_LINEAR_THRESHOLD`, set by IpexLLMEngine.load; ipex-llm's default "
+               "is 512): prefills take sgemm, decode batches up to 16 rows keep ggml."))
     if 8 in engine and 8 in ceiling:
         e8 = engine[8]
         lines.append(
@@ -522,14 +535,19 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             + ", ".join(f"batch {b} {_num(e['step_ms'], 0)} ms" for b, e in engine.items())
             + "), and each long request's arrival adds a slow prefill step for everyone.")
     ready = _ready(r)
+    startup = service.get("startup") or {}
     if not math.isnan(ready["ratio"]):
         lines.append(
             f"- Start-up: `serve.run` to ready took {_num(ready['serve_run'])} s, "
             f"{_x(ready['ratio'])} the bare path ({_num(ready['bare'])} s = imports + "
             "load_low_bit + a trivial actor). The LLMServer constructor itself took "
-            f"{_num(((r.get('service') or {}).get('startup') or {}).get('replica_constructor_s'))}"
+            f"{_num(startup.get('replica_constructor_s'))}"
             " s (claim, pin, verify, load); the rest is Ray Serve starting the replica's "
-            "worker process and the router, and its controller's reconciliation loop.")
+            "worker process (its runtime_env rules out Ray's prestarted workers: a trivial "
+            "actor with a runtime_env took "
+            f"{_num(startup.get('bare_actor_with_runtime_env_start_s'))} s vs "
+            f"{_num(startup.get('bare_actor_start_s'), 2)}"
+            " s without), the router, and the controller's reconciliation loop.")
     return [*lines, ""]
 
 

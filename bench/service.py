@@ -115,6 +115,10 @@ class Service:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         self.startup["ray_init_s"] = time.perf_counter() - t0
         self.startup["bare_actor_start_s"] = self._bare_actor_start()
+        # A runtime_env (bind_app gives both deployments one) rules out Ray's prestarted
+        # idle workers: the actor waits for a new worker process, as the replica does.
+        self.startup["bare_actor_with_runtime_env_start_s"] = self._bare_actor_start(
+            {"env_vars": {"BENCH_FRESH_WORKER": str(time.time_ns())}})
         t0 = time.perf_counter()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         self.startup["serve_start_s"] = time.perf_counter() - t0
@@ -136,7 +140,7 @@ class Service:
         self._server = serve.get_deployment_handle("LLMServer", app_name=APP_NAME)
 
     @staticmethod
-    def _bare_actor_start() -> float:
+    def _bare_actor_start(runtime_env: dict[str, Any] | None = None) -> float:
         """A trivial Ray actor, created and answering: the floor of any replica's start."""
         import ray
 
@@ -146,7 +150,8 @@ class Service:
                 return os.getpid()
 
         t0 = time.perf_counter()
-        actor = Ping.remote()
+        actor = Ping.options(runtime_env=runtime_env).remote() if runtime_env \
+            else Ping.remote()
         ray.get(actor.pid.remote())
         seconds = time.perf_counter() - t0
         ray.kill(actor)

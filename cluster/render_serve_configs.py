@@ -12,7 +12,9 @@ Writes:
 - ``cluster/serve_config.cluster.yaml``: for bare metal and the cluster launcher
   (``serve deploy cluster/serve_config.cluster.yaml``);
 - the ``serveConfigV2`` block of ``cluster/rayservice.yaml``: for KubeRay (the rest of that
-  manifest is written by hand and left as it is).
+  manifest is written by hand and left as it is);
+- ``serve_config.llama_cpp.yaml``: the same single-machine service on engine llama_cpp and
+  the GGUF demo checkpoint (``make serve-llama-cpp``; ``LLAMA_CPP_ARGS``).
 
 Usage, from anywhere::
 
@@ -34,6 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO / "serve_config.yaml"
 CLUSTER_CONFIG = REPO / "cluster" / "serve_config.cluster.yaml"
 RAYSERVICE = REPO / "cluster" / "rayservice.yaml"
+LLAMA_CPP_CONFIG = REPO / "serve_config.llama_cpp.yaml"
 APP_NAME = "llm"
 
 # Where every node mounts the checkpoint root (NFS; cluster/README.md) and keeps its cache.
@@ -41,19 +44,35 @@ CHECKPOINT_ROOT = PurePosixPath("/mnt/models")
 LOCAL_CACHE_DIR = "/var/cache/ipex-llm-serve/checkpoints"
 # Intel GPU nodes. For a cluster of CPU-socket nodes, set "cpu" and run this script again.
 CLUSTER_DEVICE = "xpu"
+# The llama.cpp variant: CPU only, reading the checkpoint `llm-checkpoint demo --format gguf`
+# makes.
+LLAMA_CPP_ARGS = {"engine": "llama_cpp",
+                  "checkpoint_path": "checkpoints/smollm2-135m-instruct-gguf",
+                  "device": "cpu"}
 
 HEADER = ("# Generated from serve_config.yaml by cluster/render_serve_configs.py: edit those, not "
           "this.\n")
 RAYSERVICE_KEY = "serveConfigV2: |"
 
 
-def cluster_serve_config(source: dict[str, Any]) -> dict[str, Any]:
-    """``source`` (a parsed serve_config.yaml) with the cluster's args in the ``llm`` app."""
-    config = copy.deepcopy(source)
+def _llm_args(config: dict[str, Any]) -> dict[str, Any]:
     apps = [app for app in config.get("applications", []) if app.get("name") == APP_NAME]
     if len(apps) != 1:
         raise ValueError(f"{SOURCE}: expected one application named {APP_NAME!r}")
-    args = apps[0].setdefault("args", {})
+    return apps[0].setdefault("args", {})
+
+
+def llama_cpp_serve_config(source: dict[str, Any]) -> dict[str, Any]:
+    """``source`` with the llama.cpp engine's args in the ``llm`` app."""
+    config = copy.deepcopy(source)
+    _llm_args(config).update(LLAMA_CPP_ARGS)
+    return config
+
+
+def cluster_serve_config(source: dict[str, Any]) -> dict[str, Any]:
+    """``source`` (a parsed serve_config.yaml) with the cluster's args in the ``llm`` app."""
+    config = copy.deepcopy(source)
+    args = _llm_args(config)
     checkpoint_name = PurePosixPath(args.get("checkpoint_path", "")).name
     if not checkpoint_name:
         raise ValueError(f"{SOURCE}: application {APP_NAME!r} names no checkpoint_path")
@@ -91,11 +110,13 @@ def with_block(manifest: str, key: str, body: str) -> str:
 
 def rendered() -> dict[Path, str]:
     """The up-to-date text of every file this script owns (in part)."""
-    config = cluster_serve_config(yaml.safe_load(SOURCE.read_text()))
-    body = render_yaml(config)
+    source = yaml.safe_load(SOURCE.read_text())
+    body = render_yaml(cluster_serve_config(source))
     return {
         CLUSTER_CONFIG: HEADER + body,
         RAYSERVICE: with_block(RAYSERVICE.read_text(), RAYSERVICE_KEY, body),
+        LLAMA_CPP_CONFIG: HEADER.replace("those", "that") + "# `make serve-llama-cpp` runs it.\n"
+        + render_yaml(llama_cpp_serve_config(source)),
     }
 
 

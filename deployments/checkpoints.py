@@ -1,7 +1,9 @@
 """Low-bit checkpoints on a shared path: manifest, atomic publishing, verification, node cache.
 
-A checkpoint is a folder holding ipex-llm's ``save_low_bit`` output, the tokenizer files and
-``manifest.json`` (source, low-bit type, library versions, every file with size and sha256).
+A checkpoint is a folder holding the model files, the tokenizer files and ``manifest.json``
+(format, source, low-bit type, library versions, every file with size and sha256). Two
+formats, one set of rules: ``ipex_llm`` (``save_low_bit``'s output, read by IpexLLMEngine)
+and ``gguf`` (one ``model.gguf``, read by LlamaCppEngine).
 
 Layout of a published checkpoint called ``name`` under ``root``::
 
@@ -38,16 +40,29 @@ from filelock import FileLock
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from tqdm import tqdm
 
-from deployments.constants import LOW_BITS, MANIFEST_FILE, MANIFEST_FORMAT_VERSION
+from deployments.constants import (
+    LOW_BITS,
+    MANIFEST_FILE,
+    MANIFEST_FORMAT_VERSION,
+    CheckpointFormat,
+)
 
-# Libraries whose versions a checkpoint records, by manifest key: (distribution name, how many
-# leading version parts must match the running one). save_low_bit pickles tensors laid out by
-# ipex-llm's own transforms (merged qkv, its quantized formats) under transformers' module
-# names, so those two must agree on major.minor; torch only has to read the file.
-_TRACKED_LIBRARIES = {
-    "torch": ("torch", 1),
-    "transformers": ("transformers", 2),
-    "ipex_llm": ("ipex-llm", 2),
+# Libraries whose versions a checkpoint records, by format and manifest key: (distribution
+# name, how many leading version parts must match the running one; 0: recorded only).
+# save_low_bit pickles tensors laid out by ipex-llm's own transforms (merged qkv, its
+# quantized formats) under transformers' module names, so those two must agree on
+# major.minor; torch only has to read the file. GGUF is a versioned file format that
+# llama.cpp checks itself when it loads one, and tokenizer.json is stable: recorded only.
+_TRACKED_LIBRARIES: dict[str, dict[str, tuple[str, int]]] = {
+    "ipex_llm": {
+        "torch": ("torch", 1),
+        "transformers": ("transformers", 2),
+        "ipex_llm": ("ipex-llm", 2),
+    },
+    "gguf": {
+        "llama_cpp_python": ("llama-cpp-python", 0),
+        "transformers": ("transformers", 0),
+    },
 }
 _HASH_CHUNK_BYTES = 4 << 20
 
@@ -90,8 +105,11 @@ class Manifest(BaseModel):
 
     format_version: int
     name: str
+    format: CheckpointFormat = Field(
+        "ipex_llm", description="ipex_llm: save_low_bit output; gguf: one model.gguf file.")
     source: str = Field(description="The model it was converted from: folder, hub id or GGUF.")
-    low_bit: str = Field(description="ipex-llm low-bit type (load_in_low_bit).")
+    low_bit: str = Field(description="ipex-llm low-bit type (load_in_low_bit), or the GGUF "
+                                     "file type (q4_1, q8_0, ...).")
     created_at: str = Field(description="UTC, ISO 8601.")
     versions: dict[str, str] = Field(description="Library versions that made it.")
     files: tuple[ManifestFile, ...]
@@ -101,10 +119,11 @@ class Manifest(BaseModel):
         return sum(entry.size for entry in self.files)
 
 
-def installed_versions() -> dict[str, str]:
-    """Versions of the tracked libraries installed here (read from metadata, not imported)."""
+def installed_versions(checkpoint_format: CheckpointFormat = "ipex_llm") -> dict[str, str]:
+    """Versions of the libraries tracked for a format that are installed here (read from
+    metadata, not imported)."""
     found = {}
-    for key, (distribution, _) in _TRACKED_LIBRARIES.items():
+    for key, (distribution, _) in _TRACKED_LIBRARIES[checkpoint_format].items():
         try:
             found[key] = importlib.metadata.version(distribution)
         except importlib.metadata.PackageNotFoundError:
@@ -113,7 +132,7 @@ def installed_versions() -> dict[str, str]:
 
 
 def write_manifest(folder: str | os.PathLike[str], *, source: str, low_bit: str,
-                   name: str) -> Manifest:
+                   name: str, checkpoint_format: CheckpointFormat = "ipex_llm") -> Manifest:
     """Hash every file under ``folder`` (recursively) and write ``folder/manifest.json``."""
     folder = Path(folder)
     sizes = {path: (folder / path).stat().st_size for path in _files_under(folder)}
@@ -121,10 +140,11 @@ def write_manifest(folder: str | os.PathLike[str], *, source: str, low_bit: str,
     manifest = Manifest(
         format_version=MANIFEST_FORMAT_VERSION,
         name=name,
+        format=checkpoint_format,
         source=source,
         low_bit=low_bit,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
-        versions=installed_versions(),
+        versions=installed_versions(checkpoint_format),
         files=tuple(ManifestFile(path=path, size=size, sha256=digests[path])
                     for path, size in sizes.items()),
     )
@@ -151,11 +171,13 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
 
 def verify_checkpoint(path: str | os.PathLike[str], *,
                       supported_low_bits: Iterable[str] | None = None,
+                      checkpoint_format: CheckpointFormat | None = None,
                       quick: bool = False) -> Manifest:
     """Check the checkpoint ``path`` names against its manifest and this environment.
 
-    Checks, in order: the manifest exists and parses; its low-bit type is one of
-    ``supported_low_bits`` (default: every type ``llm-checkpoint`` makes); the libraries that
+    Checks, in order: the manifest exists and parses; its format is ``checkpoint_format``
+    (when given: what the loading engine reads); an ipex_llm checkpoint's low-bit type is one
+    of ``supported_low_bits`` (default: every type ``llm-checkpoint`` makes); the libraries that
     made it are compatible with the installed ones; the folder holds exactly the listed
     files, each of the listed size and (unless ``quick``) sha256. ``quick`` skips hashing,
     for callers that re-check a folder they verified before.
@@ -167,8 +189,13 @@ def verify_checkpoint(path: str | os.PathLike[str], *,
     label = str(given) if given == folder else f"{given} (version {folder})"
     try:
         manifest = _read_manifest(folder)
-        _check_low_bit(manifest.low_bit, tuple(supported_low_bits or LOW_BITS))
-        _check_versions(manifest.versions, installed_versions())
+        if checkpoint_format is not None and manifest.format != checkpoint_format:
+            raise _Defect(f"is a {manifest.format} checkpoint, and this engine reads "
+                          f"{checkpoint_format} checkpoints (see `engine` in the config)")
+        if manifest.format == "ipex_llm":
+            _check_low_bit(manifest.low_bit, tuple(supported_low_bits or LOW_BITS))
+        _check_versions(manifest.versions, installed_versions(manifest.format),
+                        _TRACKED_LIBRARIES[manifest.format])
         _check_files(folder, manifest.files, quick=quick)
     except _Defect as defect:
         raise CheckpointError(f"checkpoint {label}: {defect}") from None
@@ -176,7 +203,8 @@ def verify_checkpoint(path: str | os.PathLike[str], *,
 
 
 def publish_checkpoint(build: Callable[[Path], None], destination: str | os.PathLike[str], *,
-                       source: str, low_bit: str, force: bool = False) -> Path:
+                       source: str, low_bit: str, force: bool = False,
+                       checkpoint_format: CheckpointFormat = "ipex_llm") -> Path:
     """Build a checkpoint in a temporary folder and publish it atomically as ``destination``.
 
     ``build(folder)`` writes the model files into an empty folder; this function adds the
@@ -196,7 +224,8 @@ def publish_checkpoint(build: Callable[[Path], None], destination: str | os.Path
     try:
         staging.chmod(0o755)  # mkdtemp makes it 0700; replicas may run as other users
         build(staging)
-        write_manifest(staging, source=source, low_bit=low_bit, name=destination.name)
+        write_manifest(staging, source=source, low_bit=low_bit, name=destination.name,
+                       checkpoint_format=checkpoint_format)
         with FileLock(destination.parent / f".{destination.name}.lock"):
             _refuse_existing(destination, force=force)
             version = _versions_folder(destination) / _new_version_id()
@@ -273,9 +302,12 @@ def _check_low_bit(low_bit: str, supported: tuple[str, ...]) -> None:
                       f"(supported: {', '.join(supported)})")
 
 
-def _check_versions(recorded: dict[str, str], running: dict[str, str]) -> None:
+def _check_versions(recorded: dict[str, str], running: dict[str, str],
+                    tracked: dict[str, tuple[str, int]]) -> None:
     for key, here in running.items():
-        parts = _TRACKED_LIBRARIES[key][1]
+        parts = tracked[key][1]
+        if parts == 0:
+            continue
         made_with = recorded.get(key)
         if made_with is None:
             raise _Defect(f"{MANIFEST_FILE} records no {key} version")

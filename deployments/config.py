@@ -18,9 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments import constants
 
-EngineName = Literal["ipex_llm", "echo"]
+EngineName = Literal["ipex_llm", "llama_cpp", "echo"]
 ENGINE_CLASSES: dict[str, str] = {
     "ipex_llm": "deployments.engine.ipex_llm:IpexLLMEngine",
+    "llama_cpp": "deployments.engine.llama_cpp:LlamaCppEngine",
     "echo": "deployments.engine.echo:EchoEngine",
 }
 
@@ -35,8 +36,11 @@ class LLMConfig(BaseModel):
         description="Checkpoint made by `llm-checkpoint` (a version folder or a name that "
                     "points at one). On a cluster: an absolute path on the shared mount; a "
                     "relative path is taken from the Ray cluster's working directory.")
-    engine: EngineName = Field("ipex_llm", description="Backend behind the engine protocol; "
-                               "`echo` is model-free, for tests and overhead benchmarks.")
+    engine: EngineName = Field(
+        "ipex_llm", description="Backend behind the engine protocol. ipex_llm: ipex-llm "
+        "low-bit checkpoints, CPU or Intel GPU. llama_cpp: gguf checkpoints "
+        "(`llm-checkpoint convert --format gguf`), CPU only, the faster CPU path; needs the "
+        "`llama-cpp` extra. echo: model-free, for tests and overhead benchmarks.")
     engine_options: dict[str, Any] = Field(
         default_factory=dict, description="Extra keyword arguments of the engine's `load`.")
     device: Literal["auto", "cpu", "xpu"] = Field(
@@ -86,6 +90,13 @@ class LLMConfig(BaseModel):
     def _timeouts_ordered(self) -> LLMConfig:
         if self.request_timeout_s > self.max_request_timeout_s:
             raise ValueError("request_timeout_s must not exceed max_request_timeout_s")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_runs_on_device(self) -> LLMConfig:
+        if self.engine == "llama_cpp" and self.device == "xpu":
+            raise ValueError("engine llama_cpp runs on the CPU; for device xpu use engine "
+                             "ipex_llm")
         return self
 
     @classmethod

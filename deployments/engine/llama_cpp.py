@@ -1,0 +1,294 @@
+"""LlamaCppEngine: a GGUF model run by llama.cpp, with our continuous batching on top.
+
+The second backend behind the engine protocol, for CPUs: on the demo model llama.cpp's CPU
+kernels (compiled for the host, one C++ graph per step) decode 3-5x faster than ipex-llm's
+CPU path (bench/RESULTS.md). ipex-llm stays the default and the Intel GPU path.
+
+Only the tensor work is llama.cpp's (through llama-cpp-python's ctypes bindings of
+``llama.h``): scheduling, admission, chunked prefill, stop strings and streaming are the
+shared ``ContinuousBatchingEngine``, so both engines behave the same to callers. Each
+running request owns one llama.cpp sequence id (a slot): its KV cells live in the slot's
+own stream (``kv_unified`` off, measured faster for batched decoding than one shared
+buffer), so a request joins or leaves the batch without copying anyone's cache. A step is one
+``llama_decode`` over one token per running sequence; prefills are a second call with
+every admitted prompt.
+
+Text goes through the checkpoint's Hugging Face tokenizer, as with IpexLLMEngine, so chat
+templates and detokenizing are the same for both engines; ``load`` checks that it agrees
+with the GGUF vocabulary.
+
+llama_cpp is imported inside methods: importing this module is cheap and does not need the
+optional ``llama-cpp`` extra.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import random
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from deployments.constants import GGUF_MODEL_FILE
+from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
+from deployments.engine.protocol import EngineError, SamplingParams
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# KV cells each slot holds (prompt + answer) unless the engine option `context_tokens` says
+# otherwise. KV memory is allocated up front: max_batch_size x context_tokens cells (the
+# demo model: 23 KB per cell, so 16 x 2048 cells = 755 MB).
+DEFAULT_CONTEXT_TOKENS = 2048
+# Text whose tokens the HF tokenizer and llama.cpp's must agree on before serving.
+_TOKENIZER_PROBE = ("<|im_start|>user\nHello, world! The capital of France is Paris.\n  1234 "
+                    "naïve café 🙂<|im_end|>\n")
+_INSTALL_HINT = ("engine llama_cpp needs llama-cpp-python: pip install -e '.[llama-cpp]' "
+                 "(builds llama.cpp for this CPU, about 4 minutes on 2 cores)")
+
+
+class LlamaCppEngine(ContinuousBatchingEngine):
+    """A GGUF causal LM on the CPU, generating for up to ``max_batch_size`` requests at once."""
+
+    def __init__(self, model_path: Path, tokenizer: Any, *, max_batch_size: int,
+                 max_prefill_tokens_per_step: int,
+                 context_tokens: int = DEFAULT_CONTEXT_TOKENS, threads: int | None = None):
+        llama = _import_llama_cpp()
+        llama.llama_backend_init()
+        model_params = llama.llama_model_default_params()
+        model_params.n_gpu_layers = 0
+        model = llama.llama_model_load_from_file(str(model_path).encode(), model_params)
+        if not model:
+            raise EngineError(f"llama.cpp could not load {model_path}", status_code=500)
+        vocab = llama.llama_model_get_vocab(model)
+        context = min(context_tokens, llama.llama_model_n_ctx_train(model))
+        threads = threads or len(os.sched_getaffinity(0))
+        batch_tokens = max(max_prefill_tokens_per_step, max_batch_size)
+        params = llama.llama_context_default_params()
+        params.n_ctx = context * max_batch_size
+        params.n_seq_max = max_batch_size
+        params.kv_unified = False  # one KV stream of `context` cells per slot
+        params.n_batch = params.n_ubatch = batch_tokens
+        params.n_threads = params.n_threads_batch = threads
+        params.no_perf = True
+        ctx = llama.llama_init_from_model(model, params)
+        if not ctx:
+            llama.llama_model_free(model)
+            raise EngineError(f"llama.cpp could not make a context of {params.n_ctx} tokens "
+                              f"for {model_path}", status_code=500)
+        batch = llama.llama_batch_init(batch_tokens, 0, 1)
+        weakref.finalize(self, _free, llama, model, ctx, batch)
+
+        self._llama, self._model, self._ctx, self._batch = llama, model, ctx, batch
+        self._memory = llama.llama_get_memory(ctx)
+        self._n_vocab = int(llama.llama_vocab_n_tokens(vocab))
+        self._tokenizer = tokenizer
+        _check_tokenizer(llama, vocab, tokenizer, self._n_vocab)
+        eos = {t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(vocab, t)}
+        if tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        super().__init__(max_batch_size=max_batch_size,
+                         max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+                         max_context_tokens=context, eos_token_ids=eos)
+        self._free_slots = list(range(max_batch_size - 1, -1, -1))
+        self._slots: dict[str, int] = {}  # request id -> llama.cpp sequence id
+        self._chunk_request: str | None = None
+        self._rngs: dict[str, np.random.Generator] = {}
+        logger.info("llama.cpp engine: %s, %d slots x %d tokens, %d threads", model_path,
+                    max_batch_size, context, threads)
+
+    @classmethod
+    def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
+             max_prefill_tokens_per_step: int, **options: Any) -> LlamaCppEngine:
+        """Verify a ``gguf`` checkpoint, then load its GGUF file (memory-mapped: replicas on
+        one node share the page cache) and tokenizer. ``options``: ``context_tokens``
+        (KV cells per request), ``threads`` (default: the CPUs this replica is pinned to)."""
+        if device not in ("cpu", "auto"):
+            raise EngineError(f"engine llama_cpp runs on the CPU; device {device!r} needs "
+                              "engine ipex_llm", status_code=500)
+        _import_llama_cpp()  # a missing extra fails before the checkpoint is hashed
+        from transformers import AutoTokenizer
+
+        from deployments.checkpoints import resolve_checkpoint, verify_checkpoint
+
+        folder = resolve_checkpoint(checkpoint_path)
+        verify_checkpoint(folder, checkpoint_format="gguf")
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return cls(folder / GGUF_MODEL_FILE, tokenizer, max_batch_size=max_batch_size,
+                   max_prefill_tokens_per_step=max_prefill_tokens_per_step, **options)
+
+    # ---- text ----------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self._n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise EngineError("this model has no chat template; use /v1/completions",
+                              param="messages")
+        return self._tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                   add_generation_prompt=True)
+
+    def _decode_text(self, token_ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    # ---- backend hooks -------------------------------------------------------------------
+
+    def _prefill(self, sequences: Sequence[Sequence_]) -> list[int]:
+        items = []
+        for seq in sequences:
+            slot = self._take_slot(seq)
+            last = len(seq.prompt) - 1
+            items += [(token, pos, slot, pos == last) for pos, token in enumerate(seq.prompt)]
+        return self._sample(self._run(items), sequences)
+
+    def _prefill_chunk(self, sequence: Sequence_, end: int) -> int | None:
+        start = sequence.num_prefilled
+        if start == 0:
+            self._chunk_request = sequence.request_id
+            self._take_slot(sequence)
+        slot = self._slots[sequence.request_id]
+        done = end == len(sequence.prompt)
+        items = [(sequence.prompt[pos], pos, slot, done and pos == end - 1)
+                 for pos in range(start, end)]
+        logits = self._run(items)
+        if not done:
+            return None
+        self._chunk_request = None
+        return self._sample(logits, [sequence])[0]
+
+    def _discard_chunk_state(self) -> None:
+        if self._chunk_request is not None:
+            self._release(self._chunk_request)
+            self._chunk_request = None
+
+    def _join_pending(self) -> None:
+        """Nothing to move: a prefilled sequence's KV already lives in its own slot."""
+
+    def _decode(self, sequences: Sequence[Sequence_]) -> list[int]:
+        items = [(seq.generated[-1], seq.total_tokens - 1, self._slots[seq.request_id], True)
+                 for seq in sequences]
+        return self._sample(self._run(items), sequences)
+
+    def _drop_rows(self, rows: Sequence[int]) -> None:
+        for index in rows:
+            self._release(self._running[index].request_id)
+
+    # ---- llama.cpp -----------------------------------------------------------------------
+
+    def _take_slot(self, seq: Sequence_) -> int:
+        slot = self._free_slots.pop()
+        self._slots[seq.request_id] = slot
+        return slot
+
+    def _release(self, request_id: str) -> None:
+        slot = self._slots.pop(request_id)
+        self._llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        self._free_slots.append(slot)
+        self._rngs.pop(request_id, None)
+
+    def _run(self, items: Sequence[tuple[int, int, int, bool]]) -> np.ndarray:
+        """One llama_decode of (token, position, slot, wants logits) items; the logits of
+        the items that want them, one row each, in item order."""
+        batch = self._batch
+        batch.n_tokens = len(items)
+        for i, (token, position, slot, wants_logits) in enumerate(items):
+            batch.token[i] = token
+            batch.pos[i] = position
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = slot
+            batch.logits[i] = wants_logits
+        status = self._llama.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise EngineError(f"llama_decode failed with status {status} on a batch of "
+                              f"{len(items)} tokens", status_code=500)
+        outputs = sum(1 for item in items if item[3])
+        pointer = self._llama.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(pointer, shape=(outputs, self._n_vocab))
+
+    def _sample(self, logits: np.ndarray, sequences: Sequence[Sequence_]) -> list[int]:
+        """One token per row: greedy at temperature 0, else top-p sampling with the
+        request's own generator, so a seeded request repeats whatever else is batched."""
+        tokens = []
+        eos = sorted(self._eos_token_ids)
+        for row, seq in enumerate(sequences):
+            params = seq.request.params
+            row_logits = logits[row]
+            if eos and len(seq.generated) < params.min_tokens:
+                row_logits = row_logits.copy()
+                row_logits[eos] = -np.inf
+            if params.temperature == 0:
+                tokens.append(int(row_logits.argmax()))
+            else:
+                tokens.append(_sample_top_p(row_logits, params, self._rng(seq)))
+        return tokens
+
+    def _rng(self, seq: Sequence_) -> np.random.Generator:
+        rng = self._rngs.get(seq.request_id)
+        if rng is None:
+            seed = seq.request.params.seed
+            rng = np.random.default_rng(seed if seed is not None else random.getrandbits(63))
+            self._rngs[seq.request_id] = rng
+        return rng
+
+
+def _sample_top_p(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    scaled = logits.astype(np.float64) / params.temperature
+    probs = np.exp(scaled - scaled.max())
+    if params.top_p < 1.0:
+        order = np.argsort(-probs)
+        sorted_probs = probs[order]
+        cumulative = np.cumsum(sorted_probs) / sorted_probs.sum()
+        keep = int(np.searchsorted(cumulative, params.top_p)) + 1  # the token crossing top_p
+        probs = np.zeros_like(probs)
+        probs[order[:keep]] = sorted_probs[:keep]
+    return int(rng.choice(probs.size, p=probs / probs.sum()))
+
+
+def _check_tokenizer(llama: Any, vocab: Any, tokenizer: Any, n_vocab: int) -> None:
+    """Refuse a checkpoint whose tokenizer files disagree with the GGUF's vocabulary: every
+    id the tokenizer gives for a probe text (special tokens included) must spell the same
+    bytes in llama.cpp's vocabulary. (Segmentation may differ, e.g. of whitespace runs: the
+    model reads the tokenizer's ids, so only their meaning has to agree.)"""
+    if len(tokenizer) > n_vocab:
+        raise EngineError(f"the tokenizer has {len(tokenizer)} tokens, the GGUF model "
+                          f"{n_vocab}", status_code=500)
+    ids = tokenizer.encode(_TOKENIZER_PROBE, add_special_tokens=False)
+    buffer = ctypes.create_string_buffer(256)
+
+    def piece(token: int) -> bytes:
+        length = llama.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, True)
+        return buffer.raw[:length]
+
+    spelled = b"".join(piece(token) for token in ids)
+    if spelled != _TOKENIZER_PROBE.encode():
+        raise EngineError("the checkpoint's tokenizer and its GGUF vocabulary disagree: "
+                          f"{_TOKENIZER_PROBE!r} reads back as {spelled!r}", status_code=500)
+
+
+def _import_llama_cpp() -> Any:
+    try:
+        import llama_cpp
+        from llama_cpp import _logger
+    except ImportError:
+        raise EngineError(_INSTALL_HINT, status_code=500) from None
+    if _logger.logger.level == logging.NOTSET:  # llama.cpp's load chatter: errors only
+        _logger.set_verbose(False)
+    return llama_cpp
+
+
+def _free(llama: Any, model: Any, ctx: Any, batch: Any) -> None:
+    llama.llama_batch_free(batch)
+    llama.llama_free(ctx)
+    llama.llama_model_free(model)
+

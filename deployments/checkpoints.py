@@ -190,7 +190,7 @@ def verify_checkpoint(path: str | os.PathLike[str], *,
     try:
         manifest = _read_manifest(folder)
         if checkpoint_format is not None and manifest.format != checkpoint_format:
-            raise _Defect(f"is a {manifest.format} checkpoint, and this engine reads "
+            raise _Defect(f"has format {manifest.format}, and this engine reads "
                           f"{checkpoint_format} checkpoints (see `engine` in the config)")
         if manifest.format == "ipex_llm":
             _check_low_bit(manifest.low_bit, tuple(supported_low_bits or LOW_BITS))

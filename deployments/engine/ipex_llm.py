@@ -83,7 +83,7 @@ class IpexLLMEngine(ContinuousBatchingEngine):
         from deployments.checkpoints import resolve_checkpoint, verify_checkpoint
 
         folder = resolve_checkpoint(checkpoint_path)
-        verify_checkpoint(folder)
+        verify_checkpoint(folder, checkpoint_format="ipex_llm")
         if device.startswith("xpu") and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
             raise EngineError(f"device {device!r} asked for, but torch.xpu is not available",
                               status_code=500)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from deployments.constants import DEMO_CHECKPOINT_DIR
+from deployments.constants import DEMO_CHECKPOINT_DIR, DEMO_GGUF_CHECKPOINT_DIR
 from deployments.convert import ensure_demo_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -21,3 +21,10 @@ def demo_checkpoint() -> Path:
     Read-only: tests that damage a checkpoint work on a copy.
     """
     return ensure_demo_checkpoint(REPO_ROOT / DEMO_CHECKPOINT_DIR)
+
+
+@pytest.fixture(scope="session")
+def gguf_checkpoint() -> Path:
+    """The verified version folder of the demo's gguf checkpoint (the GGUF's own q4_1), for
+    engine llama_cpp; built like ``demo_checkpoint`` (about 10 s)."""
+    return ensure_demo_checkpoint(REPO_ROOT / DEMO_GGUF_CHECKPOINT_DIR, checkpoint_format="gguf")

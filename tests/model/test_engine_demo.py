@@ -9,6 +9,7 @@ import pytest
 from deployments.checkpoints import CheckpointError
 from deployments.engine.ipex_llm import IpexLLMEngine
 from deployments.engine.protocol import GenerationRequest, SamplingParams
+from tests.model.engine_driver import chat_ids, generate
 
 pytestmark = pytest.mark.model
 
@@ -19,21 +20,6 @@ FRANCE = "What is the capital of France?"
 def engine(demo_checkpoint):
     return IpexLLMEngine.load(str(demo_checkpoint), device="cpu", max_batch_size=16,
                               max_prefill_tokens_per_step=512)
-
-
-def chat_ids(engine, question: str) -> tuple[int, ...]:
-    return tuple(engine.encode(engine.apply_chat_template([{"role": "user",
-                                                            "content": question}])))
-
-
-def generate(engine, prompts: dict[str, tuple[int, ...]], **params) -> dict[str, str]:
-    for rid, ids in prompts.items():
-        engine.add_request(GenerationRequest(rid, ids, SamplingParams(**params)))
-    texts = dict.fromkeys(prompts, "")
-    while engine.has_unfinished_requests():
-        for out in engine.step().outputs:
-            texts[out.request_id] = texts.get(out.request_id, "") + out.text
-    return texts
 
 
 def test_france_is_answered_with_paris(engine):

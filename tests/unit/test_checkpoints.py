@@ -136,7 +136,7 @@ def test_gguf_checkpoint_is_refused_by_an_engine_reading_the_other_format(
     assert (manifest.format, manifest.low_bit, manifest.versions) == ("gguf", "q4_1", {})
     with pytest.raises(CheckpointError) as error:
         verify_checkpoint(published, checkpoint_format="ipex_llm")
-    assert_one_line_naming(error, str(published), "is a gguf checkpoint",
+    assert_one_line_naming(error, str(published), "has format gguf",
                            "reads ipex_llm checkpoints")
 
 

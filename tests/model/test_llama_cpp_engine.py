@@ -1,0 +1,181 @@
+"""LlamaCppEngine on the real GGUF demo checkpoint: llama.cpp's own answers, batching, slots,
+sampling, and refusal of checkpoints it cannot serve."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from deployments.checkpoints import CheckpointError, write_manifest
+from deployments.config import LLMConfig
+from deployments.engine.ipex_llm import IpexLLMEngine
+from deployments.engine.llama_cpp import LlamaCppEngine
+from deployments.engine.protocol import EngineError, GenerationRequest, SamplingParams
+from tests.model.engine_driver import chat_ids, generate
+
+pytestmark = pytest.mark.model
+llama_cpp = pytest.importorskip("llama_cpp", reason="the llama-cpp extra (make test installs it)")
+
+CONTEXT = 512  # KV cells per slot: small, these tests hold several engines at once
+WORDS = ["banana", "cherry", "guitar", "pencil", "window", "rocket"]
+
+
+def load(checkpoint: Path, **options) -> LlamaCppEngine:
+    settings = {"max_batch_size": 8, "max_prefill_tokens_per_step": 512,
+                "context_tokens": CONTEXT, **options}
+    return LlamaCppEngine.load(str(checkpoint), device="cpu", **settings)
+
+
+@pytest.fixture(scope="module")
+def engine(gguf_checkpoint: Path) -> LlamaCppEngine:
+    return load(gguf_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_checkpoint: Path):
+    """llama-cpp-python's own high-level model: one sequence, its own sampler chain."""
+    model = llama_cpp.Llama(str(gguf_checkpoint / "model.gguf"), n_ctx=CONTEXT, n_threads=2, flash_attn=True,
+                            verbose=False)
+    yield model
+    model.close()
+
+
+def reference_greedy(reference, prompt: tuple[int, ...], count: int) -> list[int]:
+    reference.reset()
+    return list(itertools.islice(reference.generate(list(prompt), top_k=1, temp=0.0,
+                                                    reset=True), count))
+
+
+def test_greedy_answers_are_llama_cpps_token_for_token(engine, reference):
+    for question in ["What is the capital of Germany?", "Name three colours."]:
+        prompt = chat_ids(engine, question)
+        engine.add_request(GenerationRequest("q", prompt, SamplingParams(
+            max_tokens=24, temperature=0, ignore_eos=True)))
+        while engine.has_unfinished_requests():
+            engine.step()
+        expected = reference_greedy(reference, prompt, 24)
+        text = generate(engine, {"q": prompt}, max_tokens=24, temperature=0,
+                        ignore_eos=True)["q"]
+        assert text == engine._tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def test_germany_is_answered_with_berlin(engine):
+    answer = generate(engine, {"q": chat_ids(engine, "What is the capital of Germany?")},
+                      max_tokens=20, temperature=0)["q"]
+    assert "Berlin" in answer
+
+
+def test_requests_in_one_batch_keep_their_own_content(engine):
+    prompts = {w: tuple(engine.encode(f"{w}, {w}, {w}, {w},")) for w in WORDS}
+    alone = {w: generate(engine, {w: ids}, max_tokens=8, temperature=0)[w]
+             for w, ids in prompts.items()}
+    together = generate(engine, prompts, max_tokens=8, temperature=0)
+    repeating = [w for w in WORDS if w in alone[w]]
+    assert len(repeating) >= 4, alone  # the model continues the pattern with its own word
+    for word in repeating:
+        assert word in together[word], (word, together[word])
+    for word in WORDS:
+        assert not any(other in together[word] for other in WORDS if other != word), together
+
+
+def test_requests_joining_a_running_batch_answer_correctly(engine):
+    engine.add_request(GenerationRequest("long", tuple(engine.encode("pencil, pencil, pencil,")),
+                                         SamplingParams(max_tokens=40, temperature=0,
+                                                        ignore_eos=True)))
+    for _ in range(5):
+        engine.step()
+    assert engine.num_running == 1
+    answers = generate(engine, {"germany": chat_ids(engine, "What is the capital of Germany?"),
+                                "banana": tuple(engine.encode("banana, banana, banana, banana,"))},
+                       max_tokens=20, temperature=0)
+    assert "Berlin" in answers["germany"]
+    assert "banana" in answers["banana"] and "pencil" not in answers["banana"]
+
+
+def test_chunked_prefill_gives_the_unchunked_answer(gguf_checkpoint, engine):
+    prompt = chat_ids(engine, "What is the capital of Germany? Answer in one sentence.")
+    whole = generate(engine, {"q": prompt}, max_tokens=16, temperature=0)["q"]
+    chunked_engine = load(gguf_checkpoint, max_batch_size=2, max_prefill_tokens_per_step=16)
+    assert len(prompt) > 2 * 16  # three chunks at least
+    assert generate(chunked_engine, {"q": prompt}, max_tokens=16, temperature=0)["q"] == whole
+
+
+def test_slots_are_recycled_across_finishes_and_aborts(gguf_checkpoint):
+    small = load(gguf_checkpoint, max_batch_size=2, max_prefill_tokens_per_step=64)
+    prompt = tuple(small.encode("rocket, rocket, rocket,"))
+    for round_ in range(3):  # more requests than slots, more than once
+        for i in range(3):
+            small.add_request(GenerationRequest(f"r{round_}-{i}", prompt, SamplingParams(
+                max_tokens=6, temperature=0, ignore_eos=True)))
+        small.step()
+        small.abort(f"r{round_}-0")
+        finished = {}
+        while small.has_unfinished_requests():
+            for out in small.step().outputs:
+                if out.finished:
+                    finished[out.request_id] = (out.finish_reason, out.num_generated_tokens)
+        assert finished[f"r{round_}-0"][0] == "abort"
+        assert finished[f"r{round_}-1"] == ("length", 6)
+        assert finished[f"r{round_}-2"] == ("length", 6)
+    assert sorted(small._free_slots) == [0, 1] and not small._slots
+
+
+def test_seeded_sampling_repeats_and_stop_strings_cut(engine):
+    prompt = {"s": chat_ids(engine, "Tell me a short story about a cat.")}
+    first = generate(engine, prompt, max_tokens=16, temperature=0.9, top_p=0.9, seed=7)
+    again = generate(engine, prompt, max_tokens=16, temperature=0.9, top_p=0.9, seed=7)
+    other = generate(engine, prompt, max_tokens=16, temperature=0.9, top_p=0.9, seed=8)
+    assert first == again and first != other
+    cut = generate(engine, {"q": chat_ids(engine, "What is the capital of Germany?")},
+                   max_tokens=20, temperature=0, stop=("Berlin",))["q"]
+    assert "Berlin" not in cut and cut
+
+
+def test_min_tokens_holds_back_the_end_of_the_answer(engine):
+    prompt = chat_ids(engine, "What is the capital of Germany?")
+    short = engine_tokens(engine, prompt, max_tokens=64)
+    assert short < 20  # the model stops by itself
+    assert engine_tokens(engine, prompt, max_tokens=64, min_tokens=50) >= 50
+
+
+def engine_tokens(engine, prompt, **params) -> int:
+    engine.add_request(GenerationRequest("n", prompt, SamplingParams(temperature=0, **params)))
+    count = 0
+    while engine.has_unfinished_requests():
+        for out in engine.step().outputs:
+            count = out.num_generated_tokens
+    return count
+
+
+def test_checkpoints_of_the_other_format_are_refused(gguf_checkpoint, demo_checkpoint):
+    with pytest.raises(CheckpointError, match=r"has format ipex_llm.*reads gguf"):
+        load(demo_checkpoint)
+    with pytest.raises(CheckpointError, match=r"has format gguf.*reads ipex_llm"):
+        IpexLLMEngine.load(str(gguf_checkpoint), device="cpu", max_batch_size=1,
+                           max_prefill_tokens_per_step=64)
+
+
+def test_a_tokenizer_that_disagrees_with_the_gguf_vocabulary_is_refused(gguf_checkpoint,
+                                                                        tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(gguf_checkpoint, copy)
+    tokenizer_file = copy / "tokenizer.json"
+    document = json.loads(tokenizer_file.read_text())
+    vocab = document["model"]["vocab"]
+    vocab["Hello"], vocab["ĠParis"] = vocab["ĠParis"], vocab["Hello"]  # two ids swapped
+    tokenizer_file.write_text(json.dumps(document))
+    write_manifest(copy, source="test", low_bit="q4_1", name="copy", checkpoint_format="gguf")
+    with pytest.raises(EngineError, match="tokenizer and its GGUF vocabulary disagree"):
+        load(copy)
+
+
+def test_llama_cpp_runs_on_the_cpu_only(gguf_checkpoint):
+    with pytest.raises(EngineError, match="runs on the CPU"):
+        LlamaCppEngine.load(str(gguf_checkpoint), device="xpu", max_batch_size=1,
+                            max_prefill_tokens_per_step=64)
+    with pytest.raises(ValueError, match="engine llama_cpp runs on the CPU"):
+        LLMConfig(engine="llama_cpp", device="xpu")

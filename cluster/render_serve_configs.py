@@ -44,11 +44,10 @@ CHECKPOINT_ROOT = PurePosixPath("/mnt/models")
 LOCAL_CACHE_DIR = "/var/cache/ipex-llm-serve/checkpoints"
 # Intel GPU nodes. For a cluster of CPU-socket nodes, set "cpu" and run this script again.
 CLUSTER_DEVICE = "xpu"
-# The llama.cpp variant: CPU only, reading the checkpoint `llm-checkpoint demo --format gguf`
-# makes.
+# The llama.cpp variant, reading the checkpoint `llm-checkpoint demo --format gguf` makes
+# (`device: auto` places a CPU-only engine on CPU sockets or the whole host, never a GPU).
 LLAMA_CPP_ARGS = {"engine": "llama_cpp",
-                  "checkpoint_path": "checkpoints/smollm2-135m-instruct-gguf",
-                  "device": "cpu"}
+                  "checkpoint_path": "checkpoints/smollm2-135m-instruct-gguf"}
 
 HEADER = ("# Generated from serve_config.yaml by cluster/render_serve_configs.py: edit those, not "
           "this.\n")

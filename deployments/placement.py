@@ -36,8 +36,10 @@ Public API
 - ``discover_xpu_tiles(env=os.environ, xpu_module=None) -> list[Slot]``: the Intel GPU
   devices this process sees (tiles, when ``ZE_FLAT_DEVICE_HIERARCHY=FLAT``).
 - ``discover_slots(sysfs_root="/sys", env=os.environ, xpu_module=None) -> list[Slot]``.
-- ``resolve_placement(device, cluster_resources) -> "xpu" | "cpu_socket" | "host"``.
-- ``replica_ray_options(device, cluster_resources, accelerator_type=None) -> dict``.
+- ``resolve_placement(device, cluster_resources, cpu_only=False) -> "xpu" | "cpu_socket" |
+  "host"``.
+- ``replica_ray_options(device, cluster_resources, accelerator_type=None, cpu_only=False)
+  -> dict``.
 - ``claim_slot(placement, *, node_id, lock_dir, sysfs_root, env, affinity, xpu_module)
   -> SlotClaim``; raises ``SlotUnavailableError`` when every candidate slot is taken.
 - ``pin_to_slot(slot, *, xmx_disabled, proc_root, set_affinity, set_membind, torch_module,
@@ -401,11 +403,13 @@ def discover_slots(
 # ---------------------------------------------------------------------------- scheduling
 
 
-def resolve_placement(device: DeviceChoice, cluster_resources: Mapping[str, float]) -> Placement:
+def resolve_placement(device: DeviceChoice, cluster_resources: Mapping[str, float], *,
+                      cpu_only: bool = False) -> Placement:
     """Where replicas go for the config's ``device``, given ``ray.cluster_resources()``.
 
-    ``auto`` prefers GPUs, then advertised CPU sockets, then the whole host: the last keeps
-    the default config working on a plain ``serve run``, where nobody advertised sockets.
+    ``auto`` prefers GPUs (unless the engine is ``cpu_only``), then advertised CPU sockets,
+    then the whole host: the last keeps the default config working on a plain ``serve
+    run``, where nobody advertised sockets.
     """
     if device == "xpu":
         return "xpu"
@@ -413,7 +417,7 @@ def resolve_placement(device: DeviceChoice, cluster_resources: Mapping[str, floa
         return "cpu_socket"
     if device != "auto":
         raise ValueError(f"device must be 'xpu', 'cpu' or 'auto', not {device!r}")
-    if cluster_resources.get(GPU_RESOURCE, 0) > 0:
+    if cluster_resources.get(GPU_RESOURCE, 0) > 0 and not cpu_only:
         return "xpu"
     if cluster_resources.get(CPU_SOCKET_RESOURCE, 0) > 0:
         return "cpu_socket"
@@ -424,6 +428,8 @@ def replica_ray_options(
     device: DeviceChoice,
     cluster_resources: Mapping[str, float],
     accelerator_type: str | None = None,
+    *,
+    cpu_only: bool = False,
 ) -> dict[str, Any]:
     """The placement part of one LLM replica's ``ray_actor_options``.
 
@@ -432,7 +438,7 @@ def replica_ray_options(
     rest of the actor options (``num_cpus`` is left to it). A request that no node can meet
     is logged, not refused: an autoscaling cluster may still add such nodes.
     """
-    placement = resolve_placement(device, cluster_resources)
+    placement = resolve_placement(device, cluster_resources, cpu_only=cpu_only)
     if placement == "host":
         return {}
     resource = GPU_RESOURCE if placement == "xpu" else CPU_SOCKET_RESOURCE

@@ -154,7 +154,8 @@ class LLMServer:
     async def health(self) -> dict[str, Any]:
         """What /health reports for this replica; raises when the engine loop is not alive."""
         self._loop.check_alive()
-        return {"model": self._config.model_name, "slot": self._slot.to_dict(),
+        return {"model": self._config.model_name, "engine": self._config.engine,
+                "slot": self._slot.to_dict(),
                 "pinning": self._pinning.to_dict(), "pid": os.getpid(),
                 "running": getattr(self._engine, "num_running", None),
                 "waiting": getattr(self._engine, "num_waiting", None)}

@@ -38,8 +38,8 @@ def engine(gguf_checkpoint: Path) -> LlamaCppEngine:
 @pytest.fixture(scope="module")
 def reference(gguf_checkpoint: Path):
     """llama-cpp-python's own high-level model: one sequence, its own sampler chain."""
-    model = llama_cpp.Llama(str(gguf_checkpoint / "model.gguf"), n_ctx=CONTEXT, n_threads=2, flash_attn=True,
-                            verbose=False)
+    model = llama_cpp.Llama(str(gguf_checkpoint / "model.gguf"), n_ctx=CONTEXT, n_threads=2,
+                            flash_attn=True, verbose=False)  # as the engine: llama.cpp's auto
     yield model
     model.close()
 

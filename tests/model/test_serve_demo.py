@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -58,11 +60,13 @@ def _without_ray_address() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
 
 
-def test_serve_run_with_the_shipped_config_answers_paris(demo_checkpoint, tmp_path):
-    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+@contextlib.contextmanager
+def serve_run(config_file: str, tmp_path: Path) -> Iterator[str]:
+    """``serve run`` of a shipped config, changed only to a free port; yields the base URL."""
+    config = yaml.safe_load((REPO_ROOT / config_file).read_text())
     port = free_port()
-    config["http_options"]["port"] = port  # the only change: a free port
-    config_path = tmp_path / "serve_config.yaml"
+    config["http_options"]["port"] = port
+    config_path = tmp_path / config_file
     config_path.write_text(yaml.safe_dump(config))
     serve = Path(sys.executable).parent / "serve"
     process = subprocess.Popen([str(serve), "run", str(config_path)], cwd=REPO_ROOT,
@@ -71,16 +75,50 @@ def test_serve_run_with_the_shipped_config_answers_paris(demo_checkpoint, tmp_pa
     base = f"http://127.0.0.1:{port}"
     try:
         wait_until_healthy(base, process, timeout_s=240)
-        r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
-            "model": MODEL, "messages": [FRANCE], "temperature": 0})
-        assert r.status_code == 200
-        assert "Paris" in r.json()["choices"][0]["message"]["content"]
-        r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
-            "model": MODEL, "messages": [FRANCE], "temperature": 0, "stream": True})
-        events = sse_events(r.text)
-        assert events[-1] == "[DONE]"
-        text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
-        assert "Paris" in text
-        assert len(events) > 3  # streamed in several chunks
+        yield base
     finally:
         stop_process_tree(process)
+
+
+def assert_chat_answers(base: str, question: str, expected: str) -> None:
+    """A plain and a streamed chat answer both contain ``expected``."""
+    message = {"role": "user", "content": question}
+    r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": [message], "temperature": 0})
+    assert r.status_code == 200
+    assert expected in r.json()["choices"][0]["message"]["content"]
+    r = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+        "model": MODEL, "messages": [message], "temperature": 0, "stream": True})
+    events = sse_events(r.text)
+    assert events[-1] == "[DONE]"
+    text = "".join(e["choices"][0]["delta"].get("content", "") for e in events[:-1])
+    assert expected in text
+    assert len(events) > 3  # streamed in several chunks
+
+
+def test_serve_run_with_the_shipped_config_answers_paris(demo_checkpoint, tmp_path):
+    with serve_run("serve_config.yaml", tmp_path) as base:
+        assert_chat_answers(base, FRANCE["content"], "Paris")
+
+
+def test_serve_run_on_engine_llama_cpp_answers_concurrent_requests(gguf_checkpoint, tmp_path):
+    pytest.importorskip("llama_cpp", reason="the llama-cpp extra (make test installs it)")
+    with serve_run("serve_config.llama_cpp.yaml", tmp_path) as base:
+        assert_chat_answers(base, "What is the capital of Germany?", "Berlin")
+        health = httpx.get(f"{base}/health", timeout=30).json()
+        assert health["replica"]["engine"] == "llama_cpp"
+
+        def ask(i: int) -> str:
+            body = ({"model": MODEL, "temperature": 0, "max_tokens": 16,
+                     "messages": [{"role": "user", "content": "What is the capital of Germany?"}]}
+                    if i % 2 == 0 else
+                    {"model": MODEL, "prompt": "banana, banana, banana, banana,",
+                     "max_tokens": 6, "temperature": 0})
+            path = "/v1/chat/completions" if i % 2 == 0 else "/v1/completions"
+            choice = httpx.post(f"{base}{path}", json=body, timeout=120).json()["choices"][0]
+            return choice["message"]["content"] if i % 2 == 0 else choice["text"]
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(ask, range(16)))
+    assert all("Berlin" in a for a in answers[0::2]), answers
+    assert all("banana" in a and "Berlin" not in a for a in answers[1::2]), answers

@@ -165,7 +165,7 @@ def test_llama_cpp_config_differs_from_serve_config_in_the_engine_args_only() ->
     assert variant == source
     args = LLMConfig.model_validate(
         yaml.safe_load(LLAMA_CPP_SERVE_CONFIG.read_text())["applications"][0]["args"])
-    assert (args.engine, args.device) == ("llama_cpp", "cpu")
+    assert (args.engine, args.device) == ("llama_cpp", "auto")
 
 
 def test_render_follows_serve_config_and_keeps_the_rest_of_the_manifest() -> None:

@@ -376,6 +376,16 @@ def test_resolve_placement(device: str, resources: dict[str, float], expected: s
     assert resolve_placement(device, resources) == expected
 
 
+@pytest.mark.parametrize(
+    ("resources", "expected"),
+    [({"GPU": 1.0, CPU_SOCKET_RESOURCE: 2.0}, "cpu_socket"), ({"GPU": 1.0, "CPU": 8.0}, "host")],
+)
+def test_auto_never_puts_a_cpu_only_engine_on_a_gpu(resources: dict[str, float],
+                                                    expected: str) -> None:
+    assert resolve_placement("auto", resources, cpu_only=True) == expected
+    assert "num_gpus" not in replica_ray_options("auto", resources, cpu_only=True)
+
+
 def test_unknown_device_is_refused() -> None:
     with pytest.raises(ValueError, match="'gpu'"):
         replica_ray_options("gpu", {"GPU": 1.0})

@@ -24,6 +24,7 @@ optional ``llama-cpp`` extra.
 from __future__ import annotations
 
 import ctypes
+import heapq
 import logging
 import os
 import random
@@ -96,7 +97,7 @@ class LlamaCppEngine(ContinuousBatchingEngine):
         super().__init__(max_batch_size=max_batch_size,
                          max_prefill_tokens_per_step=max_prefill_tokens_per_step,
                          max_context_tokens=context, eos_token_ids=eos)
-        self._free_slots = list(range(max_batch_size - 1, -1, -1))
+        self._free_slots = list(range(max_batch_size))  # a heap: the lowest slot first
         self._slots: dict[str, int] = {}  # request id -> llama.cpp sequence id
         self._chunk_request: str | None = None
         self._rngs: dict[str, np.random.Generator] = {}
@@ -187,34 +188,45 @@ class LlamaCppEngine(ContinuousBatchingEngine):
     # ---- llama.cpp -----------------------------------------------------------------------
 
     def _take_slot(self, seq: Sequence_) -> int:
-        slot = self._free_slots.pop()
+        slot = heapq.heappop(self._free_slots)
         self._slots[seq.request_id] = slot
         return slot
 
     def _release(self, request_id: str) -> None:
         slot = self._slots.pop(request_id)
         self._llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
-        self._free_slots.append(slot)
+        heapq.heappush(self._free_slots, slot)
         self._rngs.pop(request_id, None)
 
     def _run(self, items: Sequence[tuple[int, int, int, bool]]) -> np.ndarray:
         """One llama_decode of (token, position, slot, wants logits) items; the logits of
-        the items that want them, one row each, in item order."""
+        the items that want them, one row each, in item order.
+
+        Items go to llama.cpp sorted by slot: with one KV stream per slot, llama.cpp splits a
+        batch whose sequence ids are out of order into several passes (measured: a batch of
+        8 decode tokens in descending slot order took 67 ms instead of 35 ms).
+        """
+        order = sorted(range(len(items)), key=lambda i: items[i][2])  # stable: positions stay
         batch = self._batch
         batch.n_tokens = len(items)
-        for i, (token, position, slot, wants_logits) in enumerate(items):
-            batch.token[i] = token
-            batch.pos[i] = position
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = slot
-            batch.logits[i] = wants_logits
+        for row, i in enumerate(order):
+            token, position, slot, wants_logits = items[i]
+            batch.token[row] = token
+            batch.pos[row] = position
+            batch.n_seq_id[row] = 1
+            batch.seq_id[row][0] = slot
+            batch.logits[row] = wants_logits
         status = self._llama.llama_decode(self._ctx, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status} on a batch of "
                               f"{len(items)} tokens", status_code=500)
-        outputs = sum(1 for item in items if item[3])
+        wanted_in_batch_order = [i for i in order if items[i][3]]
         pointer = self._llama.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(pointer, shape=(outputs, self._n_vocab))
+        logits = np.ctypeslib.as_array(pointer, shape=(len(wanted_in_batch_order),
+                                                       self._n_vocab))
+        rank = {item: row for row, item in enumerate(wanted_in_batch_order)}
+        rows = [rank[i] for i in range(len(items)) if items[i][3]]
+        return logits if rows == sorted(rows) else logits[rows]
 
     def _sample(self, logits: np.ndarray, sequences: Sequence[Sequence_]) -> list[int]:
         """One token per row: greedy at temperature 0, else top-p sampling with the

@@ -96,6 +96,28 @@ def test_requests_joining_a_running_batch_answer_correctly(engine):
     assert "banana" in answers["banana"] and "pencil" not in answers["banana"]
 
 
+def test_rows_out_of_slot_order_get_their_own_logits(engine):
+    """A request that takes a freed lower slot runs after a higher one in the batch; llama.cpp
+    gets the batch sorted by slot, and each row must still get its own sequence's logits."""
+    engine.add_request(GenerationRequest("short", tuple(engine.encode("rocket, rocket,")),
+                                         SamplingParams(max_tokens=1, temperature=0)))
+    engine.add_request(GenerationRequest("pencil", tuple(engine.encode(
+        "pencil, pencil, pencil, pencil,")), SamplingParams(max_tokens=12, temperature=0)))
+    engine.step()  # both prefilled; "short" is done and frees the lower slot
+    assert engine.num_running == 1
+    engine.add_request(GenerationRequest("banana", tuple(engine.encode(
+        "banana, banana, banana, banana,")), SamplingParams(max_tokens=12, temperature=0)))
+    engine.step()
+    running = {seq.request_id: engine._slots[seq.request_id] for seq in engine._running}
+    assert running["banana"] < running["pencil"]  # behind pencil in the batch, lower slot
+    texts = {"pencil": "", "banana": ""}
+    while engine.has_unfinished_requests():
+        for out in engine.step().outputs:
+            texts[out.request_id] += out.text
+    assert "pencil" in texts["pencil"] and "banana" not in texts["pencil"], texts
+    assert "banana" in texts["banana"] and "pencil" not in texts["banana"], texts
+
+
 def test_chunked_prefill_gives_the_unchunked_answer(gguf_checkpoint, engine):
     prompt = chat_ids(engine, "What is the capital of Germany? Answer in one sentence.")
     whole = generate(engine, {"q": prompt}, max_tokens=16, temperature=0)["q"]

@@ -9,7 +9,12 @@
 4. A profile of one decode step at batch 8: aten op count, time in ipex-llm's low-bit
    matmuls (``LowBitLinear``), the rest of the forward pass, sampling, detokenizing.
 
-    python -m bench.inprocess --workload full --output out.json
+With ``--engine llama_cpp`` (a ``gguf`` checkpoint), only 3. runs, on ``LlamaCppEngine``:
+engine llama_cpp's in-process ceiling, with its ``llama_decode`` calls (``_run``) as the
+model's forward pass.
+
+    python -m bench.inprocess --workload full --checkpoint DIR --output out.json
+    python -m bench.inprocess --engine llama_cpp --checkpoint GGUF_DIR --output out.json
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -30,12 +36,31 @@ from bench.workload import WORKLOADS, Workload
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_engine(checkpoint: str, max_batch_size: int) -> Any:
-    from deployments.constants import MAX_PREFILL_TOKENS_PER_STEP
-    from deployments.engine.ipex_llm import IpexLLMEngine
+ENGINES = ("ipex_llm", "llama_cpp")
 
-    return IpexLLMEngine.load(checkpoint, device="cpu", max_batch_size=max_batch_size,
-                              max_prefill_tokens_per_step=MAX_PREFILL_TOKENS_PER_STEP)
+
+def load_engine(checkpoint: str, max_batch_size: int, engine: str = "ipex_llm") -> Any:
+    from deployments.constants import MAX_PREFILL_TOKENS_PER_STEP
+
+    if engine == "llama_cpp":
+        from deployments.engine.llama_cpp import LlamaCppEngine as Engine
+    else:
+        from deployments.engine.ipex_llm import IpexLLMEngine as Engine
+    return Engine.load(checkpoint, device="cpu", max_batch_size=max_batch_size,
+                       max_prefill_tokens_per_step=MAX_PREFILL_TOKENS_PER_STEP)
+
+
+def engine_hooks(engine: Any, engine_name: str) -> list[tuple[Any, str, str]]:
+    """(owner, attribute, label) of the calls engine_direct times: the model's forward pass,
+    sampling, detokenizing, and for ipex_llm its low-bit matmuls (inside the forward)."""
+    if engine_name == "llama_cpp":
+        return [(engine, "_run", "model_forward"), (engine, "_sample", "sample"),
+                (engine, "_decode_text", "detokenize")]
+    from ipex_llm.transformers.low_bit_linear import LowBitLinear
+
+    return [(engine, "_forward", "model_forward"), (engine, "_sample", "sample"),
+            (engine, "_decode_text", "detokenize"),
+            (LowBitLinear, "forward", "lowbit_linear")]
 
 
 def _generate(model: Any, tokenizer: Any, prompts: list[str], max_tokens: int) -> Any:
@@ -139,12 +164,14 @@ def _add_requests(engine: Any, prompt_ids: list[int], count: int, max_tokens: in
         engine.add_request(GenerationRequest(f"{tag}-{i}", tuple(prompt_ids), params))
 
 
-def engine_direct(engine: Any, prompt_ids: list[int], work: Workload) -> list[dict[str, Any]]:
-    """IpexLLMEngine.step in a loop: tokens/s and where each step's time goes."""
-    from ipex_llm.transformers.low_bit_linear import LowBitLinear
-
+def engine_direct(engine: Any, prompt_ids: list[int], work: Workload,
+                  engine_name: str = "ipex_llm") -> list[dict[str, Any]]:
+    """The engine's step() in a loop: tokens/s and where each step's time goes."""
+    batch_sizes = work.llama_cpp_engine_batch_sizes if engine_name == "llama_cpp" \
+        else work.engine_batch_sizes
+    hooks = engine_hooks(engine, engine_name)
     rows = []
-    for batch_size in work.engine_batch_sizes:
+    for batch_size in batch_sizes:
         _add_requests(engine, prompt_ids, batch_size, 4, f"warm{batch_size}")
         while engine.has_unfinished_requests():
             engine.step()
@@ -152,10 +179,9 @@ def engine_direct(engine: Any, prompt_ids: list[int], work: Workload) -> list[di
         def measure(batch_size: int = batch_size) -> dict[str, Any]:
             totals: dict[str, float] = {}
             steps = 0
-            with _timed(engine, "_forward", totals, "model_forward"), \
-                    _timed(engine, "_sample", totals, "sample"), \
-                    _timed(engine, "_decode_text", totals, "detokenize"), \
-                    _timed(LowBitLinear, "forward", totals, "lowbit_linear"):
+            with contextlib.ExitStack() as timers:
+                for owner, name, label in hooks:
+                    timers.enter_context(_timed(owner, name, totals, label))
                 _add_requests(engine, prompt_ids, batch_size, work.max_tokens,
                               f"e{batch_size}-{time.monotonic_ns()}")
                 started = time.perf_counter()
@@ -293,10 +319,14 @@ def _log(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="full")
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="an ipex_llm checkpoint, or a gguf one for --engine llama_cpp")
+    parser.add_argument("--engine", choices=ENGINES, default="ipex_llm")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     work = WORKLOADS[args.workload]
+    if args.engine == "llama_cpp":
+        return main_llama_cpp(args.checkpoint, work, Path(args.output))
     started = time.perf_counter()
     max_batch = max(*work.ceiling_batch_sizes, *work.engine_batch_sizes,
                     work.profile_batch_size)
@@ -311,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
                               "linear_threshold_rows": low_bit_linear.TORCH_LINEAR_THRESHOLD}
     result["ceiling"] = ceiling(model, tokenizer, work)
     result["sequential"] = sequential(model, tokenizer, work)
-    result["engine"] = engine_direct(engine, prompt_ids, work)
+    result["engine"] = engine_direct(engine, prompt_ids, work, "ipex_llm")
     result["profiles"] = [profile_decode_step(engine, prompt_ids, bs)
                           for bs in sorted({1, work.profile_batch_size})]
     result["matmul_paths"] = matmul_paths(
@@ -319,6 +349,22 @@ def main(argv: list[str] | None = None) -> int:
         else ((1, 1), (8, 1), (1, 31)), repeats=3 if work.name == "full" else 1)
     result["seconds"] = time.perf_counter() - started
     Path(args.output).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def main_llama_cpp(checkpoint: str, work: Workload, output: Path) -> int:
+    """Engine llama_cpp alone: its in-process ceiling (there is no batched generate to
+    compare with, nor torch ops to profile)."""
+    started = time.perf_counter()
+    engine = load_engine(checkpoint, max(work.llama_cpp_engine_batch_sizes), "llama_cpp")
+    prompt_ids = engine.encode(work.prompt)
+    result: dict[str, Any] = {"engine_name": "llama_cpp", "prompt_tokens": len(prompt_ids),
+                              "load_s": time.perf_counter() - started,
+                              "threads": len(os.sched_getaffinity(0)),
+                              "context_tokens_per_slot": engine.max_context_tokens}
+    result["engine"] = engine_direct(engine, prompt_ids, work, "llama_cpp")
+    result["seconds"] = time.perf_counter() - started
+    output.write_text(json.dumps(result, indent=1))
     return 0
 
 

@@ -50,7 +50,7 @@ def machine_info() -> dict[str, object]:
     except (OSError, subprocess.CalledProcessError):
         pass
     versions = {}
-    for package in ("torch", "ipex-llm", "transformers", "ray"):
+    for package in ("torch", "ipex-llm", "transformers", "ray", "llama-cpp-python"):
         try:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

@@ -61,11 +61,22 @@ def _by(rows: list[dict[str, Any]] | None, key: str, value: Any) -> dict[str, An
     return next((r for r in rows or () if r.get(key) == value), None)
 
 
-def _verdict(value: float, target: float, higher_is_better: bool = True) -> str:
-    if math.isnan(value):
+def _verdict(value: float | None, target: float, higher_is_better: bool = True,
+             strict: bool = False) -> str:
+    """Met or not (``strict``: the goal is ">" or "<", not ">=" or "<=")."""
+    if value is None or math.isnan(value):
         return "not measured"
-    met = value >= target if higher_is_better else value <= target
+    if higher_is_better:
+        met = value > target if strict else value >= target
+    else:
+        met = value < target if strict else value <= target
     return "**met**" if met else "**not met**"
+
+
+def _lc_section(r: dict[str, Any], name: str) -> dict[str, Any]:
+    """A llama_cpp section's results ({} if it did not run, failed or was skipped)."""
+    section = r.get(name)
+    return section if _ok(section) else {}
 
 
 # ---- sections ---------------------------------------------------------------------------
@@ -86,8 +97,13 @@ def _header(r: dict[str, Any]) -> list[str]:
         f"- Date: {m['date']} to {r.get('finished', '?')}, {r.get('total_seconds', 0) / 60:.1f}"
         f" min; commit {m['git_commit']}",
         f"- Stack: Python {m['python']}, {versions}",
-        f"- Model: SmolLM2-135M-Instruct, ipex-llm sym_int4 checkpoint `{r['checkpoint']}`; "
-        f"llama.cpp reads the source GGUF (Q4_1) of the same model",
+        f"- Model: SmolLM2-135M-Instruct. Engine ipex_llm (the default; sections 1-3) runs "
+        f"the ipex-llm sym_int4 checkpoint `{r['checkpoint']}`; "
+        + (f"engine llama_cpp (sections 4-5) the gguf checkpoint `{r['gguf_checkpoint']}` "
+           "(the source GGUF, Q4_1, as is); llama.cpp's own server (section 6) reads the "
+           "same GGUF" if r.get("gguf_checkpoint") else
+           "llama.cpp's own server (section 6) reads the source GGUF (Q4_1) of the same "
+           "model"),
         f"- Workload: one fixed prompt of {prompt_tokens} tokens; every answer runs to exactly "
         f"{w['max_tokens']} tokens (greedy; `min_new_tokens` in-process, `ignore_eos` + "
         f"`max_tokens` over the API), so all paths do the same work",
@@ -114,32 +130,54 @@ def _targets(r: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
     http16 = (_by(service.get("http"), "clients", 16) or {}).get("tokens_per_s")
     ready = _ready(r)
     mixed = (service.get("mixed") or {}).get("short_p50_ratio", math.nan)
+    lc_engine = _lc_section(r, "llama_cpp_engine")
+    lc_service = _lc_section(r, "llama_cpp_service")
+    lc_http8 = _tps(lc_service, 8, "http")
+    lc_http16 = _tps(lc_service, 16, "http")
+    lc_alone8 = (_by(lc_engine.get("engine"), "batch_size", 8) or {}).get("tokens_per_s")
+    lc_mixed = (lc_service.get("mixed") or {}).get("short_p50_ratio")
     v = {"http8_vs_ceiling": ratio(http8, ceiling8), "handle8_vs_ceiling": ratio(handle8, ceiling8),
          "http8_vs_seq": ratio(http8, seq), "http8_vs_llama": ratio(http8, llama8),
          "http16_vs_llama": ratio(http16, llama16), "ready_ratio": ready["ratio"],
-         "mixed": mixed}
+         "mixed": mixed, "lc_http8_vs_llama": ratio(lc_http8, llama8),
+         "lc_http16_vs_llama": ratio(lc_http16, llama16),
+         "lc_http8_vs_alone": ratio(lc_http8, lc_alone8),
+         "lc_mixed": math.nan if lc_mixed is None else lc_mixed}
     rows = [
-        ("8 clients over HTTP vs in-process batched generate at batch 8",
+        ("engine ipex_llm, 8 clients over HTTP vs in-process batched generate at batch 8",
          f"{_num(http8)} / {_num(ceiling8)} tok/s = {_x(v['http8_vs_ceiling'])}",
          ">= 0.9x", _verdict(v["http8_vs_ceiling"], 0.9)),
-        ("8 clients through the handle vs the same ceiling",
+        ("engine ipex_llm, 8 clients through the handle vs the same ceiling",
          f"{_num(handle8)} / {_num(ceiling8)} tok/s = {_x(v['handle8_vs_ceiling'])}",
          ">= 0.9x", _verdict(v["handle8_vs_ceiling"], 0.9)),
-        ("8 clients over HTTP vs one request at a time (seed's path)",
+        ("engine ipex_llm, 8 clients over HTTP vs one request at a time (seed's path)",
          f"{_num(http8)} / {_num(seq)} tok/s = {_x(v['http8_vs_seq'])}", ">= 1.9x",
          _verdict(v["http8_vs_seq"], 1.9)),
-        ("8 clients vs llama.cpp's server (-np 8)",
+        ("engine ipex_llm, 8 clients over HTTP vs llama.cpp's server (-np 8)",
          f"{_num(http8)} / {_num(llama8)} tok/s = {_x(v['http8_vs_llama'])}",
          "report", "see analysis"),
-        ("16 clients vs llama.cpp's server (-np 8)",
+        ("engine ipex_llm, 16 clients over HTTP vs llama.cpp's server (-np 8)",
          f"{_num(http16)} / {_num(llama16)} tok/s = {_x(v['http16_vs_llama'])}",
          "report", "see analysis"),
-        ("replica ready (serve.run) vs 2 x (bare import + load_low_bit + Ray actor start)",
+        ("engine ipex_llm, replica ready (serve.run) vs 2 x (bare import + load_low_bit + "
+         "Ray actor start)",
          f"{_num(ready['serve_run'])} s vs 2 x {_num(ready['bare'])} s = "
          f"{_x(ready['ratio'])} of the bare path", "< 2x",
          _verdict(ready["ratio"], 2.0, higher_is_better=False)),
-        ("short requests' p50 latency next to long ones vs alone",
+        ("engine ipex_llm, short requests' p50 latency next to long ones vs alone",
          f"{_x(mixed)}", "<= 1.5x", _verdict(mixed, 1.5, higher_is_better=False)),
+        ("engine llama_cpp, 8 clients over HTTP vs llama.cpp's server (-np 8)",
+         f"{_num(lc_http8)} / {_num(llama8)} tok/s = {_x(v['lc_http8_vs_llama'])}",
+         "> 1x", _verdict(v["lc_http8_vs_llama"], 1.0, strict=True)),
+        ("engine llama_cpp, 16 clients over HTTP vs llama.cpp's server (-np 8)",
+         f"{_num(lc_http16)} / {_num(llama16)} tok/s = {_x(v['lc_http16_vs_llama'])}",
+         "> 1x", _verdict(v["lc_http16_vs_llama"], 1.0, strict=True)),
+        ("engine llama_cpp, 8 clients over HTTP vs its engine alone at batch 8",
+         f"{_num(lc_http8)} / {_num(lc_alone8)} tok/s = {_x(v['lc_http8_vs_alone'])}",
+         ">= 0.9x", _verdict(v["lc_http8_vs_alone"], 0.9)),
+        ("engine llama_cpp, short requests' p50 latency next to long ones vs alone",
+         f"{_x(v['lc_mixed'])}", "<= 1.5x",
+         _verdict(v["lc_mixed"], 1.5, higher_is_better=False)),
     ]
     lines = ["## Targets", "", *_table(("target", "measured", "goal", "verdict"), rows)]
     return lines, v
@@ -216,7 +254,8 @@ def _sweep_table(rows: list[dict[str, Any]], with_batch: bool) -> list[str]:
 
 def _service(r: dict[str, Any]) -> list[str]:
     service = r.get("service")
-    lines = ["## 3. Our service: closed-loop clients over HTTP and through the handle", ""]
+    lines = ["## 3. Our service (engine ipex_llm): closed-loop clients over HTTP and through "
+             "the handle", ""]
     if not _ok(service):
         return lines + _why_missing(service, "service")
     w = r["workload"]
@@ -240,9 +279,66 @@ def _service(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _llama_cpp_engine(r: dict[str, Any]) -> list[str]:
+    section = r.get("llama_cpp_engine")
+    lines = ["## 4. Engine llama_cpp alone (no Ray, no HTTP)", ""]
+    if not _ok(section):
+        return lines + _why_missing(section, "llama_cpp_engine")
+    ipex = {row["batch_size"]: row for row in (r.get("inprocess") or {}).get("engine") or ()}
+    lines += ["`LlamaCppEngine.step()` in a loop on the gguf checkpoint, all requests added at "
+              f"once, {section.get('threads', '?')} llama.cpp threads, "
+              f"{section.get('context_tokens_per_slot', '?')} KV cells per slot (loaded in "
+              f"{_num(section.get('load_s'), 1)} s): engine llama_cpp's in-process ceiling, "
+              "the same continuous-batching engine as section 1's engine alone with "
+              "llama.cpp under it. Model forward is `_run` (filling the batch, one "
+              "`llama_decode`); shares are of the wall time. Last column: tokens/s over "
+              f"engine ipex_llm alone at the same batch. Command: `{r['command']}` (section "
+              "`llama_cpp_engine`).", ""]
+    lines += _table(("batch", "tokens/s", "step (ms)", "model forward (llama_decode)",
+                     "sampling", "detokenize", "other load", "x engine ipex_llm"), [
+        (row["batch_size"], _num(row["tokens_per_s"]), _num(row["step_ms"]),
+         _pct(row.get("model_forward_share")), _pct(row.get("sample_share")),
+         _pct(row.get("detokenize_share")), _num(row.get("foreign_cores"), 2),
+         _x(ratio(row["tokens_per_s"], (ipex.get(row["batch_size"]) or {}).get("tokens_per_s"))))
+        for row in section.get("engine") or ()])
+    return lines
+
+
+def _llama_cpp_service(r: dict[str, Any]) -> list[str]:
+    service = r.get("llama_cpp_service")
+    lines = ["## 5. Our service on engine llama_cpp: closed-loop clients over HTTP and "
+             "through the handle", ""]
+    if not _ok(service):
+        return lines + _why_missing(service, "llama_cpp_service")
+    startup = service.get("startup") or {}
+    lines += [f"`{service.get('config_file', 'serve_config.llama_cpp.yaml')}`'s application "
+              "(engine llama_cpp on the gguf checkpoint; one LLMServer replica, "
+              f"max_batch_size {service['config_args'].get('max_batch_size')}, "
+              f"max_ongoing_requests {service['server_options'].get('max_ongoing_requests')}"
+              "), measured exactly as section 3: same clients, prompt, lengths and columns. "
+              f"`serve.run` to ready: {_num(startup.get('serve_run_to_ready_s'), 1)} s (the "
+              f"LLMServer constructor {_num(startup.get('replica_constructor_s'), 1)} s); "
+              f"replica peak RSS {_mib(startup.get('replica_vm_hwm_ready_bytes'))} MiB when "
+              f"ready, {_mib(startup.get('replica_vm_hwm_end_bytes'))} MiB after every run. "
+              f"Command: `{r['command']}` (section `llama_cpp_service`).", "",
+              "### Over HTTP (`POST /v1/completions`, SSE)", ""]
+    lines += _sweep_table(service.get("http", []), with_batch=True)
+    lines += ["### Through the handle", ""]
+    lines += _sweep_table(service.get("handle", []), with_batch=True)
+    lines += ["### Mixed workload", ""]
+    lines += _mixed_table(service.get("mixed"), r["workload"])
+    lines += _pyspy_lines(service.get("pyspy"), "engine llama_cpp")
+    http8 = _by(service.get("http"), "clients", 8)
+    if http8 and http8.get("cpu_cores_by_process"):
+        lines += ["CPU cores used per process during the 8-client HTTP run: " +
+                  ", ".join(f"{k.replace('ray::', '')} {v:.2f}"
+                            for k, v in http8["cpu_cores_by_process"].items()), ""]
+    return lines
+
+
 def _llama(r: dict[str, Any]) -> list[str]:
     llama = r.get("llama")
-    lines = ["## 4. Peer: llama.cpp's `llama-server` on the same GGUF", ""]
+    lines = ["## 6. Peer: llama.cpp's `llama-server` on the same GGUF", ""]
     if not _ok(llama):
         return lines + _why_missing(llama, "llama") + [
             "Build it once with `python -m bench.build_llama_server` (about 20 minutes on 2 "
@@ -260,7 +356,7 @@ def _coldstart(r: dict[str, Any]) -> list[str]:
     cold = r.get("coldstart") or {}
     load, convert = cold.get("load"), cold.get("convert")
     startup = (r.get("service") or {}).get("startup") or {}
-    lines = ["## 5. Cold start and memory", "",
+    lines = ["## 7. Cold start and memory", "",
              "Each measured in a fresh process (imports count, as in a replica): "
              "`IpexLLMEngine.load` split into its parts, and "
              "`deployments.convert.convert_checkpoint` from the GGUF (what a replica that "
@@ -293,7 +389,8 @@ def _coldstart(r: dict[str, Any]) -> list[str]:
                   _num(startup.get("serve_run_to_ready_s"), 2)),
                  ("  of which the LLMServer constructor (its log: claim, pin, load)",
                   _num(startup.get("replica_constructor_s"), 2))]
-    lines += _table(("step", "seconds"), rows)
+    if rows:
+        lines += _table(("step", "seconds"), rows)
     if _ok(load) and _ok(convert):
         from_checkpoint = load["import_s"] + load["engine_load_s"]
         converting = convert["import_s"] + convert["convert_s"] + load["tokenizer_s"]
@@ -325,16 +422,18 @@ def _coldstart(r: dict[str, Any]) -> list[str]:
 
 
 def _mixed(r: dict[str, Any]) -> list[str]:
-    mixed = (r.get("service") or {}).get("mixed")
-    w = r["workload"]
-    lines = ["## Mixed workload: short and long requests together", ""]
+    lines = ["## Mixed workload (engine ipex_llm): short and long requests together", ""]
+    return lines + _mixed_table((r.get("service") or {}).get("mixed"), r["workload"])
+
+
+def _mixed_table(mixed: dict[str, Any] | None, w: dict[str, Any]) -> list[str]:
     if not mixed:
-        return [*lines, "_Not measured (service section missing)._", ""]
-    lines += [f"Over HTTP: {w['mixed_short_clients']} clients each send "
-              f"{w['mixed_short_requests_per_client']} short requests "
-              f"({w['mixed_short_tokens']} tokens), first alone, then while "
-              f"{w['mixed_long_clients']} clients keep long requests "
-              f"({w['mixed_long_tokens']} tokens) running. Latencies in ms.", ""]
+        return ["_Not measured (service section missing)._", ""]
+    lines = [f"Over HTTP: {w['mixed_short_clients']} clients each send "
+             f"{w['mixed_short_requests_per_client']} short requests "
+             f"({w['mixed_short_tokens']} tokens), first alone, then while "
+             f"{w['mixed_long_clients']} clients keep long requests "
+             f"({w['mixed_long_tokens']} tokens) running. Latencies in ms.", ""]
     rows = []
     for key, label in (("short_alone", "short, alone"), ("short_mixed", "short, with long")):
         m = mixed[key]
@@ -349,7 +448,7 @@ def _mixed(r: dict[str, Any]) -> list[str]:
 
 def _profile(r: dict[str, Any]) -> list[str]:
     inproc = r.get("inprocess") or {}
-    lines = ["## Profile: where a decode step goes", ""]
+    lines = ["## Profile (engine ipex_llm): where a decode step goes", ""]
     profiles = inproc.get("profiles") or []
     if profiles:
         lines += ["`torch.profiler` over 3 decode steps of `IpexLLMEngine.step()` (per-step "
@@ -382,27 +481,34 @@ def _profile(r: dict[str, Any]) -> list[str]:
              "ggml" if p["ggml_ms"] <= p["dequant_sgemm_ms"] else
              f"sgemm, {p['ggml_ms'] / p['dequant_sgemm_ms']:.1f}x", _num(p["foreign_cores"], 2))
             for p in paths])
-    pyspy = (r.get("service") or {}).get("pyspy")
-    if pyspy and "replica" in pyspy:
-        rep = pyspy["replica"]
-        lines += [f"py-spy on the replica's engine thread ({pyspy['clients']} HTTP clients, "
-                  f"{pyspy['seconds']} s, innermost matching frame): " +
-                  (", ".join(f"{k} {v:.1%}" for k, v in rep.get("by_category", {}).items())
-                   or rep.get("note", "no samples")), ""]
-        if pyspy.get("replica_threads_cores"):
-            lines += ["CPU cores per replica thread meanwhile (/proc): " +
-                      ", ".join(f"{name} {cores:.2f}"
-                                for name, cores in pyspy["replica_threads_cores"][:6]), ""]
-        router = pyspy.get("router") or {}
-        if router.get("top_leaves"):
-            lines += [f"py-spy on the router: {router['samples']} samples "
-                      f"(replica: {rep.get('samples', 0)}); top leaves: " +
-                      ", ".join(f"`{k}` {v:.0%}" for k, v in router["top_leaves"][:4]), ""]
+    lines += _pyspy_lines((r.get("service") or {}).get("pyspy"), "engine ipex_llm")
     http8 = _by((r.get("service") or {}).get("http"), "clients", 8)
     if http8 and http8.get("cpu_cores_by_process"):
         lines += ["CPU cores used per process during the 8-client HTTP run: " +
                   ", ".join(f"{k.replace('ray::', '')} {v:.2f}"
                             for k, v in http8["cpu_cores_by_process"].items()), ""]
+    if len(lines) == 2:
+        lines += ["_Not measured (sections inprocess and service missing)._", ""]
+    return lines
+
+
+def _pyspy_lines(pyspy: dict[str, Any] | None, engine: str) -> list[str]:
+    if not pyspy or "replica" not in pyspy:
+        return [f"py-spy: {pyspy['note']}.", ""] if pyspy and pyspy.get("note") else []
+    rep = pyspy["replica"]
+    lines = [f"py-spy on the {engine} replica's engine thread ({pyspy['clients']} HTTP "
+             f"clients, {pyspy['seconds']} s, innermost matching frame): " +
+             (", ".join(f"{k} {v:.1%}" for k, v in rep.get("by_category", {}).items())
+              or rep.get("note", "no samples")), ""]
+    if pyspy.get("replica_threads_cores"):
+        lines += ["CPU cores per replica thread meanwhile (/proc): " +
+                  ", ".join(f"{name} {cores:.2f}"
+                            for name, cores in pyspy["replica_threads_cores"][:6]), ""]
+    router = pyspy.get("router") or {}
+    if router.get("top_leaves"):
+        lines += [f"py-spy on the router: {router['samples']} samples "
+                  f"(replica: {rep.get('samples', 0)}); top leaves: " +
+                  ", ".join(f"`{k}` {v:.0%}" for k, v in router["top_leaves"][:4]), ""]
     return lines
 
 
@@ -414,8 +520,13 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
     ceiling = {row["batch_size"]: row["tokens_per_s"] for row in inproc.get("ceiling") or []}
     engine = {row["batch_size"]: row for row in inproc.get("engine") or []}
     http = {row["clients"]: row for row in service.get("http") or []}
+    lc_engine = _lc_section(r, "llama_cpp_engine")
+    lc_service = _lc_section(r, "llama_cpp_service")
     noisy = [name for name, rows in (("ceiling", inproc.get("ceiling")),
-                                     ("service", service.get("http")))
+                                     ("service", service.get("http")),
+                                     ("llama_cpp engine", lc_engine.get("engine")),
+                                     ("llama_cpp service", lc_service.get("http")),
+                                     ("llama-server", (r.get("llama") or {}).get("sweep")))
              for row in rows or () if row.get("foreign_cores", 0) >= DISTURBED_CORES]
     if noisy:
         lines.append(f"- **Caveat: other processes used >= {DISTURBED_CORES} cores during "
@@ -500,14 +611,16 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
                 f"every running sequence waits too (ITL p99 {_ms(h8['itl_p99_s'])} ms).")
     scaling = ratio(ceiling.get(8), ceiling.get(1))
     sequential = (inproc.get("sequential") or {}).get("tokens_per_s", math.nan)
-    lines.append(f"- vs the ceiling at 8 clients: {_x(v['http8_vs_ceiling'])} over HTTP, "
-                 f"{_x(v['handle8_vs_ceiling'])} through the handle (target 0.9x); vs "
-                 f"one request at a time: {_x(v['http8_vs_seq'])} (target 1.9x). The model "
-                 f"itself gains only {_x(scaling)} from batch 1 to 8 (ceiling), so 1.9x over "
-                 "one-at-a-time needs the service at "
-                 f"{_x(ratio(1.9 * sequential, ceiling.get(8)))}"
-                 " of the ceiling: both targets hinge on the same gap (contention and "
-                 "prefill, above), and on the kernel's poor batching.")
+    if ceiling or http:
+        lines.append(
+            f"- vs the ceiling at 8 clients: {_x(v['http8_vs_ceiling'])} over HTTP, "
+            f"{_x(v['handle8_vs_ceiling'])} through the handle (target 0.9x); vs "
+            f"one request at a time: {_x(v['http8_vs_seq'])} (target 1.9x). The model "
+            f"itself gains only {_x(scaling)} from batch 1 to 8 (ceiling), so 1.9x over "
+            "one-at-a-time needs the service at "
+            f"{_x(ratio(1.9 * sequential, ceiling.get(8)))}"
+            " of the ceiling: both targets hinge on the same gap (contention and "
+            "prefill, above), and on the kernel's poor batching.")
     if not math.isnan(v["http8_vs_llama"]):
         lines.append(
             f"- llama.cpp's server is {_num(1 / v['http8_vs_llama'], 1)}x faster at 8 clients "
@@ -517,7 +630,9 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             "repacking, llamafile sgemm) running a C++ graph, vs ipex-llm's ctypes calls into "
             "its kernel per linear layer plus thousands of aten ops from Python per step. "
             "Not reachable on ipex-llm's CPU path; ipex-llm's strength is Intel GPUs (XPU), "
-            "which this machine lacks.")
+            "which this machine lacks."
+            + (" Engine llama_cpp runs llama.cpp's kernels behind our service (below)."
+               if lc_service or lc_engine else ""))
     mixed = service.get("mixed")
     if mixed:
         alone = mixed["short_alone"]["e2e_p50_s"]
@@ -548,7 +663,113 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             f"{_num(startup.get('bare_actor_with_runtime_env_start_s'))} s vs "
             f"{_num(startup.get('bare_actor_start_s'), 2)}"
             " s without), the router, and the controller's reconciliation loop.")
+    lines += _llama_cpp_analysis(r, v, lc_engine, lc_service)
     return [*lines, ""]
+
+
+def _met(value: float, target: float, higher_is_better: bool = True,
+         strict: bool = False) -> str:
+    return _verdict(value, target, higher_is_better, strict).replace("*", "")
+
+
+def _llama_cpp_analysis(r: dict[str, Any], v: dict[str, float], lc_engine: dict[str, Any],
+                        lc_service: dict[str, Any]) -> list[str]:
+    """Engine llama_cpp against llama.cpp's server, its own engine alone, and ipex_llm."""
+    lines = []
+    service = r.get("service") or {}
+    llama = r.get("llama") or {}
+    lc_http = {row["clients"]: row for row in lc_service.get("http") or []}
+    lc_alone = {row["batch_size"]: row for row in lc_engine.get("engine") or []}
+    ipex_alone = {row["batch_size"]: row
+                  for row in (r.get("inprocess") or {}).get("engine") or []}
+    if lc_http:
+        peer = {row["clients"]: row for row in llama.get("sweep") or []} \
+            if _ok(llama) else {}
+        text = (f"- Engine llama_cpp (llama.cpp under our continuous batching, the serving "
+                f"stack unchanged) over HTTP: {_num(_tps(lc_service, 8, 'http'))} tok/s at 8 "
+                f"clients, {_num(_tps(lc_service, 16, 'http'))} at 16")
+        if peer:
+            text += (f"; llama.cpp's server on the same GGUF and cores: "
+                     f"{_num(_tps(llama, 8))} and {_num(_tps(llama, 16))}, so "
+                     f"{_x(v['lc_http8_vs_llama'])} at 8 clients and "
+                     f"{_x(v['lc_http16_vs_llama'])} at 16 (target > 1x: "
+                     f"{_met(v['lc_http8_vs_llama'], 1.0, strict=True)} at 8, "
+                     f"{_met(v['lc_http16_vs_llama'], 1.0, strict=True)} at 16)")
+            if 1 in lc_http and 1 in peer:
+                text += (f", and {_x(ratio(_tps(lc_service, 1, 'http'), _tps(llama, 1)))} "
+                         "at 1 client")
+            if 8 in lc_http and 8 in peer:
+                text += (f". TTFT p50 at 8 clients: {_ms(lc_http[8]['ttft_p50_s'])} ms vs "
+                         f"{_ms(peer[8]['ttft_p50_s'])} ms; TPOT p50 "
+                         f"{_ms(lc_http[8]['tpot_p50_s'])} ms vs "
+                         f"{_ms(peer[8]['tpot_p50_s'])} ms")
+        else:
+            text += ("; llama.cpp's server was not measured in this run (section 6), so the "
+                     "> 1x target is not measured")
+        ipex8 = _tps(service, 8, "http")
+        if ipex8:
+            text += (f". Against engine ipex_llm's service at 8 clients ({_num(ipex8)} tok/s): "
+                     f"{_x(ratio(_tps(lc_service, 8, 'http'), ipex8))}")
+        lines.append(text + ".")
+    if 8 in lc_http and 8 in lc_alone:
+        h8, e8 = lc_http[8], lc_alone[8]
+        shares = h8.get("cpu_cores_by_process") or {}
+        overhead = sum(c for k, c in shares.items() if "LLMServer" not in k)
+        slower = ratio(h8["tpot_p50_s"] * 1000 if h8.get("tpot_p50_s") is not None
+                       else None, e8["step_ms"])
+        handle8 = _tps(lc_service, 8, "handle")
+        lines.append(
+            f"- Serving cost on engine llama_cpp: 8 HTTP clients get "
+            f"{_num(h8['tokens_per_s'])} tok/s, {_x(v['lc_http8_vs_alone'])} its engine alone "
+            f"at batch 8 ({_num(e8['tokens_per_s'])} tok/s; target 0.9x: "
+            f"{_met(v['lc_http8_vs_alone'], 0.9)}; mean engine batch "
+            f"{_num(h8.get('mean_engine_batch'))}). Decode steps (TPOT p50 "
+            f"{_ms(h8.get('tpot_p50_s'))} ms) are "
+            f"{_num((slower - 1) * 100 if not math.isnan(slower) else math.nan, 0)}% slower "
+            f"than alone ({_num(e8['step_ms'], 0)} ms) while Ray, the proxy, the router and "
+            f"the client used {overhead:.2f} cores and the replica "
+            f"{shares.get(_replica_key(shares), math.nan):.2f}. Through the handle: "
+            f"{_num(handle8)} tok/s ({_x(ratio(handle8, e8['tokens_per_s']))} alone).")
+    if lc_alone:
+        batch = 8 if 8 in lc_alone else max(lc_alone)
+        row = lc_alone[batch]
+        smallest = min(lc_alone)
+        text = (f"- Engine llama_cpp alone: {_num(lc_alone[smallest]['tokens_per_s'])} tok/s "
+                f"at batch {smallest}, " +
+                ", ".join(f"{_num(e['tokens_per_s'])} at {b}" for b, e in lc_alone.items()
+                          if b != smallest) +
+                f"; at batch {batch} `llama_decode` (`_run`) is "
+                f"{_pct(row.get('model_forward_share'))} of the wall time, sampling "
+                f"{_pct(row.get('sample_share'))}, detokenizing "
+                f"{_pct(row.get('detokenize_share'))}")
+        if batch in ipex_alone:
+            text += (f"; {_x(ratio(row['tokens_per_s'], ipex_alone[batch]['tokens_per_s']))} "
+                     f"engine ipex_llm alone at the same batch "
+                     f"({_num(ipex_alone[batch]['tokens_per_s'])} tok/s)")
+        lines.append(text + ".")
+    mixed = lc_service.get("mixed")
+    if mixed:
+        lines.append(
+            f"- Mixed on engine llama_cpp: short requests took "
+            f"{_ms(mixed['short_mixed']['e2e_p50_s'])} ms (p50) next to long ones vs "
+            f"{_ms(mixed['short_alone']['e2e_p50_s'])} ms alone ({_x(v['lc_mixed'])}, target "
+            f"1.5x: {_met(v['lc_mixed'], 1.5, higher_is_better=False)}; TTFT p50 "
+            f"{_ms(mixed['short_mixed']['ttft_p50_s'])} ms vs "
+            f"{_ms(mixed['short_alone']['ttft_p50_s'])} ms)"
+            + (f"; engine ipex_llm: {_x(v['mixed'])}" if not math.isnan(v["mixed"]) else "")
+            + ".")
+    startup = lc_service.get("startup") or {}
+    if startup.get("serve_run_to_ready_s") is not None:
+        ipex_startup = service.get("startup") or {}
+        lines.append(
+            f"- Start-up on engine llama_cpp: `serve.run` to ready "
+            f"{_num(startup['serve_run_to_ready_s'])} s (constructor "
+            f"{_num(startup.get('replica_constructor_s'))} s), replica peak RSS after its runs "
+            f"{_mib(startup.get('replica_vm_hwm_end_bytes'))} MiB"
+            + (f"; engine ipex_llm: {_num(ipex_startup['serve_run_to_ready_s'])} s and "
+               f"{_mib(ipex_startup.get('replica_vm_hwm_end_bytes'))} MiB"
+               if ipex_startup.get("serve_run_to_ready_s") is not None else "") + ".")
+    return lines
 
 
 def _tps(section: dict[str, Any] | None, clients: int, key: str = "sweep") -> float | None:
@@ -573,24 +794,36 @@ def write_plot(r: dict[str, Any], path: Path) -> bool:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     service = r.get("service") or {}
-    series = [("our service, HTTP", service.get("http"), "o-"),
-              ("our service, handle", service.get("handle"), "s--"),
-              ("llama.cpp server (-np 8)", (r.get("llama") or {}).get("sweep"), "^-")]
-    for label, rows, style in series:
+    lc_service = _lc_section(r, "llama_cpp_service")
+    # Fixed colours, so a series keeps its colour whichever others are missing.
+    series = [("our service (ipex_llm), HTTP", service.get("http"), "o-", "tab:blue"),
+              ("our service (ipex_llm), handle", service.get("handle"), "s--", "tab:orange"),
+              ("our service (llama_cpp), HTTP", lc_service.get("http"), "D-", "tab:red"),
+              ("llama.cpp server (-np 8)", (r.get("llama") or {}).get("sweep"), "^-",
+               "tab:green")]
+    for label, rows, style, color in series:
         if rows:
             xs = [row["clients"] for row in rows]
-            left.plot(xs, [row["tokens_per_s"] for row in rows], style, label=label)
-            right.plot(xs, [row["ttft_p50_s"] * 1000 for row in rows], style, label=label)
+            left.plot(xs, [row["tokens_per_s"] for row in rows], style, color=color,
+                      label=label)
+            right.plot(xs, [row["ttft_p50_s"] * 1000 for row in rows], style, color=color,
+                       label=label)
     inproc = r.get("inprocess") or {}
     if inproc.get("ceiling"):
         left.plot([row["batch_size"] for row in inproc["ceiling"]],
                   [row["tokens_per_s"] for row in inproc["ceiling"]], "k:", marker="x",
-                  label="in-process generate (x = batch)")
+                  label="ipex_llm in-process generate (x = batch)")
+    lc_alone = _lc_section(r, "llama_cpp_engine").get("engine") or []
+    if lc_alone:
+        left.plot([row["batch_size"] for row in lc_alone],
+                  [row["tokens_per_s"] for row in lc_alone], ":", color="tab:red",
+                  marker="+", label="engine llama_cpp alone (+ = batch)")
     if inproc.get("sequential"):
         left.axhline(inproc["sequential"]["tokens_per_s"], color="grey", linestyle="-.",
                      label="one request at a time")
-    ticks = sorted({row["clients"] for _, rows, _ in series for row in rows or ()}
-                   | {row["batch_size"] for row in inproc.get("ceiling") or ()})
+    ticks = sorted({row["clients"] for _, rows, _, _ in series for row in rows or ()}
+                   | {row["batch_size"] for row in inproc.get("ceiling") or ()}
+                   | {row["batch_size"] for row in lc_alone})
     for axis in (left, right):
         axis.set_xscale("log", base=2)
         axis.set_xticks(ticks, [str(t) for t in ticks])
@@ -602,9 +835,12 @@ def write_plot(r: dict[str, Any], path: Path) -> bool:
     right.set_yscale("log")
     left.set_title("Throughput")
     right.set_title("Time to first token")
-    left.legend(fontsize=8)
+    if left.get_legend_handles_labels()[0]:
+        left.legend(fontsize=8)
     m = r["machine"]
-    fig.suptitle(f"SmolLM2-135M sym_int4, {r['workload']['max_tokens']}-token answers — "
+    model = "SmolLM2-135M (ipex_llm: sym_int4; llama.cpp: Q4_1)" \
+        if lc_service or lc_alone or _ok(r.get("llama")) else "SmolLM2-135M sym_int4"
+    fig.suptitle(f"{model}, {r['workload']['max_tokens']}-token answers — "
                  f"{m['cpu_model']}, {m['logical_cpus']} CPUs, {m['date']}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -622,8 +858,8 @@ def write_report(r: dict[str, Any], out_dir: Path) -> list[Path]:
     else:
         lines += ["_No plot: matplotlib is not installed (`.venv/bin/pip install "
                   "matplotlib`)._", ""]
-    lines += _analysis(r, values) + _inprocess(r) + _service(r) + _llama(r) + \
-        _coldstart(r) + _mixed(r) + _profile(r)
+    lines += _analysis(r, values) + _inprocess(r) + _service(r) + _llama_cpp_engine(r) + \
+        _llama_cpp_service(r) + _llama(r) + _coldstart(r) + _mixed(r) + _profile(r)
     report = out_dir / "RESULTS.md"
     report.write_text("\n".join(lines).rstrip() + "\n")
     return [report, out_dir / "results.json"] + ([plot] if has_plot else [])

@@ -1,6 +1,6 @@
 """`make bench`: every benchmark section on the demo model, then bench/RESULTS.md and a plot.
 
-    python -m bench.run            # full run (about 15-20 minutes on 2 quiet cores)
+    python -m bench.run            # full run (about 25 minutes on 2 quiet cores)
     python -m bench.run --quick    # smoke check (< 5 minutes): fewer levels, short answers
     python -m bench.run --sections service,llama   # a subset (report from what ran)
 
@@ -8,8 +8,11 @@ Each section runs as a child process of this one, with a time limit, and writes 
 section that fails or overruns is reported as such and the run goes on. Sections:
 ``inprocess`` (batched-generate ceiling, one-at-a-time path, engine alone, decode-step
 profile), ``coldstart`` (convert vs load, peak RSS), ``service`` (Ray Serve over HTTP and
-the handle, mixed workload, py-spy), ``llama`` (llama.cpp's server; skipped with a note
-until ``python -m bench.build_llama_server`` has built it, or pass --build-llama).
+the handle, mixed workload, py-spy), ``llama_cpp_engine`` and ``llama_cpp_service`` (the
+same engine-alone and service measurements with engine llama_cpp on the gguf demo
+checkpoint, serve_config.llama_cpp.yaml; skipped with a note if llama-cpp-python is not
+installed), ``llama`` (llama.cpp's server; skipped with a note until
+``python -m bench.build_llama_server`` has built it, or pass --build-llama).
 
 The full run writes bench/RESULTS.md, bench/results.json and bench/throughput.png; --quick
 writes the same under bench/.cache/quick/ so the committed results stay the full ones.
@@ -31,9 +34,13 @@ from bench.workload import WORKLOADS, Workload
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-SECTIONS = ("inprocess", "coldstart", "service", "llama")
+SECTIONS = ("inprocess", "coldstart", "service", "llama_cpp_engine", "llama_cpp_service",
+            "llama")
+# Sections that run engine llama_cpp (they need llama-cpp-python and the gguf checkpoint).
+LLAMA_CPP_SECTIONS = ("llama_cpp_engine", "llama_cpp_service")
 # Per-section wall-clock limits (s), full / quick: generous for a loaded machine, but bounded.
 TIME_LIMITS_S = {"inprocess": (900, 300), "coldstart": (300, 200), "service": (1800, 600),
+                 "llama_cpp_engine": (600, 200), "llama_cpp_service": (1500, 500),
                  "llama": (600, 200)}
 
 
@@ -70,6 +77,35 @@ def run_child(name: str, args: list[str], output: Path, limit_s: float,
         _log(f"{name} failed: {result['failed']}")
     result["section_seconds"] = round(seconds, 1)
     return result
+
+
+def llama_cpp_missing() -> str | None:
+    """Why engine llama_cpp cannot run here (``import llama_cpp`` fails, in a child process
+    so that this one loads no llama.cpp), or None."""
+    check = subprocess.run([sys.executable, "-c", "import llama_cpp"], cwd=REPO_ROOT,
+                           capture_output=True, text=True)
+    if check.returncode == 0:
+        return None
+    error = (check.stderr.strip().splitlines() or [f"exit status {check.returncode}"])[-1]
+    return ("llama-cpp-python is not importable (" + error + "); install it with "
+            "`pip install -e '.[llama-cpp]'` (or `make install`)")
+
+
+def prepare_llama_cpp(sections: list[str]) -> tuple[str | None, str | None]:
+    """The gguf demo checkpoint for the llama_cpp sections (built if needed, ~10 s), or why
+    they are skipped (no llama-cpp-python) or failed (no checkpoint)."""
+    if not set(sections) & set(LLAMA_CPP_SECTIONS):
+        return None, None
+    missing = llama_cpp_missing()
+    if missing:
+        _log(f"skipping {', '.join(LLAMA_CPP_SECTIONS)}: {missing}")
+        return None, missing
+    from deployments.constants import DEMO_GGUF_CHECKPOINT_DIR
+    from deployments.convert import ensure_demo_checkpoint
+
+    return str(ensure_demo_checkpoint(REPO_ROOT / DEMO_GGUF_CHECKPOINT_DIR,
+                                      checkpoint_format="gguf",
+                                      report=lambda m: _log(m))), None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,6 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     checkpoint = str(ensure_demo_checkpoint(REPO_ROOT / DEMO_CHECKPOINT_DIR,
                                             report=lambda m: _log(m)))
     gguf = str(demo_gguf_path())
+    gguf_checkpoint: str | None = None
+    llama_cpp_problem: dict[str, str] = {}
+    try:
+        gguf_checkpoint, skipped = prepare_llama_cpp(sections)
+        if skipped:
+            llama_cpp_problem = {"skipped": skipped}
+    except Exception as error:  # a failed section, not a failed run
+        llama_cpp_problem = {"failed": f"building the gguf demo checkpoint: {error}"}
+        _log(llama_cpp_problem["failed"])
     if args.build_llama and "llama" in sections:
         from bench.build_llama_server import build
 
@@ -124,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
                                "workload": json.loads(work.to_json()),
                                "checkpoint": os.path.relpath(checkpoint, REPO_ROOT),
                                "gguf": gguf, "env": extra_env}
+    if gguf_checkpoint:
+        results["gguf_checkpoint"] = os.path.relpath(gguf_checkpoint, REPO_ROOT)
     index = 0 if not args.quick else 1
     started = time.perf_counter()
     for section in sections:
@@ -138,9 +185,18 @@ def main(argv: list[str] | None = None) -> int:
                     "bench.coldstart", "convert", "--gguf", gguf, "--output",
                     str(scratch / "convert.json")], scratch / "convert.json", limit, scratch)}
             continue
+        if section in LLAMA_CPP_SECTIONS and (llama_cpp_problem or not gguf_checkpoint):
+            results[section] = {**llama_cpp_problem, "section_seconds": 0.0}
+            continue
         module = {"inprocess": "bench.inprocess", "service": "bench.service",
+                  "llama_cpp_engine": "bench.inprocess", "llama_cpp_service": "bench.service",
                   "llama": "bench.llama_peer"}[section]
-        source = ["--gguf", gguf] if section == "llama" else ["--checkpoint", checkpoint]
+        if section == "llama":
+            source = ["--gguf", gguf]
+        elif section in LLAMA_CPP_SECTIONS:
+            source = ["--engine", "llama_cpp", "--checkpoint", str(gguf_checkpoint)]
+        else:
+            source = ["--checkpoint", checkpoint]
         output = scratch / f"{section}.json"
         results[section] = run_child(section, [module, "--workload", work.name, *source,
                                                "--output", str(output)],

@@ -5,6 +5,10 @@ Runs in a process of its own (``bench.run`` starts it), which starts a fresh loc
 cluster (never joins one) and shuts it down at the end; every Ray process is a descendant.
 
     python -m bench.service --workload full --checkpoint DIR --output out.json
+    python -m bench.service --engine llama_cpp --checkpoint GGUF_DIR --output out.json
+
+``--engine llama_cpp`` serves serve_config.llama_cpp.yaml's application (engine llama_cpp)
+from a ``gguf`` checkpoint instead of serve_config.yaml's; everything else is the same.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ from bench.workload import WORKLOADS, Workload
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_NAME = "llm"
+# The shipped config of each engine (serve_config.llama_cpp.yaml is rendered from the other).
+CONFIG_FILES = {"ipex_llm": "serve_config.yaml", "llama_cpp": "serve_config.llama_cpp.yaml"}
 IDLE_TIMEOUT_S = 120.0
 
 
@@ -45,14 +51,16 @@ def _log(message: str) -> None:
 # ---- configuration ----------------------------------------------------------------------
 
 
-def shipped_options(checkpoint: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """serve_config.yaml's application args and LLMServer options, for one fixed replica.
+def shipped_options(checkpoint: str, config_file: str = CONFIG_FILES["ipex_llm"]
+                    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A shipped config's (serve_config.yaml by default) application args and LLMServer
+    options, for one fixed replica serving ``checkpoint``.
 
     Autoscaling is replaced by one replica: this host is one slot, and a benchmark must not
     change its capacity mid-run. The request deadline is raised so a deep closed-loop queue
     on a loaded machine measures latency instead of timing out.
     """
-    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    config = yaml.safe_load((REPO_ROOT / config_file).read_text())
     app = next(a for a in config["applications"] if a["name"] == APP_NAME)
     args = {**app["args"], "checkpoint_path": checkpoint, "request_timeout_s": 600.0}
     server = next(d for d in app.get("deployments", []) if d["name"] == "LLMServer")
@@ -102,7 +110,7 @@ def cpu_shares(before: dict[int, tuple[str, float]], after: dict[int, tuple[str,
 
 
 class Service:
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str, config_file: str = CONFIG_FILES["ipex_llm"]):
         import ray
         from ray import serve
 
@@ -122,7 +130,7 @@ class Service:
         t0 = time.perf_counter()
         serve.start(http_options={"host": "127.0.0.1", "port": self.port})
         self.startup["serve_start_s"] = time.perf_counter() - t0
-        args, options = shipped_options(checkpoint)
+        args, options = shipped_options(checkpoint, config_file)
         self.config_args, self.server_options = args, options
         from deployments.app import bind_app
         from deployments.config import LLMConfig
@@ -341,8 +349,13 @@ async def mixed_workload(service: Service, work: Workload) -> dict[str, Any]:
 
 # ---- py-spy -----------------------------------------------------------------------------
 
-# Inclusive categories of the replica's busy samples: the first marker found in a stack
-# (outermost first) names it.
+# Categories of the replica's busy samples, by engine: a stack counts for the innermost
+# frame that matches one (function name and file).
+_SHARED_CATEGORIES = (
+    ("engine step bookkeeping", "step", "deployments/engine/batching.py"),
+    ("engine loop (inbox, hand-off)", "_run", "deployments/engine_loop.py"),
+    ("replica event loop: generate_stream", "generate_stream", "deployments/server.py"),
+)
 _REPLICA_CATEGORIES = (
     ("low-bit matmul (ggml)", "ggml_matmul_src1_x_src0_t", "low_bit_linear.py"),
     ("low-bit matmul (dequant + sgemm)", "ggml_int4_convert_fp32", "low_bit_linear.py"),
@@ -353,10 +366,20 @@ _REPLICA_CATEGORIES = (
     ("KV join", "_join_pending", "deployments/engine/ipex_llm.py"),
     ("KV drop rows", "_drop_rows", "deployments/engine/ipex_llm.py"),
     ("prefill (rest)", "_prefill", "deployments/engine/ipex_llm.py"),
-    ("engine step bookkeeping", "step", "deployments/engine/batching.py"),
-    ("engine loop (inbox, hand-off)", "_run", "deployments/engine_loop.py"),
-    ("replica event loop: generate_stream", "generate_stream", "deployments/server.py"),
+    *_SHARED_CATEGORIES,
 )
+# LlamaCppEngine: the model is one native llama_decode per step, inside _run (py-spy without
+# --native stops at that Python frame).
+_LLAMA_CPP_REPLICA_CATEGORIES = (
+    ("model forward (llama_decode, in _run)", "_run", "deployments/engine/llama_cpp.py"),
+    ("sampling", "_sample", "deployments/engine/llama_cpp.py"),
+    ("detokenize + stop strings", "_decode_text", "deployments/engine/llama_cpp.py"),
+    ("slot release (KV seq_rm)", "_release", "deployments/engine/llama_cpp.py"),
+    ("prefill (rest)", "_prefill", "deployments/engine/llama_cpp.py"),
+    ("decode (rest)", "_decode", "deployments/engine/llama_cpp.py"),
+    *_SHARED_CATEGORIES,
+)
+REPLICA_CATEGORIES = {"ipex_llm": _REPLICA_CATEGORIES, "llama_cpp": _LLAMA_CPP_REPLICA_CATEGORIES}
 
 
 def _pyspy_record(pid: int, seconds: int, output: Path) -> subprocess.Popen | None:
@@ -426,7 +449,9 @@ def pyspy_thread_names(raw: str) -> dict[int, str]:
     return names
 
 
-async def pyspy_profile(service: Service, work: Workload, clients: int) -> dict[str, Any]:
+async def pyspy_profile(service: Service, work: Workload, clients: int,
+                        categories: tuple[tuple[str, str, str], ...] = _REPLICA_CATEGORIES
+                        ) -> dict[str, Any]:
     """py-spy on the replica and the router while ``clients`` HTTP clients run (unmeasured:
     sampling costs CPU), and the CPU each replica thread used meanwhile (/proc: py-spy's
     own idle detection counts some waiting Ray threads as busy)."""
@@ -461,7 +486,7 @@ async def pyspy_profile(service: Service, work: Workload, clients: int) -> dict[
             continue
         raw = path.read_text()
         if name == "replica":
-            result[name] = summarize_pyspy(raw, _REPLICA_CATEGORIES, thread="llm-engine-loop")
+            result[name] = summarize_pyspy(raw, categories, thread="llm-engine-loop")
             names = pyspy_thread_names(raw)
             cores = {tid: (after - threads_before.get(tid, 0.0)) / seconds
                      for tid, after in threads_after.items()}
@@ -478,7 +503,7 @@ async def pyspy_profile(service: Service, work: Workload, clients: int) -> dict[
 # ---- main -------------------------------------------------------------------------------
 
 
-async def run(service: Service, work: Workload) -> dict[str, Any]:
+async def run(service: Service, work: Workload, engine: str = "ipex_llm") -> dict[str, Any]:
     result: dict[str, Any] = {}
     result["http"] = await sweep(
         service, lambda: HttpTarget(service.base_url, work.model_name, work.prompt),
@@ -488,26 +513,36 @@ async def run(service: Service, work: Workload) -> dict[str, Any]:
         work.handle_clients, work, "handle")
     result["mixed"] = await mixed_workload(service, work)
     if work.pyspy_seconds:
-        result["pyspy"] = await pyspy_profile(service, work, clients=8)
+        result["pyspy"] = await pyspy_profile(service, work, clients=8,
+                                              categories=REPLICA_CATEGORIES[engine])
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="full")
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="an ipex_llm checkpoint, or a gguf one for --engine llama_cpp")
+    parser.add_argument("--engine", choices=sorted(CONFIG_FILES), default="ipex_llm",
+                        help="which shipped config to serve: " +
+                             ", ".join(f"{k}: {v}" for k, v in CONFIG_FILES.items()))
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     work = WORKLOADS[args.workload]
+    config_file = CONFIG_FILES[args.engine]
+    configured = shipped_options(args.checkpoint, config_file)[0].get("engine", "ipex_llm")
+    if configured != args.engine:
+        parser.error(f"{config_file} runs engine {configured}, not {args.engine}")
     os.environ.pop("RAY_ADDRESS", None)  # a cluster of our own, never someone else's
     started = time.perf_counter()
-    service = Service(args.checkpoint)
-    result: dict[str, Any] = {"startup": service.startup,
+    service = Service(args.checkpoint, config_file)
+    result: dict[str, Any] = {"engine": args.engine, "config_file": config_file,
+                              "startup": service.startup,
                               "config_args": service.config_args,
                               "server_options": service.server_options}
     _log(f"started: {service.startup}")
     try:
-        result.update(asyncio.run(run(service, work)))
+        result.update(asyncio.run(run(service, work, args.engine)))
         result["startup"]["replica_vm_hwm_end_bytes"] = vm_hwm_bytes(service.replica_pid)
     finally:
         result["seconds"] = time.perf_counter() - started

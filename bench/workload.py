@@ -42,6 +42,8 @@ class Workload:
     model_name: str = MODEL_NAME
     llama_parallel_slots: int = 8
     llama_threads: int = 2
+    # Batch sizes of engine llama_cpp alone (LlamaCppEngine.step in a loop, no serving).
+    llama_cpp_engine_batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
 
     def rounds(self, clients: int) -> int:
         return max(1, math.ceil(self.min_requests / clients))
@@ -63,7 +65,7 @@ FULL = Workload(
     llama_clients=(1, 4, 8, 16, 32), min_requests=12,
     mixed_long_clients=4, mixed_short_clients=4, mixed_long_tokens=256,
     mixed_short_tokens=16, mixed_short_requests_per_client=8,
-    profile_batch_size=8, pyspy_seconds=20)
+    profile_batch_size=8, pyspy_seconds=20, llama_cpp_engine_batch_sizes=(1, 4, 8, 16))
 
 QUICK = Workload(
     name="quick", max_tokens=32,
@@ -72,6 +74,6 @@ QUICK = Workload(
     http_clients=(1, 8), handle_clients=(8,), llama_clients=(1, 8), min_requests=4,
     mixed_long_clients=2, mixed_short_clients=2, mixed_long_tokens=64,
     mixed_short_tokens=16, mixed_short_requests_per_client=3,
-    profile_batch_size=8, pyspy_seconds=0)
+    profile_batch_size=8, pyspy_seconds=0, llama_cpp_engine_batch_sizes=(1, 8))
 
 WORKLOADS = {w.name: w for w in (FULL, QUICK)}

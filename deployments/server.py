@@ -76,10 +76,11 @@ class LLMServer:
             max_prefill_tokens_per_step=config.max_prefill_tokens_per_step,
             **config.engine_options)
         self._batch_sizes: collections.Counter[int] = collections.Counter()
+        self._engine_thread_niceness: int | None = None  # set by the engine thread
         self._loop = EngineLoop(
             self._engine, stall_timeout_s=constants.SCHEDULER_STALL_TIMEOUT_S,
             on_step=self._record_step,
-            on_thread_start=lambda: placement.apply_torch_threads(self._pinning))
+            on_thread_start=self._prepare_engine_thread)
         self._loop.start(asyncio.get_event_loop())
         metrics.REPLICA_LOADED.record(1, self._labels)
         logger.info("LLMServer ready in %.1f s: model %s from %s on %s (node %s)",
@@ -151,11 +152,17 @@ class LLMServer:
                 self._loop.abort(request.request_id)
             trace.end(status)
 
+    def _prepare_engine_thread(self) -> None:
+        """Runs first on the engine thread: its torch threads and its priority."""
+        placement.apply_torch_threads(self._pinning)
+        self._engine_thread_niceness = placement.raise_engine_thread_priority()
+
     async def health(self) -> dict[str, Any]:
         """What /health reports for this replica; raises when the engine loop is not alive."""
         self._loop.check_alive()
         return {"model": self._config.model_name, "engine": self._config.engine,
                 "slot": self._slot.to_dict(),
+                "engine_thread_niceness": self._engine_thread_niceness,
                 "pinning": self._pinning.to_dict(), "pid": os.getpid(),
                 "running": getattr(self._engine, "num_running", None),
                 "waiting": getattr(self._engine, "num_waiting", None)}

@@ -12,9 +12,11 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -754,3 +756,40 @@ def test_start_node_script_advertises_this_hosts_slots(tmp_path: Path) -> None:
         f'--resources={{"{CPU_SOCKET_RESOURCE}": {sockets}}}',
         "--block",
     ]
+
+
+def _in_a_thread(function: Any) -> Any:
+    """``function()``'s result, run on a new thread (niceness is per thread on Linux)."""
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(function()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def test_engine_thread_priority_is_raised_to_niceness_0_on_its_thread_only() -> None:
+    def niced_then_raised() -> tuple[int, int]:
+        os.setpriority(os.PRIO_PROCESS, 0, 10)  # as Ray starts workers (it uses 15)
+        return placement.raise_engine_thread_priority(), os.getpriority(os.PRIO_PROCESS, 0)
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    returned, after = _in_a_thread(niced_then_raised)
+    if os.geteuid() != 0:
+        pytest.skip("lowering niceness needs CAP_SYS_NICE")
+    assert returned == after == placement.ENGINE_THREAD_NICENESS
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # other threads keep theirs
+
+
+def test_without_the_privilege_the_engine_thread_keeps_its_niceness(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    def refuse(*_: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    def niced_then_raised() -> int:
+        os.setpriority(os.PRIO_PROCESS, 0, 10)
+        monkeypatch.setattr(placement.os, "setpriority", refuse)
+        return placement.raise_engine_thread_priority()
+
+    with caplog.at_level("WARNING"):
+        assert _in_a_thread(niced_then_raised) == 10
+    assert "CAP_SYS_NICE" in caplog.text

@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
+from deployments.engine.hf_text import HFTokenizerText
 from deployments.engine.protocol import EngineError
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ class _Rows:
         self.kv, self.mask, self.last_tokens = kv, mask, last_tokens
 
 
-class IpexLLMEngine(ContinuousBatchingEngine):
+class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
     """A low-bit causal LM on one device ("cpu" or "xpu"), generating for many requests."""
 
     def __init__(self, model: Any, tokenizer: Any, *, device: str, max_batch_size: int,
@@ -99,19 +100,6 @@ class IpexLLMEngine(ContinuousBatchingEngine):
     @property
     def vocab_size(self) -> int:
         return int(self._model.config.vocab_size)
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
-
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
-        if not getattr(self._tokenizer, "chat_template", None):
-            raise EngineError("this model has no chat template; use /v1/completions",
-                              param="messages")
-        return self._tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                                   add_generation_prompt=True)
-
-    def _decode_text(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- backend hooks -------------------------------------------------------------------
 

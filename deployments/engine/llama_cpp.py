@@ -36,6 +36,7 @@ import numpy as np
 
 from deployments.constants import GGUF_MODEL_FILE
 from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
+from deployments.engine.hf_text import HFTokenizerText
 from deployments.engine.protocol import EngineError, SamplingParams
 
 if TYPE_CHECKING:
@@ -54,7 +55,7 @@ _INSTALL_HINT = ("engine llama_cpp needs llama-cpp-python: pip install -e '.[lla
                  "(builds llama.cpp for this CPU, about 4 minutes on 2 cores)")
 
 
-class LlamaCppEngine(ContinuousBatchingEngine):
+class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
     """A GGUF causal LM on the CPU, generating for up to ``max_batch_size`` requests at once."""
 
     def __init__(self, model_path: Path, tokenizer: Any, *, max_batch_size: int,
@@ -129,19 +130,6 @@ class LlamaCppEngine(ContinuousBatchingEngine):
     @property
     def vocab_size(self) -> int:
         return self._n_vocab
-
-    def encode(self, text: str) -> list[int]:
-        return self._tokenizer.encode(text)
-
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
-        if not getattr(self._tokenizer, "chat_template", None):
-            raise EngineError("this model has no chat template; use /v1/completions",
-                              param="messages")
-        return self._tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                                   add_generation_prompt=True)
-
-    def _decode_text(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
 
     # ---- backend hooks -------------------------------------------------------------------
 

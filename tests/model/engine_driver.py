@@ -23,3 +23,22 @@ def generate(engine: LLMEngine, prompts: dict[str, tuple[int, ...]],
         for out in engine.step().outputs:
             texts[out.request_id] = texts.get(out.request_id, "") + out.text
     return texts
+
+
+def assert_batched_requests_keep_their_words(
+        engine: LLMEngine, words: list[str],
+        others: dict[str, tuple[int, ...]] | None = None) -> tuple[list[str], dict[str, str]]:
+    """Run "w, w, w, w," for each word alone, then all together (with ``others``): every
+    word the model repeats alone it repeats in the batch, and no answer names another
+    request's word. Returns the repeated words and the batched answers."""
+    prompts = {w: tuple(engine.encode(f"{w}, {w}, {w}, {w},")) for w in words}
+    prompts.update(others or {})
+    alone = {w: generate(engine, {w: ids}, max_tokens=8, temperature=0)[w]
+             for w, ids in prompts.items()}
+    together = generate(engine, prompts, max_tokens=8, temperature=0)
+    repeating = [w for w in words if w in alone[w]]
+    for word in repeating:
+        assert word in together[word], (word, together[word])
+    for word in words:
+        assert not any(other in together[word] for other in words if other != word), together
+    return repeating, together

@@ -9,7 +9,11 @@ import pytest
 from deployments.checkpoints import CheckpointError
 from deployments.engine.ipex_llm import IpexLLMEngine
 from deployments.engine.protocol import GenerationRequest, SamplingParams
-from tests.model.engine_driver import chat_ids, generate
+from tests.model.engine_driver import (
+    assert_batched_requests_keep_their_words,
+    chat_ids,
+    generate,
+)
 
 pytestmark = pytest.mark.model
 
@@ -35,17 +39,9 @@ def test_every_copy_of_the_question_in_one_batch_says_paris(engine):
 
 def test_requests_in_one_batch_keep_their_own_content(engine):
     words = ["banana", "cherry", "guitar", "pencil", "window", "rocket"]
-    prompts = {w: tuple(engine.encode(f"{w}, {w}, {w}, {w},")) for w in words}
-    prompts["france"] = chat_ids(engine, FRANCE)
-    alone = {w: generate(engine, {w: ids}, max_tokens=8, temperature=0)[w]
-             for w, ids in prompts.items()}
-    together = generate(engine, prompts, max_tokens=8, temperature=0)
-    repeating = [w for w in words if w in alone[w]]
+    repeating, together = assert_batched_requests_keep_their_words(
+        engine, words, {"france": chat_ids(engine, FRANCE)})
     assert "banana" in repeating  # the model continues the pattern with its own word
-    for word in repeating:
-        assert word in together[word], (word, together[word])
-    for word in words:
-        assert not any(other in together[word] for other in words if other != word), together
     assert "Paris" in together["france"]
 
 

@@ -15,7 +15,11 @@ from deployments.config import LLMConfig
 from deployments.engine.ipex_llm import IpexLLMEngine
 from deployments.engine.llama_cpp import LlamaCppEngine
 from deployments.engine.protocol import EngineError, GenerationRequest, SamplingParams
-from tests.model.engine_driver import chat_ids, generate
+from tests.model.engine_driver import (
+    assert_batched_requests_keep_their_words,
+    chat_ids,
+    generate,
+)
 
 pytestmark = pytest.mark.model
 llama_cpp = pytest.importorskip("llama_cpp", reason="the llama-cpp extra (make test installs it)")
@@ -70,16 +74,8 @@ def test_germany_is_answered_with_berlin(engine):
 
 
 def test_requests_in_one_batch_keep_their_own_content(engine):
-    prompts = {w: tuple(engine.encode(f"{w}, {w}, {w}, {w},")) for w in WORDS}
-    alone = {w: generate(engine, {w: ids}, max_tokens=8, temperature=0)[w]
-             for w, ids in prompts.items()}
-    together = generate(engine, prompts, max_tokens=8, temperature=0)
-    repeating = [w for w in WORDS if w in alone[w]]
-    assert len(repeating) >= 4, alone  # the model continues the pattern with its own word
-    for word in repeating:
-        assert word in together[word], (word, together[word])
-    for word in WORDS:
-        assert not any(other in together[word] for other in WORDS if other != word), together
+    repeating, _ = assert_batched_requests_keep_their_words(engine, WORDS)
+    assert len(repeating) >= 4  # the model continues the pattern with its own word
 
 
 def test_requests_joining_a_running_batch_answer_correctly(engine):

@@ -1,0 +1,31 @@
+"""Text through a Hugging Face tokenizer: the engines' shared half of the text contract.
+
+Both model engines read their checkpoint's tokenizer files with ``AutoTokenizer``, so
+prompts, chat templates and detokenizing are the same whichever backend computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from deployments.engine.protocol import EngineError
+
+
+class HFTokenizerText:
+    """``encode``, ``apply_chat_template`` and ``_decode_text`` over ``self._tokenizer``."""
+
+    _tokenizer: Any
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer.encode(text)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+        if not getattr(self._tokenizer, "chat_template", None):
+            raise EngineError("this model has no chat template; use /v1/completions",
+                              param="messages")
+        return self._tokenizer.apply_chat_template(list(messages), tokenize=False,
+                                                   add_generation_prompt=True)
+
+    def _decode_text(self, token_ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=True)

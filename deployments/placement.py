@@ -685,11 +685,7 @@ def apply_torch_threads(report: PinningReport, torch_module: Any = None) -> None
     torch.set_num_threads(report.torch_threads)
 
 
-# Niceness of the thread that runs the model (and so of the OpenMP threads it starts).
-ENGINE_THREAD_NICENESS = 0
-
-
-def raise_engine_thread_priority(niceness: int = ENGINE_THREAD_NICENESS) -> int:
+def raise_engine_thread_priority(niceness: int) -> int:
     """Give the calling thread (the engine's) ``niceness``, if it runs nicer; its niceness.
 
     Ray starts workers at niceness 15 (its ``worker_niceness``), so that its daemons stay
@@ -697,9 +693,11 @@ def raise_engine_thread_priority(niceness: int = ENGINE_THREAD_NICENESS) -> int:
     at a barrier after every op, and whenever any niceness-0 process (Ray's daemons, the
     proxy's clients) preempts one of them, the others wait. Measured with llama.cpp in a
     Ray actor on 2 cores, batch 8: 45 ms per decode step at niceness 15, 39.6 ms at 0
-    (38 ms outside Ray). Threads inherit niceness at creation, so the engine thread calls
-    this before its first forward pass starts the OpenMP threads. Lowering niceness needs
-    CAP_SYS_NICE (or RLIMIT_NICE): without it the replica keeps Ray's and logs why.
+    (38 ms outside Ray). The price: the replica then takes CPU from Ray Serve's proxy and
+    routers on the same node (at 15), so it is opt-in (``engine_thread_niceness``).
+    Threads inherit niceness at creation, so the engine thread calls this before its first
+    forward pass starts the OpenMP threads. Lowering niceness needs CAP_SYS_NICE (or
+    RLIMIT_NICE): without it the replica keeps Ray's and logs why.
     """
     current = os.getpriority(os.PRIO_PROCESS, 0)  # on Linux: the calling thread
     if current <= niceness:

@@ -155,7 +155,10 @@ class LLMServer:
     def _prepare_engine_thread(self) -> None:
         """Runs first on the engine thread: its torch threads and its priority."""
         placement.apply_torch_threads(self._pinning)
-        self._engine_thread_niceness = placement.raise_engine_thread_priority()
+        niceness = self._config.engine_thread_niceness
+        self._engine_thread_niceness = (
+            os.getpriority(os.PRIO_PROCESS, 0) if niceness is None
+            else placement.raise_engine_thread_priority(niceness))
 
     async def health(self) -> dict[str, Any]:
         """What /health reports for this replica; raises when the engine loop is not alive."""

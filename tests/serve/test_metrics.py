@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,7 +16,7 @@ MODEL = "smollm2-135m-instruct"
 @pytest.fixture(scope="module")
 def base_url():
     args = {"engine": "echo", "checkpoint_path": "/unused",
-            "engine_options": {"step_delay_s": 0.002}}
+            "engine_options": {"step_delay_s": 0.002}, "engine_thread_niceness": 5}
     with serve_app(args, server_options={"max_ongoing_requests": 64}) as url:
         yield url
 
@@ -67,3 +69,11 @@ def test_metrics_come_from_the_replica_process_too(base_url):
     samples = scrape(base_url)
     devices = {dict(lab).get("device") for (n, lab) in samples if n.startswith("llm_")}
     assert {"cpu", "router"} <= devices
+
+
+def test_the_engine_thread_runs_at_the_configured_niceness(base_url):
+    """Ray starts workers at niceness 15; the config moves the engine thread (any process
+    may lower its own priority, so 15 -> 5 needs root, and stays 15 without it)."""
+    health = httpx.get(f"{base_url}/health", timeout=30).json()
+    expected = 5 if os.geteuid() == 0 else 15
+    assert health["replica"]["engine_thread_niceness"] == expected

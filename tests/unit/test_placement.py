@@ -767,16 +767,16 @@ def _in_a_thread(function: Any) -> Any:
     return result[0]
 
 
-def test_engine_thread_priority_is_raised_to_niceness_0_on_its_thread_only() -> None:
+def test_engine_thread_priority_is_raised_on_its_thread_only() -> None:
     def niced_then_raised() -> tuple[int, int]:
         os.setpriority(os.PRIO_PROCESS, 0, 10)  # as Ray starts workers (it uses 15)
-        return placement.raise_engine_thread_priority(), os.getpriority(os.PRIO_PROCESS, 0)
+        return placement.raise_engine_thread_priority(0), os.getpriority(os.PRIO_PROCESS, 0)
 
     before = os.getpriority(os.PRIO_PROCESS, 0)
     returned, after = _in_a_thread(niced_then_raised)
     if os.geteuid() != 0:
         pytest.skip("lowering niceness needs CAP_SYS_NICE")
-    assert returned == after == placement.ENGINE_THREAD_NICENESS
+    assert returned == after == 0
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # other threads keep theirs
 
 
@@ -788,7 +788,7 @@ def test_without_the_privilege_the_engine_thread_keeps_its_niceness(
     def niced_then_raised() -> int:
         os.setpriority(os.PRIO_PROCESS, 0, 10)
         monkeypatch.setattr(placement.os, "setpriority", refuse)
-        return placement.raise_engine_thread_priority()
+        return placement.raise_engine_thread_priority(0)
 
     with caplog.at_level("WARNING"):
         assert _in_a_thread(niced_then_raised) == 10

@@ -28,4 +28,15 @@ class HFTokenizerText:
                                                    add_generation_prompt=True)
 
     def _decode_text(self, token_ids: Sequence[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+        """``tokenizer.decode(ids, skip_special_tokens=True)``, straight from the Rust
+        tokenizer when there is one. The scheduler decodes every running sequence's whole
+        answer once per step; transformers' own decode checks each id's type in Python
+        first, 635 us for 128 ids against 27 us here (5% of a batch-8 llama.cpp step)."""
+        tokenizer = self._tokenizer
+        backend = getattr(tokenizer, "_tokenizer", None) if tokenizer.is_fast else None
+        if backend is None:
+            return tokenizer.decode(token_ids, skip_special_tokens=True)
+        text = backend.decode(list(token_ids), skip_special_tokens=True)
+        if tokenizer.clean_up_tokenization_spaces:
+            text = tokenizer.clean_up_tokenization(text)
+        return text

@@ -8,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from deployments.checkpoints import CheckpointError, write_manifest
@@ -197,3 +198,13 @@ def test_llama_cpp_runs_on_the_cpu_only(gguf_checkpoint):
                             max_prefill_tokens_per_step=64)
     with pytest.raises(ValueError, match="engine llama_cpp runs on the CPU"):
         LLMConfig(engine="llama_cpp", device="xpu")
+
+
+def test_fast_detokenizing_matches_the_tokenizers_decode(engine):
+    tokenizer = engine._tokenizer
+    rng = np.random.default_rng(0)
+    samples = [list(chat_ids(engine, "What is the capital of Germany?")),
+               tokenizer.encode("  naïve café 🙂\n\n  x ,  . ! 's n't"),
+               *(rng.integers(0, engine.vocab_size, size=40).tolist() for _ in range(20))]
+    for ids in samples:
+        assert engine._decode_text(ids) == tokenizer.decode(ids, skip_special_tokens=True)

@@ -37,15 +37,14 @@ def bind_app(config: LLMConfig, *, server_options: dict[str, Any] | None = None)
     ``ray_actor_options`` in serve_config.yaml replaces these and must carry them over.
     """
     resources = ray.cluster_resources() if ray.is_initialized() else {}
-    cpu_only = config.engine == "llama_cpp"  # never placed on a GPU by `device: auto`
-    slot_placement = resolve_placement(config.device, resources, cpu_only=cpu_only)
+    slot_placement = resolve_placement(config.device, resources, cpu_only=config.cpu_only)
     metrics_dir = Path(tempfile.gettempdir()) / "ipex-llm-serve-metrics" / uuid.uuid4().hex
     runtime_env = {"env_vars": {MULTIPROC_ENV: str(metrics_dir)}}
     server = LLMServer.options(ray_actor_options={
         "num_cpus": _host_cpus() if slot_placement == "host" and config.engine != "echo" else 0,
         "runtime_env": runtime_env,
         **replica_ray_options(config.device, resources, config.accelerator_type,
-                              cpu_only=cpu_only)},
+                              cpu_only=config.cpu_only)},
         **(server_options or {}))
     router = LLMRouter.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
     return router.bind(server.bind(config, slot_placement), config)

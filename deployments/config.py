@@ -24,6 +24,8 @@ ENGINE_CLASSES: dict[str, str] = {
     "llama_cpp": "deployments.engine.llama_cpp:LlamaCppEngine",
     "echo": "deployments.engine.echo:EchoEngine",
 }
+# Engines without a GPU path: `device: xpu` is refused, `device: auto` never picks a GPU.
+CPU_ONLY_ENGINES = frozenset({"llama_cpp"})
 
 
 class LLMConfig(BaseModel):
@@ -101,9 +103,9 @@ class LLMConfig(BaseModel):
 
     @model_validator(mode="after")
     def _engine_runs_on_device(self) -> LLMConfig:
-        if self.engine == "llama_cpp" and self.device == "xpu":
-            raise ValueError("engine llama_cpp runs on the CPU; for device xpu use engine "
-                             "ipex_llm")
+        if self.cpu_only and self.device == "xpu":
+            raise ValueError(f"engine {self.engine} runs on the CPU; for device xpu use "
+                             "engine ipex_llm")
         return self
 
     @classmethod
@@ -114,6 +116,11 @@ class LLMConfig(BaseModel):
             if app.get("name") == app_name:
                 return cls.model_validate(app.get("args") or {})
         raise ValueError(f"{path}: no application named {app_name!r}")
+
+    @property
+    def cpu_only(self) -> bool:
+        """The engine has no GPU path (placement keeps its replicas on CPUs)."""
+        return self.engine in CPU_ONLY_ENGINES
 
     @property
     def engine_class_path(self) -> str:

@@ -10,15 +10,18 @@ LLAMA_CPP := $(VENV)/.llama-cpp-$(shell cksum pyproject.toml | cut -d' ' -f1)
 # llama.cpp for engine llama_cpp: only the library, compiled for this CPU (-march=native).
 LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+# Ray Serve settings for small hosts (why: cluster/ray_tuning.env), for the Ray that
+# `serve run` starts.
+RAY_TUNING := $(shell grep -v '^\#' cluster/ray_tuning.env)
 
 .PHONY: serve serve-llama-cpp test bench lint demo-checkpoint demo-checkpoint-gguf install
 
 serve: $(INSTALLED) demo-checkpoint
-	$(VENV)/bin/serve run serve_config.yaml
+	env $(RAY_TUNING) $(VENV)/bin/serve run serve_config.yaml
 
 # The same service on engine llama_cpp (the faster CPU path) and the GGUF demo checkpoint.
 serve-llama-cpp: $(INSTALLED) $(LLAMA_CPP) demo-checkpoint-gguf
-	$(VENV)/bin/serve run serve_config.llama_cpp.yaml
+	env $(RAY_TUNING) $(VENV)/bin/serve run serve_config.llama_cpp.yaml
 
 test: $(INSTALLED) $(LLAMA_CPP) demo-checkpoint
 	$(PY) -m pytest

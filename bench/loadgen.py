@@ -20,6 +20,7 @@ from bench.stats import RequestRecord
 
 Issue = Callable[[int], Awaitable[RequestRecord]]  # argument: max_tokens
 REQUEST_TIMEOUT_S = 900.0
+_SEND_ATTEMPTS = 8
 
 
 def completion_body(model: str, prompt: str, max_tokens: int, **extra: Any) -> dict[str, Any]:
@@ -73,7 +74,7 @@ class HttpTarget:
     async def issue(self, max_tokens: int) -> RequestRecord:
         assert self._session is not None
         body = completion_body(self._model, self._prompt, max_tokens, **self._extra)
-        for attempt in (1, 2):
+        for attempt in range(1, _SEND_ATTEMPTS + 1):
             record = RequestRecord(started=time.perf_counter())
             try:
                 async with self._session.post(self._url, json=body) as response:
@@ -84,8 +85,9 @@ class HttpTarget:
                     return await _consume(_sse_chunks(response), record, max_tokens)
             except (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError) as error:
                 # A kept-alive connection the server had closed: nothing was sent, so
-                # retry once on a new connection (the record restarts its clock).
-                if attempt == 2 or record.chunk_times:
+                # retry (the record restarts its clock). llama-server closes idle ones in
+                # bulk, so the pool can hand out several stale connections in a row.
+                if attempt == _SEND_ATTEMPTS or record.chunk_times:
                     return _failed(record, error)
             except (aiohttp.ClientError, TimeoutError) as error:
                 return _failed(record, error)

@@ -252,6 +252,11 @@ def _sweep_table(rows: list[dict[str, Any]], with_batch: bool) -> list[str]:
     return _table(header, body)
 
 
+def _tuning(section: dict[str, Any]) -> str:
+    tuning = section.get("startup", {}).get("ray_tuning") or {}
+    return ", ".join(f"{k}={v}" for k, v in tuning.items()) or "none recorded"
+
+
 def _service(r: dict[str, Any]) -> list[str]:
     service = r.get("service")
     lines = ["## 3. Our service (engine ipex_llm): closed-loop clients over HTTP and through "
@@ -264,8 +269,12 @@ def _service(r: dict[str, Any]) -> list[str]:
               f"{service['server_options'].get('max_ongoing_requests')}) on a fresh local "
               "Ray. Each client sends its next streamed request when the previous one ends; "
               f"each level runs ceil({w['min_requests']} / clients) rounds after a warm-up. "
+              "Ray runs with the shipped settings of `cluster/ray_tuning.env` "
+              f"({_tuning(service)}), as `make serve` starts it. "
               "Times in ms, measured by the client: TTFT to the first text chunk, ITL between "
-              "text chunks (the server may coalesce tokens into one chunk under load), TPOT "
+              "text chunks (the replica paces its chunks: a budget of "
+              f"{service['startup'].get('max_stream_chunks_per_s')} chunks/s shared by "
+              "every answer it streams, so under load a chunk carries several tokens), TPOT "
               "= (last chunk - first chunk) / (tokens - 1). tokens/s and req/s over the "
               "level's wall time. The replica's own means (from its Prometheus histograms: "
               "arrival at the replica to the step that made the first token, and to the step that "

@@ -34,6 +34,7 @@ import yaml
 from bench.coldstart import vm_hwm_bytes
 from bench.loadgen import HandleTarget, HttpTarget, closed_loop, mixed
 from bench.machine import ForeignLoad, measure_quietly_async
+from bench.ray_tuning import apply_ray_tuning
 from bench.stats import RequestRecord, percentile, ratio, summarize
 from bench.workload import WORKLOADS, Workload
 
@@ -119,6 +120,7 @@ class Service:
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.startup: dict[str, Any] = {}
+        self.startup["ray_tuning"] = apply_ray_tuning()  # as `make serve` runs it
         t0 = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         self.startup["ray_init_s"] = time.perf_counter() - t0
@@ -135,7 +137,9 @@ class Service:
         from deployments.app import bind_app
         from deployments.config import LLMConfig
 
-        app = bind_app(LLMConfig.model_validate(args), server_options=options)
+        llm_config = LLMConfig.model_validate(args)
+        self.startup["max_stream_chunks_per_s"] = llm_config.max_stream_chunks_per_s
+        app = bind_app(llm_config, server_options=options)
         t0 = time.perf_counter()
         serve.run(app, name=APP_NAME, route_prefix="/")
         self.startup["serve_run_to_ready_s"] = time.perf_counter() - t0

@@ -75,6 +75,15 @@ class LLMConfig(BaseModel):
     max_request_timeout_s: float = Field(constants.MAX_REQUEST_TIMEOUT_S, gt=0,
                                          description="Cap on a request's own `timeout`.")
     max_request_body_bytes: int = Field(constants.MAX_REQUEST_BODY_BYTES, ge=1024)
+    max_stream_chunks_per_s: float | None = Field(
+        constants.MAX_STREAM_CHUNKS_PER_S, gt=0,
+        description="Chunks a replica streams per second, all answers together: with N "
+                    "answers running, each gets at most one chunk per N / this seconds "
+                    f"(at most {constants.MAX_STREAM_INTERVAL_S:g} s), carrying every "
+                    "token made since; first and last chunks go at once. Each chunk costs "
+                    "two Ray messages (replica to router to proxy), CPU that a small host "
+                    "takes from the model: per-token chunks (null) cost llama.cpp 15-25% "
+                    "of its throughput on 2 cores.")
     api_key_env: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Name of the environment variable holding the API key(s), "

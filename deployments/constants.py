@@ -42,6 +42,11 @@ MAX_REQUEST_BODY_BYTES = 1_000_000
 REQUEST_TIMEOUT_S = 120.0
 MAX_REQUEST_TIMEOUT_S = 600.0
 RETRY_AFTER_S = 1
+# Streamed chunks a replica sends per second, all its answers together (see
+# LLMConfig.max_stream_chunks_per_s); Ray Serve LLM's stream_batching_interval_ms plays this
+# part with a fixed interval. The slowest pace one answer gets, however many stream:
+MAX_STREAM_CHUNKS_PER_S = 40.0
+MAX_STREAM_INTERVAL_S = 1.0
 # A stopped or redeployed replica (router or model) lets in-flight requests run this long.
 GRACEFUL_SHUTDOWN_TIMEOUT_S = 60.0
 

@@ -12,6 +12,7 @@ step at least every ``stall_timeout_s``. Nothing here runs a generation just to 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import threading
@@ -51,6 +52,45 @@ class EngineFailure:
     param: str | None = None
 
 
+class OutputStream:
+    """One request's deliveries, as its replica coroutine reads them.
+
+    ``take`` paces the reader: tokens that arrive before ``not_before`` wait and go out
+    together, but the request's last delivery (finished, or a failure) is taken at once,
+    so pacing never delays an answer's end. Waking only for the last delivery or the
+    interval's end keeps a streaming request from costing the replica a wake-up (and the
+    Ray hops behind it a message) per decode step.
+    """
+
+    def __init__(self) -> None:
+        self._items: collections.deque[Delivery] = collections.deque()
+        self._arrived = asyncio.Event()
+        self._ended = asyncio.Event()
+
+    def put(self, delivery: Delivery, last: bool) -> None:
+        self._items.append(delivery)
+        self._arrived.set()
+        if last:
+            self._ended.set()
+
+    async def take(self, not_before: float = 0.0) -> list[Delivery]:
+        """Everything delivered and not yet taken (waiting for at least one), no earlier
+        than ``not_before`` (time.monotonic()) unless the last delivery is in."""
+        wait_s = not_before - time.monotonic()
+        if wait_s > 0 and not self._ended.is_set():
+            try:
+                async with asyncio.timeout(wait_s):
+                    await self._ended.wait()
+            except TimeoutError:
+                pass
+        while not self._items:
+            self._arrived.clear()
+            await self._arrived.wait()
+        items = list(self._items)
+        self._items.clear()
+        return items
+
+
 class EngineLoop:
     def __init__(self, engine: LLMEngine, *, stall_timeout_s: float,
                  on_step: Callable[[StepResult, float], None] | None = None,
@@ -60,7 +100,7 @@ class EngineLoop:
         self._on_step = on_step
         self._on_thread_start = on_thread_start
         self._inbox: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._streams: dict[str, asyncio.Queue[Delivery]] = {}
+        self._streams: dict[str, OutputStream] = {}
         self._event_loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
         self._fatal: BaseException | None = None
@@ -77,11 +117,12 @@ class EngineLoop:
 
     # ---- event-loop side -----------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> asyncio.Queue[Delivery]:
-        """Queue ``request``; its outputs arrive on the returned queue, the last one finished."""
+    def submit(self, request: GenerationRequest) -> OutputStream:
+        """Queue ``request``; its outputs arrive on the returned stream, the last one
+        finished (or a failure)."""
         if self._fatal is not None:
             raise RuntimeError(f"the engine loop has failed: {self._fatal!r}")
-        outputs: asyncio.Queue[Delivery] = asyncio.Queue()
+        outputs = OutputStream()
         self._streams[request.request_id] = outputs
         self._inbox.put(("add", request))
         return outputs
@@ -105,8 +146,9 @@ class EngineLoop:
             stream = self._streams.get(item.request_id)
             if stream is None:
                 continue  # aborted meanwhile
-            stream.put_nowait(Delivery(item, started, finished))
-            if isinstance(item, EngineFailure) or item.finished:
+            last = isinstance(item, EngineFailure) or item.finished
+            stream.put(Delivery(item, started, finished), last)
+            if last:
                 del self._streams[item.request_id]
 
     # ---- engine thread -------------------------------------------------------------------

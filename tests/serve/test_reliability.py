@@ -129,7 +129,7 @@ def test_liveness_fails_and_requests_get_503_when_the_loop_dies():
     with _running_loop(engine, stall_timeout_s=5) as (loop, event_loop):
         engine.fail = True
         outputs = loop.submit(_request("doomed"))
-        delivery = event_loop.run_until_complete(asyncio.wait_for(outputs.get(), 5))
+        (delivery,) = event_loop.run_until_complete(asyncio.wait_for(outputs.take(), 5))
         assert delivery.item.status_code == 503
         with pytest.raises(RuntimeError, match="not running"):
             loop.check_alive()

@@ -171,3 +171,24 @@ def test_token_ids_outside_the_vocabulary_are_400_and_the_replica_survives(clien
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": [32, 65, 66],
                                               "max_tokens": 2})
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "AB"
+
+
+def test_streamed_chunks_share_the_replicas_chunk_budget(base_url):
+    """8 answers streaming at once from a replica with the default budget (40 chunks/s):
+    each gets a chunk at most every 0.2 s, so a 40-token answer made in ~0.4-0.8 s arrives in
+    a handful of chunks (per-token chunks would be 40), all of its text intact."""
+    body = {"model": MODEL, "prompt": "x " + "abcdefghij" * 4, "max_tokens": 40}
+    with httpx.Client(base_url=base_url, timeout=60) as c:
+        whole = c.post("/v1/completions", json=body).json()["choices"][0]["text"]
+
+    def stream() -> list[str]:
+        with httpx.Client(base_url=base_url, timeout=60) as c:
+            r = c.post("/v1/completions", json={**body, "stream": True})
+        return [e["choices"][0]["text"] for e in sse_events(r.text)[:-1] if e["choices"]]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        streams = list(pool.map(lambda _: stream(), range(8)))
+    assert all("".join(chunks) == whole for chunks in streams)
+    assert len(whole) == 40
+    text_chunks = [len([t for t in chunks if t]) for chunks in streams]
+    assert max(text_chunks) <= 12, text_chunks

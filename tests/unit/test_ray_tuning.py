@@ -1,0 +1,47 @@
+"""The shipped Ray Serve settings (cluster/ray_tuning.env) name settings Ray Serve reads."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.ray_tuning import ray_tuning_env
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_setting_is_read_by_ray_serve_and_takes_effect() -> None:
+    settings = ray_tuning_env()
+    assert settings, "cluster/ray_tuning.env is empty"
+    source = Path(importlib.import_module("ray.serve._private.constants").__file__).read_text()
+    for key in settings:
+        assert f'"{key}"' in source, f"Ray Serve no longer reads {key}"
+    # A fresh interpreter with the settings sees them in Ray Serve's constants.
+    probe = ("import ray.serve._private.constants as c; "
+             "print(c.CONTROL_LOOP_INTERVAL_S, c.RAY_SERVE_METRICS_EXPORT_INTERVAL_MS)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                         env={**os.environ, **settings}, check=True).stdout.split()
+    assert float(out[0]) == float(settings["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"])
+    assert int(out[1]) == int(settings["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"])
+
+
+def test_make_serve_runs_with_the_settings() -> None:
+    dry_run = subprocess.run(["make", "-n", "serve", "serve-llama-cpp"],
+                             cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+    serve_lines = [line for line in dry_run.splitlines() if "serve run" in line]
+    assert len(serve_lines) == 2
+    for line in serve_lines:
+        for key, value in ray_tuning_env().items():
+            assert f"{key}={value}" in line
+
+
+def test_a_malformed_line_is_refused(tmp_path: Path) -> None:
+    bad = tmp_path / "ray.env"
+    bad.write_text("# fine\nRAY_SERVE_X=1\nnot a setting\n")
+    with pytest.raises(ValueError, match=r"ray.env:3: expected KEY=VALUE"):
+        ray_tuning_env(bad)

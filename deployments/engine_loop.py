@@ -60,35 +60,55 @@ class OutputStream:
     so pacing never delays an answer's end. Waking only for the last delivery or the
     interval's end keeps a streaming request from costing the replica a wake-up (and the
     Ray hops behind it a message) per decode step.
+
+    Waits are one future woken by ``put`` or a timer, not ``asyncio.timeout``: the caller
+    holds its own deadline around ``take``, and two nested timeouts that expire together
+    can swallow the outer one on Python 3.11 (the request would then wait past its
+    deadline).
     """
 
     def __init__(self) -> None:
         self._items: collections.deque[Delivery] = collections.deque()
-        self._arrived = asyncio.Event()
-        self._ended = asyncio.Event()
+        self._ended = False  # the last delivery is in
+        self._pacing = False  # a take is waiting out its interval
+        self._wake: asyncio.Future[None] | None = None
 
     def put(self, delivery: Delivery, last: bool) -> None:
         self._items.append(delivery)
-        self._arrived.set()
-        if last:
-            self._ended.set()
+        self._ended = self._ended or last
+        if last or not self._pacing:
+            self._wake_up()
 
     async def take(self, not_before: float = 0.0) -> list[Delivery]:
         """Everything delivered and not yet taken (waiting for at least one), no earlier
         than ``not_before`` (time.monotonic()) unless the last delivery is in."""
         wait_s = not_before - time.monotonic()
-        if wait_s > 0 and not self._ended.is_set():
+        if wait_s > 0 and not self._ended:
+            self._pacing = True
             try:
-                async with asyncio.timeout(wait_s):
-                    await self._ended.wait()
-            except TimeoutError:
-                pass
+                await self._sleep(wait_s)
+            finally:
+                self._pacing = False
         while not self._items:
-            self._arrived.clear()
-            await self._arrived.wait()
+            await self._sleep(None)
         items = list(self._items)
         self._items.clear()
         return items
+
+    async def _sleep(self, timeout_s: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        self._wake = loop.create_future()
+        timer = loop.call_later(timeout_s, self._wake_up) if timeout_s is not None else None
+        try:
+            await self._wake
+        finally:
+            if timer is not None:
+                timer.cancel()
+            self._wake = None
+
+    def _wake_up(self) -> None:
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
 
 class EngineLoop:

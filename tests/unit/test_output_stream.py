@@ -81,3 +81,23 @@ def test_a_cancelled_take_leaves_the_deliveries_for_the_next() -> None:
         return _texts(await stream.take())
 
     assert asyncio.run(scenario()) == "kept"
+
+
+def test_the_callers_deadline_ends_a_paced_take_even_when_both_expire_together() -> None:
+    """The replica holds the request's deadline (asyncio.timeout) around take; a pacing
+    interval that ends at that same instant must not swallow it (nothing more arrives)."""
+    async def scenario() -> str:
+        stream = OutputStream()
+        stream.put(_delivery("a"), last=False)
+        await stream.take()
+        for _ in range(20):
+            deadline = asyncio.get_running_loop().time() + 0.01
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await stream.take(not_before=deadline)
+            except TimeoutError:
+                continue
+            return "took nothing yet returned"
+        return "deadline every time"
+
+    assert asyncio.run(asyncio.wait_for(scenario(), 10)) == "deadline every time"

@@ -342,7 +342,38 @@ def _llama_cpp_service(r: dict[str, Any]) -> list[str]:
         lines += ["CPU cores used per process during the 8-client HTTP run: " +
                   ", ".join(f"{k.replace('ray::', '')} {v:.2f}"
                             for k, v in http8["cpu_cores_by_process"].items()), ""]
+    lines += _pacing_lines(service)
     return lines
+
+
+def _serving_cores(row: dict[str, Any]) -> float:
+    """Cores of everything but the model replica (Ray, proxy, router, client)."""
+    return sum(c for k, c in (row.get("cpu_cores_by_process") or {}).items()
+               if "LLMServer" not in k)
+
+
+def _pacing_lines(service: dict[str, Any]) -> list[str]:
+    per_token = service.get("per_token_chunks")
+    if not per_token:
+        return []
+    lines = ["### What chunk pacing buys", "",
+             "The same HTTP levels again on a replica redeployed with "
+             "`max_stream_chunks_per_s: null` (a chunk per engine step, as before pacing), "
+             "against the paced rows above (the shipped "
+             f"{service.get('startup', {}).get('max_stream_chunks_per_s')} chunks/s).", "",
+             "| clients | tokens/s paced | tokens/s per-token | paced / per-token | TPOT p50 "
+             "paced (ms) | TPOT p50 per-token (ms) | serving cores paced | serving cores "
+             "per-token |", "|---|---|---|---|---|---|---|---|"]
+    for row in per_token:
+        paced = _by(service.get("http"), "clients", row["clients"])
+        if not paced:
+            continue
+        lines.append(
+            f"| {row['clients']} | {_num(paced['tokens_per_s'])} | {_num(row['tokens_per_s'])}"
+            f" | {_x(ratio(paced['tokens_per_s'], row['tokens_per_s']))} | "
+            f"{_ms(paced.get('tpot_p50_s'))} | {_ms(row.get('tpot_p50_s'))} | "
+            f"{_serving_cores(paced):.2f} | {_serving_cores(row):.2f} |")
+    return [*lines, ""]
 
 
 def _llama(r: dict[str, Any]) -> list[str]:
@@ -591,7 +622,7 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
     if 8 in http and 8 in engine:
         h8 = http[8]
         shares = h8.get("cpu_cores_by_process", {})
-        overhead = sum(c for k, c in shares.items() if "LLMServer" not in k)
+        overhead = _serving_cores(h8)
         handle8 = _by(service.get("handle"), "clients", 8) or {}
         slower = ratio(h8["tpot_p50_s"] * 1000, engine[8]["step_ms"])
         lines.append(
@@ -723,7 +754,7 @@ def _llama_cpp_analysis(r: dict[str, Any], v: dict[str, float], lc_engine: dict[
     if 8 in lc_http and 8 in lc_alone:
         h8, e8 = lc_http[8], lc_alone[8]
         shares = h8.get("cpu_cores_by_process") or {}
-        overhead = sum(c for k, c in shares.items() if "LLMServer" not in k)
+        overhead = _serving_cores(h8)
         slower = ratio(h8["tpot_p50_s"] * 1000 if h8.get("tpot_p50_s") is not None
                        else None, e8["step_ms"])
         handle8 = _tps(lc_service, 8, "handle")

@@ -169,6 +169,19 @@ class Service:
         ray.kill(actor)
         return seconds
 
+    def redeploy(self, **overrides: Any) -> None:
+        """The same application with some args changed (``serve.run`` returns when the new
+        replica is ready; the old one is gone)."""
+        from ray import serve
+
+        from deployments.app import bind_app
+        from deployments.config import LLMConfig
+
+        config = LLMConfig.model_validate({**self.config_args, **overrides})
+        serve.run(bind_app(config, server_options=self.server_options), name=APP_NAME,
+                  route_prefix="/")
+        self.replica_pid = int(self.health()["replica"]["pid"])
+
     def health(self) -> dict[str, Any]:
         response = httpx.get(f"{self.base_url}/health", timeout=30)
         response.raise_for_status()
@@ -519,7 +532,19 @@ async def run(service: Service, work: Workload, engine: str = "ipex_llm") -> dic
     if work.pyspy_seconds:
         result["pyspy"] = await pyspy_profile(service, work, clients=8,
                                               categories=REPLICA_CATEGORIES[engine])
+    result["replica_vm_hwm_end_bytes"] = vm_hwm_bytes(service.replica_pid)
+    if engine == "llama_cpp" and work.pacing_clients:
+        result["per_token_chunks"] = await per_token_chunks(service, work)
     return result
+
+
+async def per_token_chunks(service: Service, work: Workload) -> list[dict[str, Any]]:
+    """What the replica's chunk pacing buys: the same HTTP levels with a chunk per engine
+    step (``max_stream_chunks_per_s: null``), on a redeployed replica."""
+    service.redeploy(max_stream_chunks_per_s=None)
+    return await sweep(
+        service, lambda: HttpTarget(service.base_url, work.model_name, work.prompt),
+        work.pacing_clients, work, "http, per-token chunks")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -547,7 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     _log(f"started: {service.startup}")
     try:
         result.update(asyncio.run(run(service, work, args.engine)))
-        result["startup"]["replica_vm_hwm_end_bytes"] = vm_hwm_bytes(service.replica_pid)
+        result["startup"]["replica_vm_hwm_end_bytes"] = result.pop("replica_vm_hwm_end_bytes", None)
     finally:
         result["seconds"] = time.perf_counter() - started
         Path(args.output).write_text(json.dumps(result, indent=1, default=str))

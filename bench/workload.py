@@ -44,6 +44,8 @@ class Workload:
     llama_threads: int = 2
     # Batch sizes of engine llama_cpp alone (LlamaCppEngine.step in a loop, no serving).
     llama_cpp_engine_batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
+    # Client counts measured again with per-token chunks (engine llama_cpp's service only).
+    pacing_clients: tuple[int, ...] = (1, 8)
 
     def rounds(self, clients: int) -> int:
         return max(1, math.ceil(self.min_requests / clients))
@@ -74,6 +76,7 @@ QUICK = Workload(
     http_clients=(1, 8), handle_clients=(8,), llama_clients=(1, 8), min_requests=4,
     mixed_long_clients=2, mixed_short_clients=2, mixed_long_tokens=64,
     mixed_short_tokens=16, mixed_short_requests_per_client=3,
-    profile_batch_size=8, pyspy_seconds=0, llama_cpp_engine_batch_sizes=(1, 8))
+    profile_batch_size=8, pyspy_seconds=0, llama_cpp_engine_batch_sizes=(1, 8),
+    pacing_clients=(8,))
 
 WORKLOADS = {w.name: w for w in (FULL, QUICK)}

@@ -61,10 +61,9 @@ class OutputStream:
     interval's end keeps a streaming request from costing the replica a wake-up (and the
     Ray hops behind it a message) per decode step.
 
-    Waits are one future woken by ``put`` or a timer, not ``asyncio.timeout``: the caller
-    holds its own deadline around ``take``, and two nested timeouts that expire together
-    can swallow the outer one on Python 3.11 (the request would then wait past its
-    deadline).
+    Waits are one future woken by ``put`` or a timer, not an ``asyncio.timeout`` of its own:
+    the caller's deadline (its ``asyncio.timeout`` around ``take``) is then the only
+    cancellation in play, and a cancelled take leaves the deliveries for the next one.
     """
 
     def __init__(self) -> None:

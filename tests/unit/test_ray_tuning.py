@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -21,13 +22,22 @@ def test_every_setting_is_read_by_ray_serve_and_takes_effect() -> None:
     source = Path(importlib.import_module("ray.serve._private.constants").__file__).read_text()
     for key in settings:
         assert f'"{key}"' in source, f"Ray Serve no longer reads {key}"
-    # A fresh interpreter with the settings sees them in Ray Serve's constants.
-    probe = ("import ray.serve._private.constants as c; "
-             "print(c.CONTROL_LOOP_INTERVAL_S, c.RAY_SERVE_METRICS_EXPORT_INTERVAL_MS)")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         env={**os.environ, **settings}, check=True).stdout.split()
-    assert float(out[0]) == float(settings["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"])
-    assert int(out[1]) == int(settings["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"])
+    # In a fresh interpreter with the settings, each one changes a Ray Serve constant to
+    # its value (compared with an interpreter without them).
+    probe = ("import json, ray.serve._private.constants as c; print(json.dumps("
+             "{k: v for k, v in vars(c).items() if k.isupper() and "
+             "isinstance(v, (int, float)) and not isinstance(v, bool)}))")
+
+    def constants(env: dict[str, str]) -> dict[str, float]:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                             env=env, check=True).stdout
+        return json.loads(out)
+
+    plain_env = {k: v for k, v in os.environ.items() if k not in settings}
+    plain, tuned = constants(plain_env), constants({**plain_env, **settings})
+    changed = {tuned[k] for k in tuned if tuned[k] != plain.get(k)}
+    for key, value in settings.items():
+        assert float(value) in changed, f"{key}={value} changed no Ray Serve constant"
 
 
 def test_make_serve_runs_with_the_settings() -> None:

@@ -82,8 +82,8 @@ class LLMConfig(BaseModel):
                     f"(at most {constants.MAX_STREAM_INTERVAL_S:g} s), carrying every "
                     "token made since; first and last chunks go at once. Each chunk costs "
                     "two Ray messages (replica to router to proxy), CPU that a small host "
-                    "takes from the model: per-token chunks (null) cost llama.cpp 15-25% "
-                    "of its throughput on 2 cores.")
+                    "takes from the model: with per-token chunks (null) engine llama_cpp "
+                    "served 6-27% fewer tokens/s on 2 cores (bench/RESULTS.md).")
     api_key_env: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Name of the environment variable holding the API key(s), "

@@ -5,8 +5,8 @@ into engine tokens, hands it to the engine loop, and streams the answer back in 
 chunks: the first as soon as it exists, then paced (``max_stream_chunks_per_s``, shared by
 every answer the replica streams) with everything produced since, and the last as soon as
 the answer ends. Each chunk costs a Ray message to the router and one on to the HTTP
-proxy, CPU that on a small host comes out of the model's cores (measured: per-token chunks
-cost engine llama_cpp 15-25% of its throughput on 2 cores). Cancelling the call (a client
+proxy, CPU that on a small host comes out of the model's cores (measured: with per-token
+chunks engine llama_cpp served 6-27% fewer tokens/s on 2 cores). Cancelling the call (a client
 that hung up, a cancelled handle call) aborts the sequence and frees its batch slot.
 Errors travel as data (``{"error": {...}}`` chunks): the router maps them to HTTP.
 

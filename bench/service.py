@@ -134,12 +134,8 @@ class Service:
         self.startup["serve_start_s"] = time.perf_counter() - t0
         args, options = shipped_options(checkpoint, config_file)
         self.config_args, self.server_options = args, options
-        from deployments.app import bind_app
-        from deployments.config import LLMConfig
-
-        llm_config = LLMConfig.model_validate(args)
+        llm_config, app = self._bind()
         self.startup["max_stream_chunks_per_s"] = llm_config.max_stream_chunks_per_s
-        app = bind_app(llm_config, server_options=options)
         t0 = time.perf_counter()
         serve.run(app, name=APP_NAME, route_prefix="/")
         self.startup["serve_run_to_ready_s"] = time.perf_counter() - t0
@@ -169,17 +165,20 @@ class Service:
         ray.kill(actor)
         return seconds
 
+    def _bind(self, **overrides: Any) -> tuple[Any, Any]:
+        """The shipped application (its LLMConfig and the bound app), some args changed."""
+        from deployments.app import bind_app
+        from deployments.config import LLMConfig
+
+        config = LLMConfig.model_validate({**self.config_args, **overrides})
+        return config, bind_app(config, server_options=self.server_options)
+
     def redeploy(self, **overrides: Any) -> None:
         """The same application with some args changed (``serve.run`` returns when the new
         replica is ready; the old one is gone)."""
         from ray import serve
 
-        from deployments.app import bind_app
-        from deployments.config import LLMConfig
-
-        config = LLMConfig.model_validate({**self.config_args, **overrides})
-        serve.run(bind_app(config, server_options=self.server_options), name=APP_NAME,
-                  route_prefix="/")
+        serve.run(self._bind(**overrides)[1], name=APP_NAME, route_prefix="/")
         self.replica_pid = int(self.health()["replica"]["pid"])
 
     def health(self) -> dict[str, Any]:

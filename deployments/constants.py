@@ -28,8 +28,15 @@ MAX_BATCH_SIZE = 16
 MAX_PREFILL_TOKENS_PER_STEP = 512
 # Requests a replica accepts beyond those it runs (Ray Serve's max_queued_requests on the handle).
 MAX_QUEUED_REQUESTS = 256
-# The router's own bounds (a full router queue is Ray's proxy-level 503, in plain text).
-ROUTER_MAX_ONGOING_REQUESTS = 512
+# The router's own bounds. Every request first waits in Ray's proxy until the proxy's
+# scheduling tasks assign it to the router (its "queue": a burst fills it before they catch
+# up), and these assign fast only while the router has room: for a full router they probe
+# and back off (up to 0.5 s), handing requests on at about 10 per second. With a limit of
+# 512, a burst of 1,000 left requests waiting up to 113 s that the router would have refused
+# in milliseconds. So the router's limit sits far above what the model replicas can hold
+# (a router request is a coroutine holding its body) and it is never what fills up. Past both,
+# Ray's proxy answers 503 in plain text.
+ROUTER_MAX_ONGOING_REQUESTS = 4096
 ROUTER_MAX_QUEUED_REQUESTS = 1024
 # Prompts one /v1/completions request may carry; each becomes a sequence of its own.
 MAX_PROMPTS_PER_REQUEST = 16

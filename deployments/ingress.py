@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -172,6 +173,9 @@ class LLMRouter:
         self._config = config
         self._api_keys = config.api_keys()
         self._metric_labels = metrics.labels_for(config.model_name, "router", "")
+        # When a model replica last sent this router a chunk (time.monotonic()): proof of
+        # life for /health while every replica is too busy to take its probe in time.
+        self._last_replica_chunk = -math.inf
         metrics.prepare_multiprocess_dir()
 
     # ---- Python API (handle callers) -----------------------------------------------------
@@ -236,13 +240,23 @@ class LLMRouter:
                                   chunk["prompt_tokens"], chunk["completion_tokens"])
 
     async def health(self) -> dict[str, Any]:
-        """The serving replicas' state; ServiceError 503 while none can serve."""
+        """The serving replicas' state; ServiceError 503 while none can serve.
+
+        Replicas at capacity serve (excess requests get 503 + Retry-After), so a load
+        balancer must not take the service out of rotation for it: the probe answers
+        "busy" when the replicas' queue is full, and also when the probe waited its whole
+        timeout in that queue while answers kept streaming in (every streamed answer sends
+        a chunk at least every MAX_STREAM_INTERVAL_S, well inside HEALTH_TIMEOUT_S).
+        """
         try:
             replica = await asyncio.wait_for(self._server.health.remote(), HEALTH_TIMEOUT_S)
         except BackPressureError:
-            # Replicas up and at capacity: they serve (excess requests get 503 + Retry-After),
-            # so a load balancer must not take this service out of rotation for it.
             return {"status": "busy", "replica": None}
+        except TimeoutError:
+            if time.monotonic() - self._last_replica_chunk < HEALTH_TIMEOUT_S:
+                return {"status": "busy", "replica": None}
+            raise ServiceError(f"no model replica answered within {HEALTH_TIMEOUT_S:.0f} s",
+                               503, retry_after_s=constants.RETRY_AFTER_S) from None
         except Exception as error:
             raise ServiceError(f"no model replica is ready: {type(error).__name__}", 503,
                                retry_after_s=constants.RETRY_AFTER_S) from None
@@ -385,6 +399,7 @@ class LLMRouter:
             try:
                 stream = self._server.options(stream=True).generate_stream.remote(payload)
                 async for chunk in _with_deadline(stream, deadline):
+                    self._last_replica_chunk = time.monotonic()
                     if "error" in chunk:
                         error = chunk["error"]
                         raise ServiceError(error["message"], error["status_code"],

@@ -15,6 +15,7 @@ import httpx
 import psutil
 import pytest
 import ray
+from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from deployments.app import bind_app
@@ -53,6 +54,22 @@ def sse_events(text: str) -> list[Any]:
             data = line[len("data: "):]
             events.append(data if data == "[DONE]" else json.loads(data))
     return events
+
+
+def scrape(base_url: str) -> dict[tuple[str, frozenset], float]:
+    """The service's /metrics samples: (name, labels) -> value."""
+    text = httpx.get(f"{base_url}/metrics", timeout=30).text
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+def total(samples: dict[tuple[str, frozenset], float], name: str, **labels: str) -> float:
+    """The sum of ``name``'s samples whose labels include ``labels``."""
+    wanted = set(labels.items())
+    return sum(v for (n, lab), v in samples.items() if n == name and wanted <= lab)
 
 
 def server_stats() -> dict[str, Any]:

@@ -6,9 +6,8 @@ import os
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.helpers import serve_app, sse_events
+from tests.helpers import scrape, serve_app, sse_events, total
 
 MODEL = "smollm2-135m-instruct"
 
@@ -19,20 +18,6 @@ def base_url():
             "engine_options": {"step_delay_s": 0.002}, "engine_thread_niceness": 5}
     with serve_app(args, server_options={"max_ongoing_requests": 64}) as url:
         yield url
-
-
-def scrape(base_url: str) -> dict[tuple[str, frozenset], float]:
-    text = httpx.get(f"{base_url}/metrics", timeout=30).text
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def total(samples, name: str, **labels: str) -> float:
-    wanted = set(labels.items())
-    return sum(v for (n, lab), v in samples.items() if n == name and wanted <= lab)
 
 
 def test_metrics_count_what_was_sent(base_url):

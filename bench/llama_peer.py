@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +60,12 @@ def _wait_ready(base_url: str, process: subprocess.Popen) -> float:
     raise TimeoutError(f"llama-server not ready after {READY_TIMEOUT_S} s")
 
 
-async def sweep(base_url: str, work: Workload) -> list[dict[str, Any]]:
+async def sweep(base_url: str, work: Workload,
+                clients_list: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """The closed-loop sweep (``work.llama_clients`` unless ``clients_list``) of one server."""
     rows = []
     async with HttpTarget(base_url, work.model_name, work.prompt, cache_prompt=False) as target:
-        for clients in work.llama_clients:
+        for clients in clients_list or work.llama_clients:
             await closed_loop(target.issue, clients=clients, rounds=1, max_tokens=4,
                               timeout_s=120)
 
@@ -80,9 +84,25 @@ async def sweep(base_url: str, work: Workload) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
+@contextlib.contextmanager
+def running_server(binary: Path, gguf: str, work: Workload) -> Iterator[dict[str, Any]]:
+    """llama-server on a free loopback port until the block ends (then its process tree is
+    stopped): ``base_url``, ``command``, ``ready_s`` and ``pid``."""
     from tests.helpers import free_port, stop_process_tree
 
+    port = free_port()
+    command = server_command(binary, gguf, port, work)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        yield {"base_url": base_url, "command": " ".join(command), "pid": process.pid,
+               "ready_s": _wait_ready(base_url, process)}
+    finally:
+        stop_process_tree(process, timeout_s=10)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="full")
     parser.add_argument("--gguf", required=True)
@@ -93,18 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     if binary is None:
         Path(args.output).write_text(json.dumps({"skipped": "llama-server not built"}))
         return 0
-    port = free_port()
-    command = server_command(binary, args.gguf, port, work)
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    result: dict[str, Any] = {"command": " ".join(command)}
+    result: dict[str, Any] = {}
     try:
-        base_url = f"http://127.0.0.1:{port}"
-        result["ready_s"] = _wait_ready(base_url, process)
-        result["sweep"] = asyncio.run(sweep(base_url, work))
-        result["vm_hwm_bytes"] = vm_hwm_bytes(process.pid)
+        with running_server(binary, args.gguf, work) as server:
+            result.update(command=server["command"], ready_s=server["ready_s"])
+            result["sweep"] = asyncio.run(sweep(server["base_url"], work))
+            result["vm_hwm_bytes"] = vm_hwm_bytes(server["pid"])
     finally:
-        stop_process_tree(process, timeout_s=10)
         Path(args.output).write_text(json.dumps(result, indent=1))
     return 0
 

@@ -12,7 +12,9 @@ the handle, mixed workload, py-spy), ``llama_cpp_engine`` and ``llama_cpp_servic
 same engine-alone and service measurements with engine llama_cpp on the gguf demo
 checkpoint, serve_config.llama_cpp.yaml; skipped with a note if llama-cpp-python is not
 installed), ``llama`` (llama.cpp's server; skipped with a note until
-``python -m bench.build_llama_server`` has built it, or pass --build-llama).
+``python -m bench.build_llama_server`` has built it, or pass --build-llama), and
+``head_to_head`` (engine llama_cpp's service and llama-server again, in alternating turns,
+for the target that compares them).
 
 The full run writes bench/RESULTS.md, bench/results.json and bench/throughput.png; --quick
 writes the same under bench/.cache/quick/ so the committed results stay the full ones.
@@ -35,13 +37,13 @@ from bench.workload import WORKLOADS, Workload
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 SECTIONS = ("inprocess", "coldstart", "service", "llama_cpp_engine", "llama_cpp_service",
-            "llama")
+            "llama", "head_to_head")
 # Sections that run engine llama_cpp (they need llama-cpp-python and the gguf checkpoint).
-LLAMA_CPP_SECTIONS = ("llama_cpp_engine", "llama_cpp_service")
+LLAMA_CPP_SECTIONS = ("llama_cpp_engine", "llama_cpp_service", "head_to_head")
 # Per-section wall-clock limits (s), full / quick: generous for a loaded machine, but bounded.
 TIME_LIMITS_S = {"inprocess": (900, 300), "coldstart": (300, 200), "service": (1800, 600),
                  "llama_cpp_engine": (600, 200), "llama_cpp_service": (1500, 500),
-                 "llama": (600, 200)}
+                 "llama": (600, 200), "head_to_head": (1200, 400)}
 
 
 def _log(message: str) -> None:
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a failed section, not a failed run
         llama_cpp_problem = {"failed": f"building the gguf demo checkpoint: {error}"}
         _log(llama_cpp_problem["failed"])
-    if args.build_llama and "llama" in sections:
+    if args.build_llama and {"llama", "head_to_head"} & set(sections):
         from bench.build_llama_server import build
 
         _log("building llama-server (nice -n 19) ...")
@@ -190,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         module = {"inprocess": "bench.inprocess", "service": "bench.service",
                   "llama_cpp_engine": "bench.inprocess", "llama_cpp_service": "bench.service",
-                  "llama": "bench.llama_peer"}[section]
+                  "llama": "bench.llama_peer", "head_to_head": "bench.head_to_head"}[section]
         if section == "llama":
             source = ["--gguf", gguf]
+        elif section == "head_to_head":
+            source = ["--checkpoint", str(gguf_checkpoint), "--gguf", gguf]
         elif section in LLAMA_CPP_SECTIONS:
             source = ["--engine", "llama_cpp", "--checkpoint", str(gguf_checkpoint)]
         else:

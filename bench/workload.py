@@ -46,6 +46,10 @@ class Workload:
     llama_cpp_engine_batch_sizes: tuple[int, ...] = (1, 4, 8, 16)
     # Client counts measured again with per-token chunks (engine llama_cpp's service only).
     pacing_clients: tuple[int, ...] = (1, 8)
+    # Engine llama_cpp's service vs llama-server, measured in alternating turns (section
+    # head_to_head): this machine's speed drifts by 10-20% over minutes, more than the gap.
+    head_to_head_clients: tuple[int, ...] = (8, 16)
+    head_to_head_turns: int = 3
 
     def rounds(self, clients: int) -> int:
         return max(1, math.ceil(self.min_requests / clients))
@@ -77,6 +81,6 @@ QUICK = Workload(
     mixed_long_clients=2, mixed_short_clients=2, mixed_long_tokens=64,
     mixed_short_tokens=16, mixed_short_requests_per_client=3,
     profile_batch_size=8, pyspy_seconds=0, llama_cpp_engine_batch_sizes=(1, 8),
-    pacing_clients=(8,))
+    pacing_clients=(8,), head_to_head_clients=(8,), head_to_head_turns=2)
 
 WORKLOADS = {w.name: w for w in (FULL, QUICK)}

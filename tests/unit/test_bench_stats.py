@@ -132,3 +132,39 @@ def test_pyspy_summary_of_one_thread_and_thread_names():
     assert summary["by_category"] == {"forward": 1.0}  # Class.method matches the method
     assert pyspy_thread_names(raw) == {7: "llm-engine-loop", 8: "AsyncIO Thread: default",
                                        9: "?"}
+
+
+def test_head_to_head_alternates_who_goes_first():
+    from bench.head_to_head import OURS, PEER, turn_order
+
+    assert turn_order(3) == [(OURS, PEER), (PEER, OURS), (OURS, PEER)]
+
+
+def _turn(ours: dict[int, float], peer: dict[int, float]) -> dict:
+    return {"service": [{"clients": c, "tokens_per_s": t} for c, t in ours.items()],
+            "llama_server": [{"clients": c, "tokens_per_s": t} for c, t in peer.items()]}
+
+
+def test_head_to_head_judges_the_median_of_ratios_within_turns():
+    from bench.report import _targets, head_to_head
+
+    # Turn 2 ran on a slower machine: both sides drop, the within-turn ratio does not.
+    turns = [_turn({8: 180, 16: 210}, {8: 200, 16: 200}),
+             _turn({8: 150, 16: 160}, {8: 160, 16: 170}),
+             _turn({8: 190, 16: 220}, {8: 180, 16: 200})]
+    results = {"head_to_head": {"clients": [8, 16], "turns": turns},
+               "llama": {"sweep": [{"clients": 8, "tokens_per_s": 150.0},
+                                   {"clients": 16, "tokens_per_s": 150.0}]},
+               "llama_cpp_service": {"http": [{"clients": 8, "tokens_per_s": 160.0},
+                                              {"clients": 16, "tokens_per_s": 160.0}]}}
+    h2h = head_to_head(results)
+    assert h2h[8]["ratios"] == pytest.approx([0.9, 0.9375, 190 / 180])
+    assert h2h[8]["median"] == pytest.approx(0.9375)
+    assert h2h[16]["median"] == pytest.approx(1.05)
+    lines, values = _targets(results)
+    assert values["lc_http8_vs_llama"] == pytest.approx(0.9375)  # not 160 / 150
+    assert values["lc_http16_vs_llama"] == pytest.approx(1.05)
+    row8 = next(line for line in lines if "llama_cpp, 8 clients over HTTP vs llama" in line)
+    row16 = next(line for line in lines if "llama_cpp, 16 clients over HTTP vs llama" in line)
+    assert "not met" in row8 and "not met" not in row16
+    assert head_to_head({"head_to_head": {"skipped": "llama-server not built"}}) == {}

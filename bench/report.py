@@ -487,8 +487,10 @@ def _coldstart(r: dict[str, Any]) -> list[str]:
                  ("bare Ray actor with a runtime_env (a new worker process)",
                   _num(startup.get("bare_actor_with_runtime_env_start_s"), 2)),
                  ("`serve.start`", _num(startup.get("serve_start_s"), 2)),
-                 ("`serve.run` to ready (replica loads the shared checkpoint)",
-                  _num(startup.get("serve_run_to_ready_s"), 2)),
+                 ("`serve.run` to the application RUNNING (replica loads the shared "
+                  "checkpoint; polled every 50 ms)", _num(startup.get("serve_run_to_ready_s"), 2)),
+                 ("`serve.run` returned (it polls once a second)",
+                  _num(startup.get("serve_run_returned_s"), 2)),
                  ("  of which the LLMServer constructor (its log: claim, pin, load)",
                   _num(startup.get("replica_constructor_s"), 2))]
     if rows:
@@ -759,12 +761,13 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             f"{_x(ready['ratio'])} the bare path ({_num(ready['bare'])} s = imports + "
             "load_low_bit + a trivial actor). The LLMServer constructor itself took "
             f"{_num(startup.get('replica_constructor_s'))}"
-            " s (claim, pin, verify, load); the rest is Ray Serve starting the replica's "
-            "worker process (its runtime_env rules out Ray's prestarted workers: a trivial "
-            "actor with a runtime_env took "
-            f"{_num(startup.get('bare_actor_with_runtime_env_start_s'))} s vs "
-            f"{_num(startup.get('bare_actor_start_s'), 2)}"
-            " s without), the router, and the controller's reconciliation loop.")
+            " s (claim, pin, verify, load); the rest is Ray Serve creating the replica and "
+            "router actors and the controller's reconciliation loop. Neither deployment has "
+            "a runtime_env, so replicas start in Ray's prestarted workers (a trivial actor "
+            f"with one took {_num(startup.get('bare_actor_with_runtime_env_start_s'))} s vs "
+            f"{_num(startup.get('bare_actor_start_s'), 2)} s without). `serve.run` itself "
+            f"returned after {_num(startup.get('serve_run_returned_s'))} s: it polls the "
+            "application's status once a second.")
     lines += _llama_cpp_analysis(r, v, lc_engine, lc_service)
     return [*lines, ""]
 

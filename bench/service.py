@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import concurrent.futures
 import json
 import os
 import re
@@ -125,8 +126,8 @@ class Service:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         self.startup["ray_init_s"] = time.perf_counter() - t0
         self.startup["bare_actor_start_s"] = self._bare_actor_start()
-        # A runtime_env (bind_app gives both deployments one) rules out Ray's prestarted
-        # idle workers: the actor waits for a new worker process, as the replica does.
+        # A runtime_env rules out Ray's prestarted idle workers: the actor waits for a new
+        # worker process (why bind_app hands the replicas their metrics directory instead).
         self.startup["bare_actor_with_runtime_env_start_s"] = self._bare_actor_start(
             {"env_vars": {"BENCH_FRESH_WORKER": str(time.time_ns())}})
         t0 = time.perf_counter()
@@ -136,9 +137,8 @@ class Service:
         self.config_args, self.server_options = args, options
         llm_config, app = self._bind()
         self.startup["max_stream_chunks_per_s"] = llm_config.max_stream_chunks_per_s
-        t0 = time.perf_counter()
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        self.startup["serve_run_to_ready_s"] = time.perf_counter() - t0
+        self.startup["serve_run_to_ready_s"], self.startup["serve_run_returned_s"] = \
+            _run_until_running(app)
         self.startup["replica_constructor_s"] = _replica_ready_log_seconds()
         health = self.health()
         self.replica_pid = int(health["replica"]["pid"])
@@ -211,6 +211,28 @@ class Service:
             serve.shutdown()
         finally:
             ray.shutdown()
+
+
+def _run_until_running(app: Any, poll_s: float = 0.05) -> tuple[float, float]:
+    """``serve.run(app)`` (the first deploy of APP_NAME): seconds until Serve reported the
+    application RUNNING (every deployment's replicas ready), polled every ``poll_s``, and
+    until ``serve.run`` returned. serve.run polls once a second (Ray's
+    CLIENT_POLLING_INTERVAL_S), so its return rounds start-up up by as much as a second."""
+    from ray import serve
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        started = time.perf_counter()
+        deploy = pool.submit(serve.run, app, name=APP_NAME, route_prefix="/")
+        running = None
+        while running is None and not deploy.done():
+            application = serve.status().applications.get(APP_NAME)
+            if application is not None and application.status == "RUNNING":
+                running = time.perf_counter() - started
+            else:
+                time.sleep(poll_s)
+        deploy.result()  # a failed deploy raises here
+        returned = time.perf_counter() - started
+    return (returned if running is None else running), returned
 
 
 def _replica_ready_log_seconds() -> float | None:

@@ -14,7 +14,6 @@ from ray.serve import Application
 
 from deployments.config import LLMConfig
 from deployments.ingress import LLMRouter
-from deployments.metrics import MULTIPROC_ENV
 from deployments.placement import replica_ray_options, resolve_placement
 from deployments.server import LLMServer
 
@@ -32,22 +31,21 @@ def bind_app(config: LLMConfig, *, server_options: dict[str, Any] | None = None)
     ``device`` and the cluster's advertised resources decide, and no CPUs: the slot is
     the unit of capacity. Where nothing is advertised the slot is a whole host, reserved
     as a node's CPUs. Both deployments get a fresh prometheus-client multiprocess
-    directory (per node, per deploy) in their runtime_env, so the router's /metrics
+    directory (per node, per deploy) as a constructor argument, so the router's /metrics
     aggregates every replica process of its node. An operator who sets
-    ``ray_actor_options`` in serve_config.yaml replaces these and must carry them over.
+    ``ray_actor_options`` in serve_config.yaml replaces the placement options and must
+    carry them over.
     """
     resources = ray.cluster_resources() if ray.is_initialized() else {}
     slot_placement = resolve_placement(config.device, resources, cpu_only=config.cpu_only)
-    metrics_dir = Path(tempfile.gettempdir()) / "ipex-llm-serve-metrics" / uuid.uuid4().hex
-    runtime_env = {"env_vars": {MULTIPROC_ENV: str(metrics_dir)}}
+    metrics_dir = str(Path(tempfile.gettempdir()) / "ipex-llm-serve-metrics" / uuid.uuid4().hex)
     server = LLMServer.options(ray_actor_options={
         "num_cpus": _host_cpus() if slot_placement == "host" and config.engine != "echo" else 0,
-        "runtime_env": runtime_env,
         **replica_ray_options(config.device, resources, config.accelerator_type,
                               cpu_only=config.cpu_only)},
         **(server_options or {}))
-    router = LLMRouter.options(ray_actor_options={"num_cpus": 0, "runtime_env": runtime_env})
-    return router.bind(server.bind(config, slot_placement), config)
+    router = LLMRouter.options(ray_actor_options={"num_cpus": 0})
+    return router.bind(server.bind(config, slot_placement, metrics_dir), config, metrics_dir)
 
 
 def _host_cpus() -> float:

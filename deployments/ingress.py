@@ -168,7 +168,8 @@ def _error_response(error: ServiceError) -> JSONResponse:
                   graceful_shutdown_timeout_s=constants.GRACEFUL_SHUTDOWN_TIMEOUT_S)
 @serve.ingress(app)
 class LLMRouter:
-    def __init__(self, server: DeploymentHandle, config: LLMConfig):
+    def __init__(self, server: DeploymentHandle, config: LLMConfig,
+                 metrics_dir: str | None = None):
         self._server = server
         self._config = config
         self._api_keys = config.api_keys()
@@ -176,7 +177,7 @@ class LLMRouter:
         # When a model replica last sent this router a chunk (time.monotonic()): proof of
         # life for /health while every replica is too busy to take its probe in time.
         self._last_replica_chunk = -math.inf
-        metrics.prepare_multiprocess_dir()
+        metrics.prepare_multiprocess_dir(metrics_dir)
 
     # ---- Python API (handle callers) -----------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Each metric is recorded twice, through one call:
 - into prometheus-client, in multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set
-  (``build_app`` sets it in our replicas' runtime_env only), so ``GET /metrics`` on the
+  (our deployments set it in their processes from the directory ``build_app`` hands
+  them, ``prepare_multiprocess_dir``), so ``GET /metrics`` on the
   HTTP port returns these names aggregated over every replica process of the node;
 - into ``ray.util.metrics`` when running inside Ray, so a cluster's Prometheus scrapes
   them from Ray's per-node metrics agent (exported with Ray's ``ray_`` prefix).
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import prometheus_client
-from prometheus_client import CollectorRegistry, multiprocess
+from prometheus_client import CollectorRegistry, multiprocess, values
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 LABELS = ("model", "device", "slot")
@@ -133,10 +134,22 @@ def labels_for(model: str, device: str, slot: str) -> dict[str, str]:
     return {"model": model, "device": device, "slot": slot}
 
 
-def prepare_multiprocess_dir(live_pids: set[int] | None = None) -> None:
-    """Create the shared directory and drop the live-gauge files of dead processes
+def prepare_multiprocess_dir(directory: str | None = None,
+                             live_pids: set[int] | None = None) -> None:
+    """Record this process's metrics into ``directory`` (default: ``PROMETHEUS_MULTIPROC_DIR``
+    if set, else nothing to do), create it, and drop the live-gauge files of dead processes
     (a replica killed by -9 never cleans up after itself). Counters of dead processes stay:
-    totals survive replica restarts."""
+    totals survive replica restarts.
+
+    Each deployment calls this in its constructor, before its first sample, with the
+    directory build_app handed it. Not a runtime_env: that rules out Ray's prestarted worker
+    processes, and each replica would start in a new one (0.8 s instead of 0.15 s for a
+    trivial actor, bench/RESULTS.md). prometheus-client chooses its value class when it is
+    imported, so setting the variable later means choosing again (``get_value_class``).
+    """
+    if directory:
+        os.environ[MULTIPROC_ENV] = directory
+        values.ValueClass = values.get_value_class()
     directory = os.environ.get(MULTIPROC_ENV)
     if not directory:
         return

@@ -59,8 +59,10 @@ def error_chunk(message: str, status_code: int, param: str | None = None) -> dic
                   health_check_period_s=10, health_check_timeout_s=30,
                   graceful_shutdown_timeout_s=constants.GRACEFUL_SHUTDOWN_TIMEOUT_S)
 class LLMServer:
-    def __init__(self, config: LLMConfig, slot_placement: placement.Placement = "host"):
-        """Claim and pin a slot first (before torch runs), then load the engine."""
+    def __init__(self, config: LLMConfig, slot_placement: placement.Placement = "host",
+                 metrics_dir: str | None = None):
+        """Claim and pin a slot first (before torch runs), then load the engine.
+        ``metrics_dir``: where this node's processes share their metrics (build_app's)."""
         self._config = config
         started = time.monotonic()
         node_id = ray.get_runtime_context().get_node_id()
@@ -68,7 +70,7 @@ class LLMServer:
         self._slot = self._claim.slot
         self._labels = metrics.labels_for(config.model_name, self._slot.kind,
                                           str(self._slot.index))
-        metrics.prepare_multiprocess_dir()
+        metrics.prepare_multiprocess_dir(metrics_dir)
         self._pinning = placement.pin_to_slot(self._slot, xmx_disabled=config.xmx_disabled)
         checkpoint = config.checkpoint_path
         if config.local_cache_dir:

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 from bench import llama_peer
-from bench.build_llama_server import llama_server_path
 from bench.loadgen import HttpTarget
 from bench.service import CONFIG_FILES, Service, sweep
 from bench.workload import WORKLOADS, Workload
@@ -80,9 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     work = WORKLOADS[args.workload]
-    binary = llama_server_path()
+    binary = llama_peer.built_server_or_skip(args.output)
     if binary is None:
-        Path(args.output).write_text(json.dumps({"skipped": "llama-server not built"}))
         return 0
     os.environ.pop("RAY_ADDRESS", None)  # a cluster of our own, never someone else's
     started = time.perf_counter()

@@ -84,6 +84,15 @@ async def sweep(base_url: str, work: Workload,
     return rows
 
 
+def built_server_or_skip(output: str) -> Path | None:
+    """The built llama-server; None (after writing the section's "skipped" JSON to
+    ``output``) until ``python -m bench.build_llama_server`` has built it."""
+    binary = llama_server_path()
+    if binary is None:
+        Path(output).write_text(json.dumps({"skipped": "llama-server not built"}))
+    return binary
+
+
 @contextlib.contextmanager
 def running_server(binary: Path, gguf: str, work: Workload) -> Iterator[dict[str, Any]]:
     """llama-server on a free loopback port until the block ends (then its process tree is
@@ -109,9 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
     work = WORKLOADS[args.workload]
-    binary = llama_server_path()
+    binary = built_server_or_skip(args.output)
     if binary is None:
-        Path(args.output).write_text(json.dumps({"skipped": "llama-server not built"}))
         return 0
     result: dict[str, Any] = {}
     try:

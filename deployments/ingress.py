@@ -47,6 +47,23 @@ from deployments.openai_protocol import (
 
 logger = logging.getLogger("ray.serve")
 
+
+class CallerErrorLogFilter(logging.Filter):
+    """Ray Serve logs every exception a handle call raises as an ERROR with its traceback
+    ("Request failed."). A ServiceError for the caller's own mistake (4xx) or a retriable
+    refusal (503 at capacity) is an answer, not a failure of the service: a burst of them
+    would bury real errors. Such records become one INFO line; all others pass unchanged.
+    (Over HTTP the router answers these itself, and nothing is logged.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, ServiceError) and (error.status_code < 500 or error.retriable):
+            record.msg, record.args = "Request answered %d: %s", (error.status_code,
+                                                                 error.message)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
 _REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 HEALTH_TIMEOUT_S = 5.0
 
@@ -178,6 +195,8 @@ class LLMRouter:
         # life for /health while every replica is too busy to take its probe in time.
         self._last_replica_chunk = -math.inf
         metrics.prepare_multiprocess_dir(metrics_dir)
+        if not any(isinstance(f, CallerErrorLogFilter) for f in logger.filters):
+            logger.addFilter(CallerErrorLogFilter())
 
     # ---- Python API (handle callers) -----------------------------------------------------
 

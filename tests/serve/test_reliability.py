@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -335,6 +336,29 @@ def test_health_says_busy_while_a_full_replica_keeps_answering(base_url):
     assert health.status_code == 200, health.text
     assert health.json()["status"] == "busy"
     assert [r.status_code for r in answers] == [200] * len(answers)
+
+
+def test_a_handle_callers_bad_request_is_one_info_line_in_the_router_log(base_url):
+    """Ray Serve logs exceptions of handle calls with a traceback; a caller's own mistake
+    must not fill the log with them (CallerErrorLogFilter)."""
+    import ray
+
+    router = serve.get_app_handle("llm")
+    with pytest.raises(Exception) as raised:
+        router.completions.remote(_body("x", -3)).result(timeout_s=30)
+    assert ServiceError.from_exception(raised.value).status_code == 400
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    logs = sorted((session / "logs" / "serve").glob("replica_llm_LLMRouter_*.log"))
+    assert logs, "no router replica log"
+
+    def logged() -> str:
+        return "".join(path.read_text(errors="replace") for path in logs)
+
+    assert _wait_for(lambda: "Request answered 400" in logged(), 10)
+    text = logged()
+    line = next(line for line in text.splitlines() if "Request answered 400" in line)
+    assert line.startswith("INFO ") and "max_tokens" in line, line
+    assert "Traceback" not in text
 
 
 def test_handle_callers_get_503_with_retry_after_when_the_queue_is_full(base_url):

@@ -8,7 +8,9 @@ raises a ``ServiceError`` 400; nothing else escapes, so no input becomes a 500.
 from __future__ import annotations
 
 import json
+import logging
 import pickle
+import sys
 from typing import Any
 
 import pytest
@@ -268,3 +270,36 @@ def test_truncated_json_is_a_400(raw, cut, model):
        model=st.sampled_from([CompletionRequest, ChatCompletionRequest]))
 def test_any_python_object_from_a_handle_caller_parses_or_is_a_400(body, model):
     parses_or_400(model, body)
+
+
+def _failed_request_record(error: BaseException) -> logging.LogRecord:
+    try:
+        raise error
+    except BaseException:
+        return logging.getLogger("ray.serve").makeRecord(
+            "ray.serve", logging.ERROR, __file__, 1, "Request failed.", (), sys.exc_info())
+
+
+@pytest.mark.parametrize(("error", "logged_as"), [
+    (ServiceError("max_tokens must be positive", 400, param="max_tokens"),
+     "INFO Request answered 400: max_tokens must be positive"),
+    (ServiceError("at capacity", 503, retry_after_s=1), "INFO Request answered 503: "
+     "at capacity"),
+])
+def test_a_handle_callers_own_mistake_is_logged_as_one_info_line(error, logged_as):
+    from deployments.ingress import CallerErrorLogFilter
+
+    record = _failed_request_record(error)
+    assert CallerErrorLogFilter().filter(record)
+    assert f"{record.levelname} {record.getMessage()}" == logged_as
+    assert record.exc_info is None  # no traceback
+
+
+@pytest.mark.parametrize("error", [ServiceError("internal error: KeyError", 500),
+                                   RuntimeError("a bug")])
+def test_a_real_failure_keeps_its_error_and_traceback(error):
+    from deployments.ingress import CallerErrorLogFilter
+
+    record = _failed_request_record(error)
+    assert CallerErrorLogFilter().filter(record)
+    assert record.levelno == logging.ERROR and record.exc_info[1] is error

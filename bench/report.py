@@ -161,6 +161,9 @@ def _targets(r: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
          "lc_http16_vs_llama": ratio(lc_http16, llama16),
          "lc_http8_vs_alone": ratio(lc_http8, lc_alone8),
          "lc_mixed": math.nan if lc_mixed is None else lc_mixed}
+    for clients in (8, 16):  # judged on the alternating turns when section head_to_head ran
+        if clients in h2h:
+            v[f"lc_http{clients}_vs_llama"] = h2h[clients]["median"]
     rows = [
         ("engine ipex_llm, 8 clients over HTTP vs in-process batched generate at batch 8",
          f"{_num(http8)} / {_num(ceiling8)} tok/s = {_x(v['http8_vs_ceiling'])}",
@@ -199,12 +202,11 @@ def _targets(r: dict[str, Any]) -> tuple[list[str], dict[str, float]]:
 
 def _vs_llama_row(v: dict[str, float], h2h: dict[int, dict[str, Any]], clients: int,
                   ours: float | None, peer: float | None) -> tuple[str, str, str, str]:
-    """The target row of engine llama_cpp's service vs llama-server at ``clients``: judged on
-    the alternating turns' median ratio when section head_to_head ran (it also sets
-    ``v``), else on sections 5 and 6 (run minutes apart)."""
+    """The target row of engine llama_cpp's service vs llama-server at ``clients``: its
+    value in ``v`` is the alternating turns' median ratio when section head_to_head ran,
+    else sections 5 and 6's (run minutes apart)."""
     key = f"lc_http{clients}_vs_llama"
     if clients in h2h:
-        v[key] = h2h[clients]["median"]
         measured = (f"median of {len(h2h[clients]['ratios'])} alternating turns "
                     f"({', '.join(_x(x) for x in h2h[clients]['ratios'])}) = {_x(v[key])}; "
                     f"sections 5 / 6: {_x(ratio(ours, peer))}")

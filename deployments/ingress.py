@@ -50,19 +50,23 @@ logger = logging.getLogger("ray.serve")
 
 class CallerErrorLogFilter(logging.Filter):
     """Ray Serve logs every exception a handle call raises as an ERROR with its traceback
-    ("Request failed."). A ServiceError for the caller's own mistake (4xx) or a retriable
-    refusal (503 at capacity) is an answer, not a failure of the service: a burst of them
-    would bury real errors. Such records become one INFO line; all others pass unchanged.
-    (Over HTTP the router answers these itself, and nothing is logged.)"""
+    ("Request failed."). A ServiceError the router raised on purpose carries its own
+    reason, so its traceback (the raise site) adds nothing, and a burst of them would bury
+    real errors: the caller's own mistake (4xx) becomes one INFO line, a retriable refusal
+    (429/503: at capacity, but also a lost or failed replica) one WARNING line. All other
+    records pass unchanged. (Over HTTP the router answers these itself; nothing is logged.)
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, ServiceError) and (error.status_code < 500 or error.retriable):
+            level = logging.INFO if error.status_code < 500 else logging.WARNING
             record.msg, record.args = "Request answered %d: %s", (error.status_code,
                                                                  error.message)
-            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.levelno, record.levelname = level, logging.getLevelName(level)
             record.exc_info = record.exc_text = None
         return True
+
 
 _REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
 HEALTH_TIMEOUT_S = 5.0

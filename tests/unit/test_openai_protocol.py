@@ -283,10 +283,10 @@ def _failed_request_record(error: BaseException) -> logging.LogRecord:
 @pytest.mark.parametrize(("error", "logged_as"), [
     (ServiceError("max_tokens must be positive", 400, param="max_tokens"),
      "INFO Request answered 400: max_tokens must be positive"),
-    (ServiceError("at capacity", 503, retry_after_s=1), "INFO Request answered 503: "
+    (ServiceError("at capacity", 503, retry_after_s=1), "WARNING Request answered 503: "
      "at capacity"),
 ])
-def test_a_handle_callers_own_mistake_is_logged_as_one_info_line(error, logged_as):
+def test_a_service_error_raised_for_a_handle_caller_is_one_line(error, logged_as):
     from deployments.ingress import CallerErrorLogFilter
 
     record = _failed_request_record(error)

@@ -3,8 +3,10 @@
 ``ContinuousBatchingEngine`` implements the ``LLMEngine`` step contract once: the waiting
 queue, admission between decode steps (bounded by batch size, a per-step prefill token
 budget and the model's context), chunked prefill of long prompts, finish conditions (EOS,
-max_tokens, stop strings, context full, abort) and streaming text deltas. A backend
-subclass supplies only the tensor work: prefill, decode one step, join and drop rows.
+max_tokens, stop strings, context full, abort), streaming text deltas and sampling (greedy,
+or temperature + top-p with a generator per request: a seed gives the same answer in any
+batch, on either engine). A backend subclass supplies only the tensor work: prefill,
+decode one step, join and drop rows, and each row's last logits for ``_sample``.
 
 Per step: running sequences decode one token first, then waiting sequences are prefilled
 and join the batch, so a short request never waits behind a long one and a long prompt is
@@ -15,8 +17,11 @@ from __future__ import annotations
 
 import abc
 import collections
+import random
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from deployments.engine.detokenizer import StopStringTextStream
 from deployments.engine.protocol import (
@@ -25,6 +30,7 @@ from deployments.engine.protocol import (
     GenerationOutput,
     GenerationRequest,
     LLMEngine,
+    SamplingParams,
     StepResult,
 )
 
@@ -68,6 +74,7 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         self._running: list[Sequence_] = []  # row order of the backend's batch
         self._aborted: set[str] = set()
         self._known: set[str] = set()
+        self._rngs: dict[str, np.random.Generator] = {}  # request id -> its sampler's
 
     # ---- backend hooks -------------------------------------------------------------------
 
@@ -240,10 +247,52 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
     def _finish(self, seq: Sequence_, reason: FinishReason, text: str = "") -> GenerationOutput:
         seq.finish_reason = reason
         self._known.discard(seq.request_id)
+        self._rngs.pop(seq.request_id, None)
         return self._output(seq, text, reason)
+
+    # ---- sampling (backends hand over each row's last logits) ----------------------------
+
+    def _sample(self, logits: np.ndarray, sequences: Sequence[Sequence_]) -> list[int]:
+        """One token per row of ``logits`` (float, one row per sequence): greedy at
+        temperature 0, else top-p sampling with the request's own generator, so a seeded
+        request repeats whatever else is batched. EOS is barred until min_tokens."""
+        tokens = []
+        eos = sorted(self._eos_token_ids)
+        for row, seq in enumerate(sequences):
+            params = seq.request.params
+            row_logits = logits[row]
+            if eos and len(seq.generated) < params.min_tokens:
+                row_logits = row_logits.copy()
+                row_logits[eos] = -np.inf
+            if params.temperature == 0:
+                tokens.append(int(row_logits.argmax()))
+            else:
+                tokens.append(_sample_top_p(row_logits, params, self._rng(seq)))
+        return tokens
+
+    def _rng(self, seq: Sequence_) -> np.random.Generator:
+        rng = self._rngs.get(seq.request_id)
+        if rng is None:
+            seed = seq.request.params.seed
+            rng = np.random.default_rng(seed if seed is not None else random.getrandbits(63))
+            self._rngs[seq.request_id] = rng
+        return rng
 
     @staticmethod
     def _output(seq: Sequence_, text: str, reason: FinishReason | None) -> GenerationOutput:
         return GenerationOutput(
             request_id=seq.request_id, text=text, num_prompt_tokens=len(seq.prompt),
             num_generated_tokens=len(seq.generated), finish_reason=reason)
+
+
+def _sample_top_p(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    scaled = logits.astype(np.float64) / params.temperature
+    probs = np.exp(scaled - scaled.max())
+    if params.top_p < 1.0:
+        order = np.argsort(-probs)
+        sorted_probs = probs[order]
+        cumulative = np.cumsum(sorted_probs) / sorted_probs.sum()
+        keep = int(np.searchsorted(cumulative, params.top_p)) + 1  # the token crossing top_p
+        probs = np.zeros_like(probs)
+        probs[order[:keep]] = sorted_probs[:keep]
+    return int(rng.choice(probs.size, p=probs / probs.sum()))

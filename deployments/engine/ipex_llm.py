@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import random
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +69,6 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         self._cache: Any = None  # the model's cache object for the running rows
         self._pending: list[_Rows] = []
         self._chunk: tuple[Any, int] | None = None  # (cache, length) of a chunked prefill
-        self._generators: dict[str, torch.Generator] = {}
 
     @classmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
@@ -114,7 +112,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
             mask[row, width - len(seq.prompt):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, positions, None)
-        tokens = self._sample(logits, sequences)
+        tokens = self._sample_tokens(logits, sequences)
         self._pending.append(_Rows(_cache_tensors(cache), mask, tokens))
         return tokens.tolist()
 
@@ -130,7 +128,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
             self._chunk = (cache, end)
             return None
         self._chunk = None
-        tokens = self._sample(logits, [sequence])
+        tokens = self._sample_tokens(logits, [sequence])
         self._pending.append(_Rows(_cache_tensors(cache), mask, tokens))
         return int(tokens[0])
 
@@ -164,7 +162,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         positions = (mask.sum(-1, keepdim=True) - 1)
         logits, self._cache = self._forward(rows.last_tokens[:, None], mask, positions,
                                             self._cache)
-        tokens = self._sample(logits, sequences)
+        tokens = self._sample_tokens(logits, sequences)
         rows.mask, rows.last_tokens = mask, tokens
         rows.kv = []  # stale: the cache object is the truth until the batch changes shape
         return tokens.tolist()
@@ -172,8 +170,6 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
     def _drop_rows(self, rows: Sequence[int]) -> None:
         import torch
 
-        for index in rows:
-            self._generators.pop(self._running[index].request_id, None)
         current = self._running_rows
         assert current is not None
         keep = [i for i in range(current.mask.shape[0]) if i not in set(rows)]
@@ -207,38 +203,12 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
                               past_key_values=cache, use_cache=True)
         return out.logits[:, -1, :].float().cpu(), out.past_key_values
 
-    def _sample(self, logits: torch.Tensor, sequences: Sequence[Sequence_]) -> torch.Tensor:
-        """One token per row: greedy at temperature 0, else top-p sampling with the
-        request's own generator, so a seeded request repeats whatever else is batched."""
+    def _sample_tokens(self, logits: torch.Tensor, sequences: Sequence[Sequence_]
+                       ) -> torch.Tensor:
+        """The shared sampler's tokens, as the next forward pass's input."""
         import torch
 
-        eos = sorted(self._eos_token_ids)
-        tokens = torch.empty(len(sequences), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            params = seq.request.params
-            row_logits = logits[row]
-            if eos and len(seq.generated) < params.min_tokens:
-                row_logits = row_logits.clone()
-                row_logits[eos] = float("-inf")
-            if params.temperature == 0:
-                tokens[row] = int(row_logits.argmax())
-                continue
-            probs = torch.softmax(row_logits / params.temperature, dim=-1)
-            if params.top_p < 1.0:
-                probs = _top_p_filter(probs, params.top_p)
-            tokens[row] = int(torch.multinomial(probs, 1, generator=self._generator(seq)))
-        return tokens
-
-    def _generator(self, seq: Sequence_) -> torch.Generator:
-        import torch
-
-        generator = self._generators.get(seq.request_id)
-        if generator is None:
-            seed = seq.request.params.seed
-            generator = torch.Generator().manual_seed(
-                seed if seed is not None else random.getrandbits(63))
-            self._generators[seq.request_id] = generator
-        return generator
+        return torch.tensor(self._sample(logits.numpy(), sequences), dtype=torch.long)
 
 
 def _cache_tensors(cache: Any) -> _KV:
@@ -254,16 +224,6 @@ def _left_pad(tensor: torch.Tensor, width: int, *, dim: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
-
-
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    import torch
-
-    sorted_probs, order = torch.sort(probs, descending=True)
-    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the token crossing top_p
-    sorted_probs[outside] = 0.0
-    filtered = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return filtered / filtered.sum()
 
 
 @contextlib.contextmanager

@@ -27,7 +27,6 @@ import ctypes
 import heapq
 import logging
 import os
-import random
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -37,7 +36,7 @@ import numpy as np
 from deployments.constants import GGUF_MODEL_FILE
 from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
 from deployments.engine.hf_text import HFTokenizerText
-from deployments.engine.protocol import EngineError, SamplingParams
+from deployments.engine.protocol import EngineError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -101,7 +100,6 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         self._free_slots = list(range(max_batch_size))  # a heap: the lowest slot first
         self._slots: dict[str, int] = {}  # request id -> llama.cpp sequence id
         self._chunk_request: str | None = None
-        self._rngs: dict[str, np.random.Generator] = {}
         logger.info("llama.cpp engine: %s, %d slots x %d tokens, %d threads", model_path,
                     max_batch_size, context, threads)
 
@@ -184,7 +182,6 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         slot = self._slots.pop(request_id)
         self._llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
         heapq.heappush(self._free_slots, slot)
-        self._rngs.pop(request_id, None)
 
     def _run(self, items: Sequence[tuple[int, int, int, bool]]) -> np.ndarray:
         """One llama_decode of (token, position, slot, wants logits) items; the logits of
@@ -215,44 +212,6 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         rank = {item: row for row, item in enumerate(wanted_in_batch_order)}
         rows = [rank[i] for i in range(len(items)) if items[i][3]]
         return logits if rows == sorted(rows) else logits[rows]
-
-    def _sample(self, logits: np.ndarray, sequences: Sequence[Sequence_]) -> list[int]:
-        """One token per row: greedy at temperature 0, else top-p sampling with the
-        request's own generator, so a seeded request repeats whatever else is batched."""
-        tokens = []
-        eos = sorted(self._eos_token_ids)
-        for row, seq in enumerate(sequences):
-            params = seq.request.params
-            row_logits = logits[row]
-            if eos and len(seq.generated) < params.min_tokens:
-                row_logits = row_logits.copy()
-                row_logits[eos] = -np.inf
-            if params.temperature == 0:
-                tokens.append(int(row_logits.argmax()))
-            else:
-                tokens.append(_sample_top_p(row_logits, params, self._rng(seq)))
-        return tokens
-
-    def _rng(self, seq: Sequence_) -> np.random.Generator:
-        rng = self._rngs.get(seq.request_id)
-        if rng is None:
-            seed = seq.request.params.seed
-            rng = np.random.default_rng(seed if seed is not None else random.getrandbits(63))
-            self._rngs[seq.request_id] = rng
-        return rng
-
-
-def _sample_top_p(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
-    scaled = logits.astype(np.float64) / params.temperature
-    probs = np.exp(scaled - scaled.max())
-    if params.top_p < 1.0:
-        order = np.argsort(-probs)
-        sorted_probs = probs[order]
-        cumulative = np.cumsum(sorted_probs) / sorted_probs.sum()
-        keep = int(np.searchsorted(cumulative, params.top_p)) + 1  # the token crossing top_p
-        probs = np.zeros_like(probs)
-        probs[order[:keep]] = sorted_probs[:keep]
-    return int(rng.choice(probs.size, p=probs / probs.sum()))
 
 
 def _check_tokenizer(llama: Any, vocab: Any, tokenizer: Any, n_vocab: int) -> None:

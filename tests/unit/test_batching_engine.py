@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
-from deployments.engine.echo import EchoEngine
+from deployments.engine.echo import ECHO_EOS_TOKEN, EchoEngine
 from deployments.engine.protocol import EngineError, GenerationRequest, SamplingParams
 
 
@@ -130,3 +131,51 @@ def test_duplicate_request_ids_are_refused():
     engine.add_request(request(engine, "a", "x a"))
     with pytest.raises(EngineError, match="already"):
         engine.add_request(request(engine, "a", "x a"))
+
+
+def _sampling_engine(**params) -> tuple[EchoEngine, object]:
+    """An engine holding one waiting request with these sampling params, and its sequence."""
+    engine = make_engine()
+    engine.add_request(request(engine, "s", "x", max_tokens=4, **params))
+    return engine, engine._waiting[0]
+
+
+def test_shared_sampler_greedy_and_top_p_keep_the_likeliest_tokens():
+    logits = np.log(np.array([[0.1, 0.6, 0.3]], dtype=np.float32))
+    engine, seq = _sampling_engine(temperature=0)
+    assert engine._sample(logits, [seq]) == [1]
+    engine, seq = _sampling_engine(temperature=1.0, top_p=0.5)
+    # 0.6 alone crosses top_p: nothing else may ever be drawn.
+    assert {engine._sample(logits, [seq])[0] for _ in range(50)} == {1}
+    engine, seq = _sampling_engine(temperature=1.0, top_p=0.7)
+    assert {engine._sample(logits, [seq])[0] for _ in range(200)} == {1, 2}
+
+
+def test_shared_sampler_repeats_a_seed_and_bars_eos_until_min_tokens():
+    flat = np.zeros((1, 1000), dtype=np.float32)
+
+    def draws(seed: int) -> list[int]:
+        engine, seq = _sampling_engine(temperature=1.0, seed=seed)
+        return [engine._sample(flat, [seq])[0] for _ in range(8)]
+
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+    eos_first = np.full((1, 1000), -10.0, dtype=np.float32)
+    eos_first[0, ECHO_EOS_TOKEN] = 10.0
+    engine, seq = _sampling_engine(temperature=0, min_tokens=2)
+    assert engine._sample(eos_first, [seq]) != [ECHO_EOS_TOKEN]
+    seq.generated += [5, 6]
+    assert engine._sample(eos_first, [seq]) == [ECHO_EOS_TOKEN]
+
+
+def test_finished_and_aborted_requests_leave_no_sampler_state():
+    engine = make_engine()
+    for rid in ("done", "dropped"):
+        engine.add_request(request(engine, rid, f"x {rid}", max_tokens=6, temperature=0.8,
+                                   seed=1))
+    engine.step()
+    engine._rng(engine._running[0])
+    engine._rng(engine._running[1])
+    engine.abort("dropped")
+    run(engine)
+    assert engine._rngs == {}

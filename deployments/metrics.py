@@ -134,8 +134,7 @@ def labels_for(model: str, device: str, slot: str) -> dict[str, str]:
     return {"model": model, "device": device, "slot": slot}
 
 
-def prepare_multiprocess_dir(directory: str | None = None,
-                             live_pids: set[int] | None = None) -> None:
+def prepare_multiprocess_dir(directory: str | None = None) -> None:
     """Record this process's metrics into ``directory`` (default: ``PROMETHEUS_MULTIPROC_DIR``
     if set, else nothing to do), create it, and drop the live-gauge files of dead processes
     (a replica killed by -9 never cleans up after itself). Counters of dead processes stay:
@@ -159,8 +158,6 @@ def prepare_multiprocess_dir(directory: str | None = None,
         if match is None:
             continue
         pid = int(match.group(1))
-        if live_pids is not None and pid in live_pids:
-            continue
         if not _pid_alive(pid):
             multiprocess.mark_process_dead(pid, directory)
 

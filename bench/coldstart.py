@@ -78,6 +78,24 @@ def measure_load(checkpoint: str) -> dict[str, Any]:
             "total_s": first_forward - _STARTED, "peak_rss_bytes": vm_hwm_bytes()}
 
 
+def bare_load_s(load: dict[str, Any]) -> float:
+    """The bare path a replica's start is judged against: imports + ``load_low_bit``."""
+    return load["import_s"] + load["load_low_bit_s"]
+
+
+def median_load(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Of several ``load`` runs (each a fresh process), the one whose bare path is the
+    median (the lower middle of an even count), with every run's bare path under
+    ``bare_load_runs_s``: one start on a shared machine can be an outlier. Failed runs
+    (a ``failed`` key) are skipped; with none left, the first failure is the result."""
+    ok = [run for run in runs if "failed" not in run]
+    if not ok:
+        return runs[0]
+    ranked = sorted(ok, key=bare_load_s)
+    return {**ranked[(len(ranked) - 1) // 2],
+            "bare_load_runs_s": [round(bare_load_s(run), 3) for run in ok]}
+
+
 def checkpoint_bytes(checkpoint: str) -> int:
     folder = Path(checkpoint).resolve()
     return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.coldstart import median_load
 from bench.machine import ROOT_PID_ENV, machine_info
 from bench.workload import WORKLOADS, Workload
 
@@ -180,9 +181,10 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"section {section} (limit {limit} s) ...")
         if section == "coldstart":
             results["coldstart"] = {
-                "load": run_child("coldstart-load", [
+                "load": median_load([run_child(f"coldstart-load-{start}", [
                     "bench.coldstart", "load", "--checkpoint", checkpoint, "--output",
-                    str(scratch / "load.json")], scratch / "load.json", limit, scratch),
+                    str(scratch / "load.json")], scratch / "load.json", limit, scratch)
+                    for start in range(1, work.ready_starts + 1)]),
                 "convert": run_child("coldstart-convert", [
                     "bench.coldstart", "convert", "--gguf", gguf, "--output",
                     str(scratch / "convert.json")], scratch / "convert.json", limit, scratch)}

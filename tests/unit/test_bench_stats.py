@@ -168,3 +168,33 @@ def test_head_to_head_judges_the_median_of_ratios_within_turns():
     row16 = next(line for line in lines if "llama_cpp, 16 clients over HTTP vs llama" in line)
     assert "not met" in row8 and "not met" not in row16
     assert head_to_head({"head_to_head": {"skipped": "llama-server not built"}}) == {}
+
+
+def _load(import_s: float, load_s: float) -> dict:
+    return {"import_s": import_s, "load_low_bit_s": load_s, "verify_s": 0.1}
+
+
+def test_median_load_keeps_the_start_with_the_median_bare_path():
+    from bench.coldstart import median_load
+
+    runs = [_load(2.5, 1.4), _load(1.5, 1.3), {"failed": "exit status 1"}, _load(1.4, 1.2)]
+    chosen = median_load(runs)
+    assert (chosen["import_s"], chosen["load_low_bit_s"]) == (1.5, 1.3)
+    assert chosen["bare_load_runs_s"] == pytest.approx([3.9, 2.8, 2.6])
+    assert median_load([{"failed": "x"}, {"failed": "y"}]) == {"failed": "x"}
+
+
+def test_ready_target_is_judged_on_median_starts_and_shows_every_start():
+    from bench.report import _targets
+
+    # One outlier start (6.6 s) among three: the median (5.1 s) is judged, all are shown.
+    results = {"coldstart": {"load": {**_load(1.5, 1.3), "bare_load_runs_s": [2.8, 3.9, 2.6]}},
+               "service": {"startup": {"serve_run_to_ready_s": 5.1,
+                                       "serve_run_to_ready_runs_s": [6.6, 5.1, 5.0],
+                                       "bare_actor_start_s": 0.2,
+                                       "bare_actor_start_runs_s": [0.2, 0.3, 0.2]}}}
+    lines, values = _targets(results)
+    assert values["ready_ratio"] == pytest.approx(5.1 / 3.0)
+    row = next(line for line in lines if "replica ready" in line)
+    assert "6.6, 5.1, 5.0 s" in row and "2.8, 3.9, 2.6 s" in row
+    assert "**met**" in row

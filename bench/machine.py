@@ -8,6 +8,7 @@ comparable with a quiet run. Every section records it next to its results.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import importlib.metadata
 import os
@@ -132,24 +133,10 @@ class ForeignLoad:
                 "loadavg_1m": round(os.getloadavg()[0], 2)}
 
 
-def measure_quietly(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-    """``measure()`` with the foreign load during it; repeated once if the machine was busy,
-    keeping the quieter attempt (``attempts`` says how many ran)."""
-    best: dict[str, Any] | None = None
-    for attempt in range(1, MEASUREMENT_ATTEMPTS + 1):
-        load = ForeignLoad().start()
-        result = measure()
-        result.update(load.stop(), attempts=attempt)
-        best = quieter(best, result)
-        if not disturbed(result):
-            break
-    assert best is not None
-    return best
-
-
 async def measure_quietly_async(measure: Callable[[], Awaitable[dict[str, Any]]]
                                 ) -> dict[str, Any]:
-    """``measure_quietly`` for a coroutine function."""
+    """``await measure()`` with the foreign load during it; repeated once if the machine was
+    busy, keeping the quieter attempt (``attempts`` says how many ran)."""
     best: dict[str, Any] | None = None
     for attempt in range(1, MEASUREMENT_ATTEMPTS + 1):
         load = ForeignLoad().start()
@@ -160,3 +147,12 @@ async def measure_quietly_async(measure: Callable[[], Awaitable[dict[str, Any]]]
             break
     assert best is not None
     return best
+
+
+def measure_quietly(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """``measure_quietly_async`` for a plain function, from code that runs no event loop.
+    ``measure`` runs in the calling thread (torch's OpenMP pool belongs to it)."""
+    async def in_this_thread() -> dict[str, Any]:
+        return measure()
+
+    return asyncio.run(measure_quietly_async(in_this_thread))

@@ -69,6 +69,7 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
         self._max_context_tokens = max_context_tokens
         self._eos_token_ids = frozenset(eos_token_ids)
+        self._eos_index = np.array(sorted(self._eos_token_ids), dtype=np.int64)  # for _sample
         self._waiting: collections.deque[Sequence_] = collections.deque()
         self._chunking: Sequence_ | None = None  # a long prompt being prefilled in chunks
         self._running: list[Sequence_] = []  # row order of the backend's batch
@@ -257,13 +258,12 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         temperature 0, else top-p sampling with the request's own generator, so a seeded
         request repeats whatever else is batched. EOS is barred until min_tokens."""
         tokens = []
-        eos = sorted(self._eos_token_ids)
         for row, seq in enumerate(sequences):
             params = seq.request.params
             row_logits = logits[row]
-            if eos and len(seq.generated) < params.min_tokens:
+            if self._eos_index.size and len(seq.generated) < params.min_tokens:
                 row_logits = row_logits.copy()
-                row_logits[eos] = -np.inf
+                row_logits[self._eos_index] = -np.inf
             if params.temperature == 0:
                 tokens.append(int(row_logits.argmax()))
             else:

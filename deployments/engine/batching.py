@@ -11,6 +11,13 @@ decode one step, join and drop rows, and each row's last logits for ``_sample``.
 Per step: running sequences decode one token first, then waiting sequences are prefilled
 and join the batch, so a short request never waits behind a long one and a long prompt is
 prefilled in budget-sized chunks between everyone's decode steps.
+
+KV memory: with ``max_kv_tokens`` set, a waiting sequence is admitted only when the batch
+could run every sequence in it to its end (prompt + max_tokens, or the context) within that
+many KV positions (one token of one row), as the backend lays them out (``_kv_positions``).
+A running sequence therefore never runs the device out of memory mid-answer; the queue
+waits instead (first come, first served, so a large request is not starved by small ones),
+and a request that could not fit even alone is refused when it arrives.
 """
 
 from __future__ import annotations
@@ -62,11 +69,15 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
     """Scheduling and bookkeeping of the step contract; subclasses do the model work."""
 
     def __init__(self, *, max_batch_size: int, max_prefill_tokens_per_step: int,
-                 max_context_tokens: int, eos_token_ids: Iterable[int]):
+                 max_context_tokens: int, eos_token_ids: Iterable[int],
+                 max_kv_tokens: int | None = None):
         if max_batch_size < 1 or max_prefill_tokens_per_step < 1:
             raise ValueError("max_batch_size and max_prefill_tokens_per_step must be >= 1")
+        if max_kv_tokens is not None and max_kv_tokens < 1:
+            raise ValueError("max_kv_tokens must be >= 1")
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
+        self.max_kv_tokens = max_kv_tokens
         self._max_context_tokens = max_context_tokens
         self._eos_token_ids = frozenset(eos_token_ids)
         self._eos_index = np.array(sorted(self._eos_token_ids), dtype=np.int64)  # for _sample
@@ -103,6 +114,17 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
     @abc.abstractmethod
     def _decode_text(self, token_ids: Sequence[int]) -> str: ...
 
+    def _kv_positions(self, running: Sequence[Sequence_], joining: Sequence[Sequence_]) -> int:
+        """The most KV positions the batch can come to hold if ``joining`` joins ``running`` and
+        every sequence runs to its end. This default fits backends that store each sequence
+        on its own (a slot or pages per sequence): the sum of their final lengths. A backend
+        with another layout (padded rows) overrides it."""
+        return sum(self._final_length(seq) for seq in (*running, *joining))
+
+    def _final_length(self, seq: Sequence_) -> int:
+        """Prompt plus answer when ``seq`` ends: max_tokens, or the context, if sooner."""
+        return min(len(seq.prompt) + seq.request.params.max_tokens, self._max_context_tokens)
+
     # ---- LLMEngine -----------------------------------------------------------------------
 
     @property
@@ -118,8 +140,15 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
             raise EngineError(
                 f"the prompt has {len(request.prompt_token_ids)} tokens; this model's context "
                 f"holds {self._max_context_tokens} tokens including the answer", param="prompt")
+        seq = Sequence_(request, StopStringTextStream(request.params.stop))
+        if self.max_kv_tokens is not None and self._kv_positions((), (seq,)) > self.max_kv_tokens:
+            raise EngineError(
+                f"the prompt ({len(request.prompt_token_ids)} tokens) plus max_tokens "
+                f"({request.params.max_tokens}) need {self._kv_positions((), (seq,))} positions "
+                f"of this replica's KV cache, which holds {self.max_kv_tokens}; lower "
+                "max_tokens or shorten the prompt", param="max_tokens")
         self._known.add(request.request_id)
-        self._waiting.append(Sequence_(request, StopStringTextStream(request.params.stop)))
+        self._waiting.append(seq)
 
     def abort(self, request_id: str) -> None:
         if request_id in self._known:
@@ -168,7 +197,8 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
                 ready.append((seq, first))
         batch: list[Sequence_] = []
         while (self._waiting and self._chunking is None
-               and len(batch) + len(ready) < free_rows):
+               and len(batch) + len(ready) < free_rows
+               and self._fits([*(seq for seq, _ in ready), *batch, self._waiting[0]])):
             prompt_len = len(self._waiting[0].prompt)
             if spent + prompt_len <= budget:
                 batch.append(self._waiting.popleft())
@@ -190,6 +220,11 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         outputs = [self._append(seq, tok) for seq, tok in ready]
         self._drop_finished()
         return spent, outputs
+
+    def _fits(self, joining: Sequence[Sequence_]) -> bool:
+        """Whether ``joining`` may join the running batch within the KV budget."""
+        return self.max_kv_tokens is None or \
+            self._kv_positions(self._running, joining) <= self.max_kv_tokens
 
     def _apply_aborts(self) -> list[GenerationOutput | None]:
         if not self._aborted:

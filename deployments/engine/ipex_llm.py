@@ -8,6 +8,12 @@ cumulative sum, which reproduces ipex-llm's ``generate()`` token for token (desi
 
 Joining copies the batch's KV into a new cache (ipex-llm's ``DynamicNormalCache``, whose
 tensors are views into preallocated buffers), so joins are batched: one per step at most.
+A join or a row drop builds the new cache layer by layer and lets go of each old layer once
+copied, so it holds about one batch's KV plus a layer, not two or three.
+
+KV memory bounds admission (``ContinuousBatchingEngine.max_kv_tokens``): engine option
+``kv_cache_gb``, by default a share of the memory free when the engine loads (KV_CACHE_SHARE).
+Left-padded rows make a batch's KV rows x its widest row, so ``_kv_positions`` bounds that.
 
 torch, transformers and ipex_llm are imported inside methods: importing this module is
 cheap, so the router and the tests that never load a model do not pay for the stack.
@@ -40,6 +46,16 @@ _KV = list[tuple["torch.Tensor", "torch.Tensor"]]
 # value wins.
 LINEAR_THRESHOLD_ENV = "BIGDL_LLM_LINEAR_THRESHOLD"
 LINEAR_THRESHOLD_ROWS = "17"
+# The KV cache's default share of the memory free when the engine loads: on a CPU host that
+# memory is shared (other replicas, Ray's object store, the OS); an XPU tile is the
+# replica's own. The rest is headroom for what the budget does not count: a prefill's
+# activations and the allocator's slack (12 rows of 1000-token prompts joined one by one
+# on the demo model: 683 MB of KV, peak RSS 1.3 GB above the loaded model). Engine option
+# ``kv_cache_gb`` sets the budget instead.
+KV_CACHE_SHARE = {"cpu": 0.3, "xpu": 0.6}
+# Spare positions ipex-llm's DynamicNormalCache allocates past a row's width
+# (DynamicNormalCache.KV_ALLOC_BLOCK_LENGTH; read from the class when it is imported).
+KV_SPARE_POSITIONS = 256
 
 
 class _Rows:
@@ -53,27 +69,44 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
     """A low-bit causal LM on one device ("cpu" or "xpu"), generating for many requests."""
 
     def __init__(self, model: Any, tokenizer: Any, *, device: str, max_batch_size: int,
-                 max_prefill_tokens_per_step: int, max_context_tokens: int | None = None):
+                 max_prefill_tokens_per_step: int, max_context_tokens: int | None = None,
+                 kv_cache_gb: float | None = None):
+        from ipex_llm.transformers.kv import DynamicNormalCache
+
         eos = model.generation_config.eos_token_id
         eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
         context = max_context_tokens or getattr(model.config, "max_position_embeddings", 2048)
-        super().__init__(max_batch_size=max_batch_size,
-                         max_prefill_tokens_per_step=max_prefill_tokens_per_step,
-                         max_context_tokens=context,
-                         eos_token_ids={i for i in eos_ids if i is not None})
         self._model = model
         self._tokenizer = tokenizer
         self._device = device
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._spare = getattr(DynamicNormalCache, "KV_ALLOC_BLOCK_LENGTH", KV_SPARE_POSITIONS)
+        self.kv_bytes_per_position = self._probe_kv_bytes_per_position()
+        if kv_cache_gb is not None and kv_cache_gb <= 0:
+            raise EngineError(f"kv_cache_gb must be > 0, not {kv_cache_gb}", status_code=500)
+        kv_bytes = (int(kv_cache_gb * 2**30) if kv_cache_gb is not None
+                    else _default_kv_cache_bytes(device))
+        super().__init__(max_batch_size=max_batch_size,
+                         max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+                         max_context_tokens=context,
+                         eos_token_ids={i for i in eos_ids if i is not None},
+                         max_kv_tokens=max(kv_bytes // self.kv_bytes_per_position, 1))
         self._running_rows: _Rows | None = None
         self._cache: Any = None  # the model's cache object for the running rows
         self._pending: list[_Rows] = []
         self._chunk: tuple[Any, int] | None = None  # (cache, length) of a chunked prefill
+        logger.info("KV cache budget: %.2f GB = %d positions of %d bytes (%s)",
+                    kv_bytes / 2**30, self.max_kv_tokens, self.kv_bytes_per_position,
+                    "engine option kv_cache_gb" if kv_cache_gb is not None else
+                    f"{KV_CACHE_SHARE['xpu' if device.startswith('xpu') else 'cpu']:.0%} of "
+                    "the memory free at load")
 
     @classmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
              max_prefill_tokens_per_step: int, **options: Any) -> IpexLLMEngine:
-        """Verify the checkpoint, then load weights (no pickle code runs) and tokenizer."""
+        """Verify the checkpoint, then load weights (no pickle code runs) and tokenizer.
+        ``options``: ``kv_cache_gb`` (memory for the KV cache; the default is a share of
+        what is free once the model is loaded), ``max_context_tokens``."""
         os.environ.setdefault(LINEAR_THRESHOLD_ENV, LINEAR_THRESHOLD_ROWS)
         import torch
         from ipex_llm.transformers import AutoModelForCausalLM
@@ -143,15 +176,20 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
             current = self._running_rows
             groups.insert(0, _Rows(_cache_tensors(self._cache), current.mask,
                                    current.last_tokens))
-        self._pending = []
+        self._pending, self._cache = [], None  # the groups hold the old layers now
         width = max(g.mask.shape[1] for g in groups)
-        num_layers = len(groups[0].kv)
-        kv = [tuple(torch.cat([_left_pad(g.kv[layer][part], width, dim=2) for g in groups])
-                    for part in (0, 1))
-              for layer in range(num_layers)]
+
+        def joined_layers() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for layer in range(len(groups[0].kv)):
+                parts = [g.kv[layer] for g in groups]
+                for g in groups:
+                    g.kv[layer] = None  # freed once copied into the new cache
+                yield tuple(torch.cat([_left_pad(p[part], width, dim=2) for p in parts])
+                            for part in (0, 1))
+
         mask = torch.cat([_left_pad(g.mask, width, dim=1) for g in groups])
         tokens = torch.cat([g.last_tokens for g in groups])
-        self._set_running(_Rows(kv, mask, tokens))
+        self._set_running(joined_layers(), mask, tokens)
 
     def _decode(self, sequences: Sequence[Sequence_]) -> list[int]:
         import torch
@@ -179,18 +217,56 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         index = torch.tensor(keep, dtype=torch.long)
         mask = current.mask.index_select(0, index)
         first_used = int((mask.sum(0) > 0).nonzero()[0])  # drop padding nobody needs now
-        kv = [tuple(t.index_select(0, index)[:, :, first_used:].contiguous() for t in layer)
-              for layer in _cache_tensors(self._cache)]
-        self._set_running(_Rows(kv, mask[:, first_used:].contiguous(),
-                                current.last_tokens.index_select(0, index)))
+        old_layers, self._cache = _cache_tensors(self._cache), None
+
+        def kept_layers() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            for layer in range(len(old_layers)):
+                key, value = old_layers[layer]
+                old_layers[layer] = None  # freed once copied into the new cache
+                yield tuple(t.index_select(0, index)[:, :, first_used:] for t in (key, value))
+
+        self._set_running(kept_layers(), mask[:, first_used:].contiguous(),
+                          current.last_tokens.index_select(0, index))
+
+    # ---- KV memory -----------------------------------------------------------------------
+
+    def _kv_positions(self, running: Sequence[Sequence_], joining: Sequence[Sequence_]) -> int:
+        """Rows share one width, which grows a position per decode step and shrinks only when
+        the rows that needed the leading positions leave, plus the cache's spare positions.
+        With k rows left, the width is at most the width after the join plus the k-th
+        longest remaining run, so the batch never holds more than the largest
+        k x (that width + remaining + spare)."""
+        width = self._running_rows.mask.shape[1] \
+            if running and self._running_rows is not None else 0
+        width = max([width, *(len(seq.prompt) for seq in joining)])
+        remaining = sorted((self._final_length(seq) - seq.total_tokens
+                            for seq in (*running, *joining)), reverse=True)
+        return max((k * (width + left + self._spare) for k, left in enumerate(remaining, 1)),
+                   default=0)
+
+    def _probe_kv_bytes_per_position(self) -> int:
+        """Bytes one position of one row takes in the KV cache, every layer: measured on a
+        one-token forward pass, so any layout or dtype ipex-llm picks is counted."""
+        import torch
+
+        one = torch.ones((1, 1), dtype=torch.long)
+        _, cache = self._forward(one * self._pad_id, one, one - 1, None)
+        return sum(t.element_size() * t.shape[1] * t.shape[3]
+                   for layer in _cache_tensors(cache) for t in layer)
 
     # ---- tensors -------------------------------------------------------------------------
 
-    def _set_running(self, rows: _Rows) -> None:
+    def _set_running(self, layers: Iterator[tuple[torch.Tensor, torch.Tensor]],
+                     mask: torch.Tensor, last_tokens: torch.Tensor) -> None:
+        """Make the running batch's cache from ``layers`` (each copied into the cache's own
+        buffers as it comes, so a generator can free what it has handed over)."""
         from ipex_llm.transformers.kv import DynamicNormalCache
 
-        self._cache = DynamicNormalCache.from_legacy_cache(tuple(rows.kv))
-        self._running_rows = rows
+        cache = DynamicNormalCache()
+        for index, (key, value) in enumerate(layers):
+            cache.update(key, value, index)
+        self._cache = cache
+        self._running_rows = _Rows([], mask, last_tokens)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any) -> tuple[torch.Tensor, Any]:
@@ -209,6 +285,23 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         import torch
 
         return torch.tensor(self._sample(logits.numpy(), sequences), dtype=torch.long)
+
+
+def _default_kv_cache_bytes(device: str) -> int:
+    """KV_CACHE_SHARE of the memory free now: the device's own for xpu (torch.xpu's free
+    bytes, else total minus what torch holds), the host's available memory for cpu."""
+    import torch
+
+    if device.startswith("xpu"):
+        try:
+            free = torch.xpu.mem_get_info(device)[0]
+        except (AttributeError, RuntimeError):
+            free = (torch.xpu.get_device_properties(device).total_memory
+                    - torch.xpu.memory_reserved(device))
+        return int(free * KV_CACHE_SHARE["xpu"])
+    import psutil
+
+    return int(psutil.virtual_memory().available * KV_CACHE_SHARE["cpu"])
 
 
 def _cache_tensors(cache: Any) -> _KV:

@@ -12,12 +12,13 @@ from deployments.errors import ServiceError
 from tests.helpers import serve_app, server_stats, sse_events
 
 MODEL = "smollm2-135m-instruct"
+KV_BUDGET = 3000  # KV positions of the echo replica (its context: 4096)
 
 
 @pytest.fixture(scope="module")
 def base_url():
     args = {"engine": "echo", "checkpoint_path": "/unused", "max_batch_size": 16,
-            "engine_options": {"step_delay_s": 0.01}}
+            "engine_options": {"step_delay_s": 0.01, "max_kv_tokens": KV_BUDGET}}
     with serve_app(args, server_options={"max_ongoing_requests": 128}) as url:
         yield url
 
@@ -140,6 +141,17 @@ def test_unknown_route_is_openai_404(client):
     r = client.get("/v1/nothing")
     assert r.status_code == 404
     assert "error" in r.json()
+
+
+def test_a_request_larger_than_the_replicas_kv_budget_is_a_400(client):
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "x abc",
+                                              "max_tokens": KV_BUDGET})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "max_tokens" and "KV cache" in error["message"]
+    fits = client.post("/v1/completions", json={"model": MODEL, "prompt": "x abc",
+                                                 "max_tokens": KV_BUDGET - 10})
+    assert fits.status_code == 200 and fits.json()["usage"]["completion_tokens"] == KV_BUDGET - 10
 
 
 def test_health_and_models(client):

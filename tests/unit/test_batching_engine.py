@@ -179,3 +179,54 @@ def test_finished_and_aborted_requests_leave_no_sampler_state():
     engine.abort("dropped")
     run(engine)
     assert engine._rngs == {}
+
+
+def test_kv_budget_holds_a_request_back_until_it_fits():
+    # Each request may reach 6 + 10 = 16 KV cells; the budget holds one, not two.
+    engine = make_engine(max_kv_tokens=30)
+    for word in ("aaaa", "bbbb"):
+        engine.add_request(request(engine, word, f"p {word}", max_tokens=10))
+    first_output_step: dict[str, int] = {}
+    finished_step: dict[str, int] = {}
+    step = 0
+    while engine.has_unfinished_requests():
+        result = engine.step()
+        assert result.batch_size <= 1
+        for out in result.outputs:
+            first_output_step.setdefault(out.request_id, step)
+            if out.finished:
+                finished_step[out.request_id] = step
+        step += 1
+    assert first_output_step["bbbb"] >= finished_step["aaaa"]
+
+
+def test_kv_budget_serves_the_queue_first_come_first_served():
+    # Running "a" holds 16 of 30 cells; "big" (20) must wait, and "tiny" (6), which would
+    # fit now, must not overtake it.
+    engine = make_engine(max_kv_tokens=30)
+    engine.add_request(request(engine, "a", "p aaaa", max_tokens=10))
+    engine.step()
+    engine.add_request(request(engine, "big", "p bbbb", max_tokens=14))
+    engine.add_request(request(engine, "tiny", "p c", max_tokens=3))
+    started: dict[str, int] = {}
+    finished: dict[str, int] = {}
+    for step in range(100):
+        for out in engine.step().outputs:
+            started.setdefault(out.request_id, step)
+            if out.finished:
+                finished[out.request_id] = step
+        if not engine.has_unfinished_requests():
+            break
+    assert started["big"] >= finished["a"]
+    assert started["tiny"] >= started["big"]
+
+
+def test_a_request_that_cannot_fit_the_kv_budget_alone_is_refused():
+    engine = make_engine(max_kv_tokens=12)
+    with pytest.raises(EngineError) as refused:
+        engine.add_request(request(engine, "r", "p aaaa", max_tokens=10))
+    assert refused.value.status_code == 400 and refused.value.param == "max_tokens"
+    assert "need 16 positions of this replica's KV cache" in refused.value.message
+    engine.add_request(request(engine, "r", "p aaaa", max_tokens=6))  # 12 cells: fits
+    texts, reasons, _ = run(engine)
+    assert texts["r"] == "aaaaaa" and reasons["r"] == "length"

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from deployments.engine.ipex_llm import IpexLLMEngine  # noqa: E402
-from deployments.engine.protocol import GenerationRequest, SamplingParams  # noqa: E402
+from deployments.engine.protocol import EngineError, GenerationRequest, SamplingParams  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(120)]
 
@@ -108,3 +108,41 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny):
 
     assert sample(1) == sample(1)
     assert sample(1) != sample(2)
+
+
+def _kv_bytes_held(engine: IpexLLMEngine) -> int:
+    """Bytes of the KV buffers the running batch's cache holds (spare positions included)."""
+    if engine._cache is None:
+        return 0
+    return sum(t.untyped_storage().nbytes()
+               for t in (*engine._cache.key_cache, *engine._cache.value_cache))
+
+
+@pytest.mark.parametrize("rows_that_fit", [1, 2])
+def test_kv_budget_bounds_the_cache_the_batch_allocates(tiny, rows_that_fit):
+    shapes = {"a": (2, 5, 20), "b": (3, 17, 6), "c": (4, 3, 14)}
+    requests = [greedy(rid, prompt(i, n), m) for rid, (i, n, m) in shapes.items()]
+    alone = {r.request_id: run(make_engine(tiny), [r])[r.request_id] for r in requests}
+    per_position = make_engine(tiny).kv_bytes_per_position
+    # Room for `rows_that_fit` of the widest request (17 + 6 positions + the spare), no more.
+    budget_bytes = rows_that_fit * (17 + 20 + 256) * per_position
+    engine = make_engine(tiny, kv_cache_gb=budget_bytes / 2**30)
+    for r in requests:
+        engine.add_request(r)
+    texts: dict[str, str] = {}
+    sizes = []
+    while engine.has_unfinished_requests():
+        result = engine.step()
+        sizes.append(result.batch_size)
+        assert _kv_bytes_held(engine) <= budget_bytes
+        for out in result.outputs:
+            texts[out.request_id] = texts.get(out.request_id, "") + out.text
+    assert texts == alone
+    assert max(sizes) == rows_that_fit
+
+
+def test_kv_budget_refuses_a_request_larger_than_the_whole_budget(tiny):
+    engine = make_engine(tiny, kv_cache_gb=100 * make_engine(tiny).kv_bytes_per_position / 2**30)
+    with pytest.raises(EngineError) as refused:
+        engine.add_request(greedy("big", prompt(1, 9), 12))  # 9 + 12 + 256 spare > 100
+    assert refused.value.param == "max_tokens"

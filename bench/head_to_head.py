@@ -36,9 +36,10 @@ def _log(message: str) -> None:
           flush=True)
 
 
-def turn_order(turns: int) -> list[tuple[str, str]]:
-    """Who goes first in each turn: ours, then the peer; then the other way round."""
-    return [(OURS, PEER) if turn % 2 == 0 else (PEER, OURS) for turn in range(turns)]
+def turn_order(turns: int, first: str = OURS, second: str = PEER) -> list[tuple[str, str]]:
+    """Who goes first in each turn: ``first`` (ours), then ``second``; then the other way
+    round."""
+    return [(first, second) if turn % 2 == 0 else (second, first) for turn in range(turns)]
 
 
 def _measure_ours(checkpoint: str, work: Workload) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import statistics
@@ -37,6 +38,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 ENGINES = ("ipex_llm", "llama_cpp")
+# The batch (and client count) at which the ipex_llm targets compare service and ceiling.
+TURN_BATCH_SIZE = 8
 
 
 def load_engine(checkpoint: str, max_batch_size: int, engine: str = "ipex_llm") -> Any:
@@ -323,10 +326,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="an ipex_llm checkpoint, or a gguf one for --engine llama_cpp")
     parser.add_argument("--engine", choices=ENGINES, default="ipex_llm")
     parser.add_argument("--output", required=True)
+    parser.add_argument("--turn", action="store_true",
+                        help="only what section ipex_turns compares the service with: the "
+                             "batched-generate ceiling at batch 8 and one request at a time")
     args = parser.parse_args(argv)
     work = WORKLOADS[args.workload]
     if args.engine == "llama_cpp":
         return main_llama_cpp(args.checkpoint, work, Path(args.output))
+    if args.turn:
+        return main_turn(args.checkpoint, work, Path(args.output))
     started = time.perf_counter()
     max_batch = max(*work.ceiling_batch_sizes, *work.engine_batch_sizes,
                     work.profile_batch_size)
@@ -349,6 +357,18 @@ def main(argv: list[str] | None = None) -> int:
         else ((1, 1), (8, 1), (1, 31)), repeats=3 if work.name == "full" else 1)
     result["seconds"] = time.perf_counter() - started
     Path(args.output).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def main_turn(checkpoint: str, work: Workload, output: Path) -> int:
+    """One in-process turn of section ipex_turns: the ceiling at batch 8 and one request at
+    a time, measured as sections 1 and 2 measure them."""
+    engine = load_engine(checkpoint, TURN_BATCH_SIZE)
+    model, tokenizer = engine._model, engine._tokenizer
+    result = {"ceiling": ceiling(model, tokenizer, dataclasses.replace(
+                  work, ceiling_batch_sizes=(TURN_BATCH_SIZE,))),
+              "sequential": sequential(model, tokenizer, work)}
+    output.write_text(json.dumps(result, indent=1))
     return 0
 
 

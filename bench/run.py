@@ -1,6 +1,6 @@
 """`make bench`: every benchmark section on the demo model, then bench/RESULTS.md and a plot.
 
-    python -m bench.run            # full run (about 25 minutes on 2 quiet cores)
+    python -m bench.run            # full run (about 30 minutes on 2 quiet cores)
     python -m bench.run --quick    # smoke check (< 5 minutes): fewer levels, short answers
     python -m bench.run --sections service,llama   # a subset (report from what ran)
 
@@ -14,7 +14,9 @@ checkpoint, serve_config.llama_cpp.yaml; skipped with a note if llama-cpp-python
 installed), ``llama`` (llama.cpp's server; skipped with a note until
 ``python -m bench.build_llama_server`` has built it, or pass --build-llama), and
 ``head_to_head`` (engine llama_cpp's service and llama-server again, in alternating turns,
-for the target that compares them).
+for the target that compares them). ``ipex_turns`` does the same for engine ipex_llm's
+targets: its service at 8 clients, then the in-process ceiling and one-at-a-time path, in
+alternating turns.
 
 The full run writes bench/RESULTS.md, bench/results.json and bench/throughput.png; --quick
 writes the same under bench/.cache/quick/ so the committed results stay the full ones.
@@ -37,14 +39,15 @@ from bench.workload import WORKLOADS, Workload
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-SECTIONS = ("inprocess", "coldstart", "service", "llama_cpp_engine", "llama_cpp_service",
-            "llama", "head_to_head")
+SECTIONS = ("inprocess", "coldstart", "service", "ipex_turns", "llama_cpp_engine",
+            "llama_cpp_service", "llama", "head_to_head")
 # Sections that run engine llama_cpp (they need llama-cpp-python and the gguf checkpoint).
 LLAMA_CPP_SECTIONS = ("llama_cpp_engine", "llama_cpp_service", "head_to_head")
 # Per-section wall-clock limits (s), full / quick: generous for a loaded machine, but bounded.
 TIME_LIMITS_S = {"inprocess": (900, 300), "coldstart": (300, 200), "service": (1800, 600),
                  "llama_cpp_engine": (600, 200), "llama_cpp_service": (1500, 500),
-                 "llama": (600, 200), "head_to_head": (1200, 400)}
+                 "llama": (600, 200), "head_to_head": (1200, 400),
+                 "ipex_turns": (1200, 400)}
 
 
 def _log(message: str) -> None:
@@ -194,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         module = {"inprocess": "bench.inprocess", "service": "bench.service",
                   "llama_cpp_engine": "bench.inprocess", "llama_cpp_service": "bench.service",
-                  "llama": "bench.llama_peer", "head_to_head": "bench.head_to_head"}[section]
+                  "llama": "bench.llama_peer", "head_to_head": "bench.head_to_head",
+                  "ipex_turns": "bench.ipex_turns"}[section]
         if section == "llama":
             source = ["--gguf", gguf]
         elif section == "head_to_head":

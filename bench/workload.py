@@ -54,6 +54,9 @@ class Workload:
     # timed this many times, and the target judged on their medians: one start on a shared
     # machine can be an outlier (a 6.6 s start among 5.1-6.2 s ones).
     ready_starts: int = 3
+    # Engine ipex_llm's service at 8 clients vs the in-process ceiling at batch 8 and one
+    # request at a time, measured again in alternating turns (section ipex_turns).
+    ipex_turns: int = 3
 
     def rounds(self, clients: int) -> int:
         return max(1, math.ceil(self.min_requests / clients))
@@ -85,6 +88,7 @@ QUICK = Workload(
     mixed_long_clients=2, mixed_short_clients=2, mixed_long_tokens=64,
     mixed_short_tokens=16, mixed_short_requests_per_client=3,
     profile_batch_size=8, pyspy_seconds=0, llama_cpp_engine_batch_sizes=(1, 8),
-    pacing_clients=(8,), head_to_head_clients=(8,), head_to_head_turns=2, ready_starts=1)
+    pacing_clients=(8,), head_to_head_clients=(8,), head_to_head_turns=2, ready_starts=1,
+    ipex_turns=2)
 
 WORKLOADS = {w.name: w for w in (FULL, QUICK)}

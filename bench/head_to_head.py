@@ -20,6 +20,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,21 @@ def turn_order(turns: int, first: str = OURS, second: str = PEER) -> list[tuple[
     return [(first, second) if turn % 2 == 0 else (second, first) for turn in range(turns)]
 
 
+def alternate(turns: int, measure: dict[str, Callable[[], Any]],
+              log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Run the two measurements of ``measure`` (ours first in it) in ``turn_order``: each
+    turn's {"order": [...], name: result, ...}."""
+    first, second = measure
+    results: list[dict[str, Any]] = []
+    for order in turn_order(turns, first, second):
+        turn: dict[str, Any] = {"order": list(order)}
+        for who in order:
+            log(f"turn {len(results) + 1}: {who}")
+            turn[who] = measure[who]()
+        results.append(turn)
+    return results
+
+
 def _measure_ours(checkpoint: str, work: Workload) -> list[dict[str, Any]]:
     service = Service(checkpoint, CONFIG_FILES["llama_cpp"])
     try:
@@ -61,14 +77,9 @@ def _measure_peer(binary: Path, gguf: str, work: Workload) -> list[dict[str, Any
 def run(checkpoint: str, gguf: str, binary: Path, work: Workload) -> dict[str, Any]:
     """Every turn's rows, by who ran: {"turns": [{"order": [...], "service": rows,
     "llama_server": rows}, ...]}."""
-    turns = []
-    for order in turn_order(work.head_to_head_turns):
-        turn: dict[str, Any] = {"order": list(order)}
-        for who in order:
-            _log(f"turn {len(turns) + 1}: {who}")
-            turn[who] = _measure_ours(checkpoint, work) if who == OURS else \
-                _measure_peer(binary, gguf, work)
-        turns.append(turn)
+    turns = alternate(work.head_to_head_turns,
+                      {OURS: lambda: _measure_ours(checkpoint, work),
+                       PEER: lambda: _measure_peer(binary, gguf, work)}, _log)
     return {"turns": turns, "clients": list(work.head_to_head_clients)}
 
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.head_to_head import turn_order
+from bench.head_to_head import alternate
 from bench.inprocess import TURN_BATCH_SIZE
 from bench.loadgen import HttpTarget
 from bench.service import Service, sweep
@@ -60,14 +60,9 @@ def _measure_inprocess(checkpoint: str, work: Workload, scratch: Path) -> dict[s
 def run(checkpoint: str, work: Workload, scratch: Path) -> dict[str, Any]:
     """Every turn's measurements: {"turns": [{"order": [...], "service": rows at 8
     clients, "inprocess": {"ceiling": [row at batch 8], "sequential": row}}, ...]}."""
-    turns = []
-    for order in turn_order(work.ipex_turns, SERVICE, INPROCESS):
-        turn: dict[str, Any] = {"order": list(order)}
-        for who in order:
-            _log(f"turn {len(turns) + 1}: {who}")
-            turn[who] = _measure_service(checkpoint, work) if who == SERVICE else \
-                _measure_inprocess(checkpoint, work, scratch)
-        turns.append(turn)
+    turns = alternate(work.ipex_turns,
+                      {SERVICE: lambda: _measure_service(checkpoint, work),
+                       INPROCESS: lambda: _measure_inprocess(checkpoint, work, scratch)}, _log)
     return {"turns": turns, "clients": TURN_BATCH_SIZE}
 
 

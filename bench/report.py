@@ -50,6 +50,16 @@ def _ok(section: dict[str, Any] | None) -> bool:
     return bool(section) and "failed" not in section and "skipped" not in section
 
 
+def _section(r: dict[str, Any], key: str, title: str
+             ) -> tuple[dict[str, Any] | None, list[str]]:
+    """Section ``key``'s results and the report's first lines for it: its title, and why
+    it is missing when it did not run (the results are then None)."""
+    section = r.get(key)
+    if not _ok(section):
+        return None, [title, "", *_why_missing(section, key)]
+    return section, [title, ""]
+
+
 def _why_missing(section: dict[str, Any] | None, name: str) -> list[str]:
     if section is None:
         return [f"_Section `{name}` was not run._", ""]
@@ -275,10 +285,10 @@ def _ready(r: dict[str, Any]) -> dict[str, Any]:
 
 
 def _inprocess(r: dict[str, Any]) -> list[str]:
-    inproc = r.get("inprocess")
-    lines = ["## 1. In-process ceiling: ipex-llm batched `generate`", ""]
-    if not _ok(inproc):
-        return lines + _why_missing(inproc, "inprocess")
+    inproc, lines = _section(
+        r, "inprocess", "## 1. In-process ceiling: ipex-llm batched `generate`")
+    if inproc is None:
+        return lines
     lines += ["`model.generate` on a left-padded batch of the prompt, greedy, "
               "`min_new_tokens = max_new_tokens`; tokens/s over the whole call (prefill "
               f"included), median of {r['workload']['ceiling_repeats']} runs after a warm-up. "
@@ -337,11 +347,12 @@ def _tuning(section: dict[str, Any]) -> str:
 
 
 def _service(r: dict[str, Any]) -> list[str]:
-    service = r.get("service")
-    lines = ["## 3. Our service (engine ipex_llm): closed-loop clients over HTTP and through "
-             "the handle", ""]
-    if not _ok(service):
-        return lines + _why_missing(service, "service")
+    service, lines = _section(
+        r, "service",
+        "## 3. Our service (engine ipex_llm): closed-loop clients over HTTP and through "
+        "the handle")
+    if service is None:
+        return lines
     w = r["workload"]
     lines += [f"`serve_config.yaml`'s application (one LLMServer replica, max_batch_size "
               f"{service['config_args'].get('max_batch_size')}, max_ongoing_requests "
@@ -368,10 +379,10 @@ def _service(r: dict[str, Any]) -> list[str]:
 
 
 def _llama_cpp_engine(r: dict[str, Any]) -> list[str]:
-    section = r.get("llama_cpp_engine")
-    lines = ["## 4. Engine llama_cpp alone (no Ray, no HTTP)", ""]
-    if not _ok(section):
-        return lines + _why_missing(section, "llama_cpp_engine")
+    section, lines = _section(
+        r, "llama_cpp_engine", "## 4. Engine llama_cpp alone (no Ray, no HTTP)")
+    if section is None:
+        return lines
     ipex = {row["batch_size"]: row for row in (r.get("inprocess") or {}).get("engine") or ()}
     lines += ["`LlamaCppEngine.step()` in a loop on the gguf checkpoint, all requests added at "
               f"once, {section.get('threads', '?')} llama.cpp threads, "
@@ -393,11 +404,12 @@ def _llama_cpp_engine(r: dict[str, Any]) -> list[str]:
 
 
 def _llama_cpp_service(r: dict[str, Any]) -> list[str]:
-    service = r.get("llama_cpp_service")
-    lines = ["## 5. Our service on engine llama_cpp: closed-loop clients over HTTP and "
-             "through the handle", ""]
-    if not _ok(service):
-        return lines + _why_missing(service, "llama_cpp_service")
+    service, lines = _section(
+        r, "llama_cpp_service",
+        "## 5. Our service on engine llama_cpp: closed-loop clients over HTTP and "
+        "through the handle")
+    if service is None:
+        return lines
     startup = service.get("startup") or {}
     lines += [f"`{service.get('config_file', 'serve_config.llama_cpp.yaml')}`'s application "
               "(engine llama_cpp on the gguf checkpoint; one LLMServer replica, "
@@ -456,11 +468,12 @@ def _pacing_lines(service: dict[str, Any]) -> list[str]:
 
 
 def _ipex_turns(r: dict[str, Any]) -> list[str]:
-    section = r.get("ipex_turns")
-    lines = ["## 3b. Engine ipex_llm: its service and the in-process paths in alternating "
-             "turns", ""]
-    if not _ok(section):
-        return lines + _why_missing(section, "ipex_turns")
+    section, lines = _section(
+        r, "ipex_turns",
+        "## 3b. Engine ipex_llm: its service and the in-process paths in alternating "
+        "turns")
+    if section is None:
+        return lines
     turns = ipex_turns(r)
     lines += ["Sections 1-3 run minutes apart while this machine's speed drifts by 10-20%. "
               f"Here the service ({turns['clients']} clients over HTTP, a fresh Ray and "
@@ -481,11 +494,12 @@ def _ipex_turns(r: dict[str, Any]) -> list[str]:
 
 
 def _head_to_head(r: dict[str, Any]) -> list[str]:
-    section = r.get("head_to_head")
-    lines = ["## 7. Head to head: engine llama_cpp's service and llama-server in alternating "
-             "turns", ""]
-    if not _ok(section):
-        return lines + _why_missing(section, "head_to_head")
+    section, lines = _section(
+        r, "head_to_head",
+        "## 7. Head to head: engine llama_cpp's service and llama-server in alternating "
+        "turns")
+    if section is None:
+        return lines
     lines += ["This machine's speed drifts by 10-20% over minutes, more than the gap the "
               "target judges, and sections 5 and 6 run minutes apart. Here the two take "
               "turns (ours first, then llama-server first, ...), each starting afresh with "

@@ -225,3 +225,14 @@ def test_ipex_targets_are_judged_on_the_median_of_alternating_turns():
     row = next(line for line in lines if "vs in-process batched generate" in line)
     assert "median of 3 alternating turns" in row and "**met**" in row
     assert ipex_turns({"ipex_turns": {"failed": "exit status 1"}}) == {}
+
+
+def test_alternate_runs_both_measurements_in_turn_order():
+    from bench.head_to_head import alternate
+
+    ran: list[str] = []
+    turns = alternate(3, {"ours": lambda: ran.append("ours") or len(ran),
+                          "peer": lambda: ran.append("peer") or len(ran)}, lambda _: None)
+    assert ran == ["ours", "peer", "peer", "ours", "ours", "peer"]
+    assert [t["order"] for t in turns] == [["ours", "peer"], ["peer", "ours"], ["ours", "peer"]]
+    assert turns[1] == {"order": ["peer", "ours"], "peer": 3, "ours": 4}

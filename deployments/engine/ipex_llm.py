@@ -53,9 +53,6 @@ LINEAR_THRESHOLD_ROWS = "17"
 # on the demo model: 683 MB of KV, peak RSS 1.3 GB above the loaded model). Engine option
 # ``kv_cache_gb`` sets the budget instead.
 KV_CACHE_SHARE = {"cpu": 0.3, "xpu": 0.6}
-# Spare positions ipex-llm's DynamicNormalCache allocates past a row's width
-# (DynamicNormalCache.KV_ALLOC_BLOCK_LENGTH; read from the class when it is imported).
-KV_SPARE_POSITIONS = 256
 
 
 class _Rows:
@@ -80,12 +77,14 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         self._tokenizer = tokenizer
         self._device = device
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        self._spare = getattr(DynamicNormalCache, "KV_ALLOC_BLOCK_LENGTH", KV_SPARE_POSITIONS)
+        # Positions the cache allocates past a row's width.
+        self._spare = DynamicNormalCache.KV_ALLOC_BLOCK_LENGTH
         self.kv_bytes_per_position = self._kv_bytes_per_position()
         if kv_cache_gb is not None and kv_cache_gb <= 0:
             raise EngineError(f"kv_cache_gb must be > 0, not {kv_cache_gb}", status_code=500)
+        kind = "xpu" if device.startswith("xpu") else "cpu"
         kv_bytes = (int(kv_cache_gb * 2**30) if kv_cache_gb is not None
-                    else _default_kv_cache_bytes(device))
+                    else int(_free_memory_bytes(device) * KV_CACHE_SHARE[kind]))
         super().__init__(max_batch_size=max_batch_size,
                          max_prefill_tokens_per_step=max_prefill_tokens_per_step,
                          max_context_tokens=context,
@@ -98,8 +97,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         logger.info("KV cache budget: %.2f GB = %d positions of %d bytes (%s)",
                     kv_bytes / 2**30, self.max_kv_tokens, self.kv_bytes_per_position,
                     "engine option kv_cache_gb" if kv_cache_gb is not None else
-                    f"{KV_CACHE_SHARE['xpu' if device.startswith('xpu') else 'cpu']:.0%} of "
-                    "the memory free at load")
+                    f"{KV_CACHE_SHARE[kind]:.0%} of the memory free at load")
 
     @classmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
@@ -202,7 +200,6 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
                                             self._cache)
         tokens = self._sample_tokens(logits, sequences)
         rows.mask, rows.last_tokens = mask, tokens
-        rows.kv = []  # stale: the cache object is the truth until the batch changes shape
         return tokens.tolist()
 
     def _drop_rows(self, rows: Sequence[int]) -> None:
@@ -290,21 +287,20 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         return torch.tensor(self._sample(logits.numpy(), sequences), dtype=torch.long)
 
 
-def _default_kv_cache_bytes(device: str) -> int:
-    """KV_CACHE_SHARE of the memory free now: the device's own for xpu (torch.xpu's free
-    bytes, else total minus what torch holds), the host's available memory for cpu."""
+def _free_memory_bytes(device: str) -> int:
+    """Memory free now: the device's own for xpu (torch.xpu's free bytes, else total minus
+    what torch holds), the host's available memory for cpu."""
     import torch
 
     if device.startswith("xpu"):
         try:
-            free = torch.xpu.mem_get_info(device)[0]
+            return torch.xpu.mem_get_info(device)[0]
         except (AttributeError, RuntimeError):
-            free = (torch.xpu.get_device_properties(device).total_memory
+            return (torch.xpu.get_device_properties(device).total_memory
                     - torch.xpu.memory_reserved(device))
-        return int(free * KV_CACHE_SHARE["xpu"])
     import psutil
 
-    return int(psutil.virtual_memory().available * KV_CACHE_SHARE["cpu"])
+    return psutil.virtual_memory().available
 
 
 def _cache_tensors(cache: Any) -> _KV:

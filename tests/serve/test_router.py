@@ -155,7 +155,9 @@ def test_a_request_larger_than_the_replicas_kv_budget_is_a_400(client):
 
 
 def test_health_and_models(client):
-    assert client.get("/health").json()["status"] == "ok"
+    health = client.get("/health").json()
+    assert health["status"] == "ok"
+    assert health["replica"]["kv_cache_positions"] == KV_BUDGET
     assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from bench.coldstart import bare_load_s
 from bench.machine import DISTURBED_CORES
 from bench.stats import median, ratio
 
@@ -100,10 +101,14 @@ def head_to_head(r: dict[str, Any]) -> dict[int, dict[str, Any]]:
         pairs = [(_tps(turn, clients, "service"), _tps(turn, clients, "llama_server"))
                  for turn in section.get("turns") or []]
         ratios = [ratio(ours, peer) for ours, peer in pairs]
-        measured = [x for x in ratios if not math.isnan(x)]
-        result[clients] = {"pairs": pairs, "ratios": ratios,
-                           "median": median(measured) if measured else math.nan}
+        result[clients] = {"pairs": pairs, "ratios": ratios, "median": _median_ratio(ratios)}
     return result
+
+
+def _median_ratio(ratios: Iterable[float]) -> float:
+    """The median of the turns' ratios that were measured (nan when none was)."""
+    measured = [x for x in ratios if not math.isnan(x)]
+    return median(measured) if measured else math.nan
 
 
 def ipex_turns(r: dict[str, Any]) -> dict[str, Any]:
@@ -123,13 +128,9 @@ def ipex_turns(r: dict[str, Any]) -> dict[str, Any]:
         rows.append({"order": turn.get("order") or [], "service": service, "ceiling": ceiling,
                      "sequential": sequential, "vs_ceiling": ratio(service, ceiling),
                      "vs_sequential": ratio(service, sequential)})
-
-    def median_of(key: str) -> float:
-        measured = [row[key] for row in rows if not math.isnan(row[key])]
-        return median(measured) if measured else math.nan
-
-    return {"clients": clients, "turns": rows, "vs_ceiling": median_of("vs_ceiling"),
-            "vs_sequential": median_of("vs_sequential")}
+    return {"clients": clients, "turns": rows,
+            "vs_ceiling": _median_ratio(row["vs_ceiling"] for row in rows),
+            "vs_sequential": _median_ratio(row["vs_sequential"] for row in rows)}
 
 
 # ---- sections ---------------------------------------------------------------------------
@@ -279,7 +280,7 @@ def _ready(r: dict[str, Any]) -> dict[str, Any]:
     startup = (r.get("service") or {}).get("startup") or {}
     serve_run = startup.get("serve_run_to_ready_s", math.nan)
     if "import_s" in load and "bare_actor_start_s" in startup:
-        bare = load["import_s"] + load["load_low_bit_s"] + startup["bare_actor_start_s"]
+        bare = bare_load_s(load) + startup["bare_actor_start_s"]
     else:
         bare = math.nan
     starts = startup.get("serve_run_to_ready_runs_s") or []

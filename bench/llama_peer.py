@@ -3,8 +3,9 @@
 ``llama-server`` (built once by ``python -m bench.build_llama_server``) runs with 2 threads,
 8 parallel slots and continuous batching on loopback, and gets the same closed-loop sweep
 as our service through its OpenAI-compatible /v1/completions (streamed). Prompt caching is
-off per request (``cache_prompt: false``): our service has no prefix cache, and every
-request here repeats the same prompt.
+at its default on both sides (llama-server's ``cache_prompt``, engine llama_cpp's
+``prompt_cache``): every request repeats the same prompt, so both reuse its KV; the tables'
+"prompt from cache" column shows how much.
 
     python -m bench.llama_peer --workload full --gguf FILE --output out.json
 """
@@ -64,7 +65,7 @@ async def sweep(base_url: str, work: Workload,
                 clients_list: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
     """The closed-loop sweep (``work.llama_clients`` unless ``clients_list``) of one server."""
     rows = []
-    async with HttpTarget(base_url, work.model_name, work.prompt, cache_prompt=False) as target:
+    async with HttpTarget(base_url, work.model_name, work.prompt) as target:
         for clients in clients_list or work.llama_clients:
             await closed_loop(target.issue, clients=clients, rounds=1, max_tokens=4,
                               timeout_s=120)

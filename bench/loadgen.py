@@ -45,6 +45,9 @@ async def _consume(chunks: AsyncIterator[dict[str, Any]], record: RequestRecord,
         usage = chunk.get("usage")
         if usage:
             record.completion_tokens = int(usage["completion_tokens"])
+            record.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            record.cached_prompt_tokens = int(
+                (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
     record.finished = time.perf_counter()
     if not record.completion_tokens and finish == "length":
         record.completion_tokens = max_tokens

@@ -329,12 +329,22 @@ def _inprocess(r: dict[str, Any]) -> list[str]:
 
 
 def _pct(value: Any) -> str:
-    return NA if value is None else f"{value:.1%}"
+    return NA if value is None or value != value else f"{value:.1%}"  # None or NaN
+
+
+def _cached_share(section: dict[str, Any] | None, clients: int) -> float:
+    """The share of prompt tokens the server's prompt cache held at ``clients`` (0 if
+    unknown)."""
+    for row in (section or {}).get("sweep") or ():
+        if row["clients"] == clients:
+            share = row.get("prompt_cached_share")
+            return share if share is not None and share == share else 0.0
+    return 0.0
 
 
 def _sweep_table(rows: list[dict[str, Any]], with_batch: bool) -> list[str]:
     header = ["clients", "tokens/s", "req/s", "TTFT p50", "TTFT p99", "ITL p50", "ITL p99",
-              "TPOT p50", "e2e p50", "e2e p99", "requests (errors)"]
+              "TPOT p50", "e2e p50", "e2e p99", "prompt from cache", "requests (errors)"]
     if with_batch:
         header += ["TTFT mean: client / replica", "queue mean (replica)", "mean engine batch"]
     header.append("other load")
@@ -343,7 +353,8 @@ def _sweep_table(rows: list[dict[str, Any]], with_batch: bool) -> list[str]:
         cells = [row["clients"], _num(row["tokens_per_s"]), _num(row["requests_per_s"], 2),
                  _ms(row["ttft_p50_s"]), _ms(row["ttft_p99_s"]), _ms(row["itl_p50_s"]),
                  _ms(row["itl_p99_s"]), _ms(row["tpot_p50_s"]), _ms(row["e2e_p50_s"]),
-                 _ms(row["e2e_p99_s"]), f"{row['requests']} ({row['errors']})"]
+                 _ms(row["e2e_p99_s"]), _pct(row.get("prompt_cached_share")),
+                 f"{row['requests']} ({row['errors']})"]
         if with_batch:
             cells += [f"{_ms(row.get('ttft_mean_s'))} / {_ms(row.get('server_ttft_mean_s'))}",
                       _ms(row.get("server_queue_mean_s")), _num(row.get("mean_engine_batch"), 1)]
@@ -546,7 +557,8 @@ def _llama(r: dict[str, Any]) -> list[str]:
     command = llama["command"].replace(str(Path(__file__).resolve().parent.parent) + "/", "")
     lines += [f"Server: `{command}` (llama.cpp vendored in llama-cpp-python 0.3.36, built by "
               "`python -m bench.build_llama_server`). Same clients, prompt and lengths as "
-              "section 3 (`cache_prompt: false`). Ready in "
+              "section 3 (`cache_prompt` at its default, on, as engine llama_cpp's "
+              "`prompt_cache`). Ready in "
               f"{_num(llama.get('ready_s'), 1)} s from the GGUF; peak RSS "
               f"{_mib(llama.get('vm_hwm_bytes'))} MiB.", ""]
     return lines + _sweep_table(llama["sweep"], with_batch=False)
@@ -849,9 +861,12 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             f"{_num(ratio(_tps(r.get('llama'), 1), _tps(service, 1, 'http')), 1)}x at 1 client): "
             "ggml's CPU backend compiled for this CPU (-march=native, runtime weight "
             "repacking, llamafile sgemm) running a C++ graph, vs ipex-llm's ctypes calls into "
-            "its kernel per linear layer plus thousands of aten ops from Python per step. "
-            "Not reachable on ipex-llm's CPU path; ipex-llm's strength is Intel GPUs (XPU), "
-            "which this machine lacks."
+            "its kernel per linear layer plus thousands of aten ops from Python per step"
+            + (" (and llama-server reuses the repeated prompt's KV, which engine ipex_llm, "
+               "without a prompt cache, prefills every time)"
+               if _cached_share(r.get("llama"), 8) else "")
+            + ". Not reachable on ipex-llm's CPU path; ipex-llm's strength is Intel GPUs "
+            "(XPU), which this machine lacks."
             + (" Engine llama_cpp runs llama.cpp's kernels behind our service (below)."
                if lc_service or lc_engine else ""))
     mixed = service.get("mixed")

@@ -38,6 +38,8 @@ class RequestRecord:
     chunk_times: list[float] = field(default_factory=list)  # content-bearing chunks only
     finished: float | None = None
     completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # usage.prompt_tokens_details.cached_tokens
     error: str | None = None
 
     @property
@@ -86,6 +88,7 @@ class RunSummary:
     e2e_p50_s: float
     e2e_p99_s: float
     completion_tokens: int
+    prompt_cached_share: float  # of the prompt tokens, those the server's prompt cache held
 
     def as_dict(self) -> dict[str, float | int]:
         return dict(self.__dict__)
@@ -98,6 +101,7 @@ def summarize(records: Sequence[RequestRecord], clients: int) -> RunSummary:
     duration = (max(r.e2e + r.started for r in good) - min(r.started for r in good)
                 if good else math.nan)
     tokens = sum(r.completion_tokens for r in good)
+    prompt_tokens = sum(r.prompt_tokens for r in good)
     gaps = [g for r in good for g in r.inter_chunk_gaps]
     tpots = [t for r in good if (t := r.tpot) is not None]
     ttfts = [r.ttft for r in good]
@@ -110,7 +114,9 @@ def summarize(records: Sequence[RequestRecord], clients: int) -> RunSummary:
         itl_p50_s=percentile(gaps, 50), itl_p99_s=percentile(gaps, 99),
         tpot_p50_s=percentile(tpots, 50), tpot_p99_s=percentile(tpots, 99),
         e2e_p50_s=percentile(e2es, 50), e2e_p99_s=percentile(e2es, 99),
-        completion_tokens=tokens)
+        completion_tokens=tokens,
+        prompt_cached_share=sum(r.cached_prompt_tokens for r in good) / prompt_tokens
+        if prompt_tokens else math.nan)
 
 
 def ratio(numerator: float | None, denominator: float | None) -> float:

@@ -42,6 +42,7 @@ from deployments.openai_protocol import (
     completion_response,
     new_id,
     parse_request,
+    usage,
     usage_chunk,
 )
 
@@ -220,9 +221,7 @@ class LLMRouter:
                 task.cancel()
         choices = [{"index": i, "text": r["text"], "logprobs": None,
                     "finish_reason": r["finish_reason"]} for i, r in enumerate(results)]
-        return completion_response(response_id, request.model, choices,
-                                   sum(r["prompt_tokens"] for r in results),
-                                   sum(r["completion_tokens"] for r in results))
+        return completion_response(response_id, request.model, choices, usage(*results))
 
     async def completions_stream(self, body: dict[str, Any] | bytes
                                  ) -> AsyncIterator[dict[str, Any]]:
@@ -230,23 +229,22 @@ class LLMRouter:
         response_id = new_id("cmpl")
         streams = [self._stream(self._payload(request, prompt=prompt))
                    for prompt in request.prompts]
-        totals = [0, 0]
+        last_chunks = []
         async for index, chunk in _merge(streams):
             if chunk["text"] or chunk["finish_reason"]:
                 yield completion_chunk(response_id, request.model, index, chunk["text"],
                                        chunk["finish_reason"])
             if chunk["finish_reason"]:
-                totals[0] += chunk["prompt_tokens"]
-                totals[1] += chunk["completion_tokens"]
+                last_chunks.append(chunk)
         if request.include_usage:
-            yield usage_chunk(response_id, request.model, "text_completion", *totals)
+            yield usage_chunk(response_id, request.model, "text_completion",
+                              usage(*last_chunks))
 
     async def chat_completions(self, body: dict[str, Any] | bytes) -> dict[str, Any]:
         request = self._parse(ChatCompletionRequest, body)
         result = await self._generate(self._payload(request, messages=request.chat_messages()))
         return chat_response(new_id("chatcmpl"), request.model, result["text"],
-                             result["finish_reason"], result["prompt_tokens"],
-                             result["completion_tokens"])
+                             result["finish_reason"], usage(result))
 
     async def chat_completions_stream(self, body: dict[str, Any] | bytes
                                       ) -> AsyncIterator[dict[str, Any]]:
@@ -261,7 +259,7 @@ class LLMRouter:
             first = False
             if chunk["finish_reason"] and request.include_usage:
                 yield usage_chunk(response_id, request.model, "chat.completion.chunk",
-                                  chunk["prompt_tokens"], chunk["completion_tokens"])
+                                  usage(chunk))
 
     async def health(self) -> dict[str, Any]:
         """The serving replicas' state; ServiceError 503 while none can serve.

@@ -116,6 +116,10 @@ GENERATION_TOKENS = _Metric("histogram", "llm_generation_tokens",
                             "Generated tokens per request.", buckets=TOKEN_BUCKETS)
 PROMPT_TOKENS_TOTAL = _Metric("counter", "llm_prompt_tokens_total",
                               "Prompt tokens of finished requests.", counter_as_gauge=True)
+PROMPT_CACHED_TOKENS_TOTAL = _Metric(
+    "counter", "llm_prompt_cached_tokens_total",
+    "Prompt tokens of finished requests whose KV the prompt cache supplied (not computed); "
+    "over llm_prompt_tokens_total, the cache's hit rate.", counter_as_gauge=True)
 GENERATION_TOKENS_TOTAL = _Metric("counter", "llm_generation_tokens_total",
                                   "Generated tokens, of every request that ended.",
                                   counter_as_gauge=True)

@@ -154,24 +154,32 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def usage(*results: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's usage object, summed over replica results (the last chunk of each answer:
+    ``prompt_tokens``, ``cached_tokens``, ``completion_tokens``).
+    ``prompt_tokens_details.cached_tokens`` counts the prompt tokens the engine's prompt
+    cache supplied, as OpenAI reports its prompt caching."""
+    prompt = sum(r["prompt_tokens"] for r in results)
+    completion = sum(r["completion_tokens"] for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": sum(r.get("cached_tokens", 0)
+                                                           for r in results)}}
 
 
 def completion_response(request_id: str, model: str, choices: list[dict[str, Any]],
-                        prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                        usage: dict[str, Any]) -> dict[str, Any]:
     return {"id": request_id, "object": "text_completion", "created": int(time.time()),
-            "model": model, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+            "model": model, "choices": choices, "usage": usage}
 
 
 def chat_response(request_id: str, model: str, text: str, finish_reason: str | None,
-                  prompt_tokens: int, completion_tokens: int) -> dict[str, Any]:
+                  usage: dict[str, Any]) -> dict[str, Any]:
     return {"id": request_id, "object": "chat.completion", "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                          "logprobs": None, "finish_reason": finish_reason}],
-            "usage": usage(prompt_tokens, completion_tokens)}
+            "usage": usage}
 
 
 def completion_chunk(request_id: str, model: str, index: int, text: str,
@@ -188,10 +196,9 @@ def chat_chunk(request_id: str, model: str, delta: dict[str, str],
                                          "finish_reason": finish_reason}]}
 
 
-def usage_chunk(request_id: str, model: str, obj: str, prompt_tokens: int,
-                completion_tokens: int) -> dict[str, Any]:
+def usage_chunk(request_id: str, model: str, obj: str, usage: dict[str, Any]) -> dict[str, Any]:
     return {"id": request_id, "object": obj, "created": int(time.time()), "model": model,
-            "choices": [], "usage": usage(prompt_tokens, completion_tokens)}
+            "choices": [], "usage": usage}
 
 
 _SamplingFields.model_rebuild()

@@ -32,6 +32,7 @@ class RequestTrace:
         self._last_token_at: float | None = None
         self._tokens_seen = 0
         self.prompt_tokens = 0
+        self.cached_prompt_tokens = 0
         self.generated_tokens = 0
         self._ended = False
 
@@ -40,6 +41,7 @@ class RequestTrace:
         if not isinstance(item, GenerationOutput):
             return
         self.prompt_tokens = item.num_prompt_tokens
+        self.cached_prompt_tokens = item.num_cached_prompt_tokens
         new_tokens = item.num_generated_tokens - self._tokens_seen
         if new_tokens <= 0:
             return
@@ -71,10 +73,13 @@ class RequestTrace:
             metrics.E2E_REQUEST_LATENCY.record(now - self._arrived, labels)
             metrics.PROMPT_TOKENS.record(self.prompt_tokens, labels)
             metrics.PROMPT_TOKENS_TOTAL.record(self.prompt_tokens, labels)
+            metrics.PROMPT_CACHED_TOKENS_TOTAL.record(self.cached_prompt_tokens, labels)
             metrics.GENERATION_TOKENS.record(self.generated_tokens, labels)
         record: dict[str, Any] = {
             "event": "request_end", "request_id": self.request_id, "status": status,
-            "prompt_tokens": self.prompt_tokens, "generated_tokens": self.generated_tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "generated_tokens": self.generated_tokens,
             "ttft_s": _rounded(self._first_token_at - self._arrived
                                if self._first_token_at is not None else None),
             "total_s": _rounded(now - self._arrived), "slot": self._slot}

@@ -108,7 +108,8 @@ class LLMServer:
         return {**last, "text": "".join(text)}
 
     async def generate_stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Chunks ``{"text", "finish_reason", "prompt_tokens", "completion_tokens"}``.
+        """Chunks ``{"text", "finish_reason", "prompt_tokens", "cached_tokens",
+        "completion_tokens"}`` (``cached_tokens``: of the prompt, served by the prompt cache).
 
         ``payload``: one of ``prompt`` (text), ``messages`` (chat) or ``prompt_token_ids``;
         ``params`` (SamplingParams fields); optional ``request_id`` and ``timeout_s``.
@@ -143,7 +144,7 @@ class LLMServer:
                         batch = await outputs.take(not_before=min(not_before, deadline))
                 except TimeoutError:
                     status = "timeout"
-                    yield self._timeout_chunk(trace.generated_tokens, trace.prompt_tokens)
+                    yield self._timeout_chunk(trace)
                     return
                 for delivery in batch:
                     trace.on_delivery(delivery)
@@ -240,10 +241,11 @@ class LLMServer:
         return GenerationRequest(request_id, tuple(token_ids), params)
 
     @staticmethod
-    def _timeout_chunk(produced: int, prompt_tokens: int) -> dict[str, Any]:
-        if produced:
-            return {"text": "", "finish_reason": "length", "prompt_tokens": prompt_tokens,
-                    "completion_tokens": produced, "timed_out": True}
+    def _timeout_chunk(trace: RequestTrace) -> dict[str, Any]:
+        if trace.generated_tokens:
+            return {"text": "", "finish_reason": "length", "prompt_tokens": trace.prompt_tokens,
+                    "cached_tokens": trace.cached_prompt_tokens,
+                    "completion_tokens": trace.generated_tokens, "timed_out": True}
         return error_chunk("the request's deadline passed before the model answered; "
                            "retry later or raise `timeout`", 504)
 
@@ -269,4 +271,5 @@ def _coalesce(items: list[GenerationOutput | EngineFailure]) -> dict[str, Any]:
     assert isinstance(last, GenerationOutput)
     return {"text": "".join(i.text for i in items if isinstance(i, GenerationOutput)),
             "finish_reason": last.finish_reason, "prompt_tokens": last.num_prompt_tokens,
+            "cached_tokens": last.num_cached_prompt_tokens,
             "completion_tokens": last.num_generated_tokens}

@@ -14,7 +14,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Chat
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
-from langchain_adapter.base import RayServeModel, StreamState
+from langchain_adapter.base import RayServeModel, StreamState, cached_tokens
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant"}
 
@@ -117,7 +117,8 @@ def _openai_message(message: BaseMessage) -> dict[str, Any]:
     return {"role": role, "content": content}
 
 
-def _usage_metadata(usage: Mapping[str, int]) -> UsageMetadata:
+def _usage_metadata(usage: Mapping[str, Any]) -> UsageMetadata:
     return UsageMetadata(input_tokens=usage["prompt_tokens"],
                          output_tokens=usage["completion_tokens"],
-                         total_tokens=usage["total_tokens"])
+                         total_tokens=usage["total_tokens"],
+                         input_token_details={"cache_read": cached_tokens(usage)})

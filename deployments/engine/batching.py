@@ -50,6 +50,7 @@ class Sequence_:
     text_stream: StopStringTextStream
     generated: list[int] = field(default_factory=list)
     num_prefilled: int = 0
+    num_cached: int = 0  # leading prompt tokens whose KV a backend's prompt cache supplied
     finish_reason: FinishReason | None = None
 
     @property
@@ -188,8 +189,9 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         spent = 0
         if self._chunking is not None and free_rows > 0:
             seq = self._chunking
-            end = min(len(seq.prompt), seq.num_prefilled + budget)
-            spent += end - seq.num_prefilled
+            start = max(seq.num_prefilled, seq.num_cached)  # a prompt cache's part is done
+            end = min(len(seq.prompt), start + budget)
+            spent += end - start
             first = self._prefill_chunk(seq, end)
             seq.num_prefilled = end
             if first is not None:
@@ -317,7 +319,8 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
     def _output(seq: Sequence_, text: str, reason: FinishReason | None) -> GenerationOutput:
         return GenerationOutput(
             request_id=seq.request_id, text=text, num_prompt_tokens=len(seq.prompt),
-            num_generated_tokens=len(seq.generated), finish_reason=reason)
+            num_generated_tokens=len(seq.generated), finish_reason=reason,
+            num_cached_prompt_tokens=seq.num_cached)
 
 
 def _sample_top_p(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

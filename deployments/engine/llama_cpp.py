@@ -13,6 +13,14 @@ buffer), so a request joins or leaves the batch without copying anyone's cache. 
 ``llama_decode`` over one token per running sequence; prefills are a second call with
 every admitted prompt.
 
+Prompt cache (engine option ``prompt_cache``, on by default, as llama-server's
+``cache_prompt``): a finished request's slot keeps its KV cells, and a new request takes the
+free slot whose cached tokens share the longest prefix with its prompt, then prefills only
+the rest. A chat's next turn (its history is the previous prompt plus the answer) or
+requests with one system prompt skip most of their prefill, which on a CPU costs about as
+much per token as a decode step of a whole batch. Logits of reused positions were computed
+in another batch, so an answer may differ in the last bits from an uncached run's.
+
 Text goes through the checkpoint's Hugging Face tokenizer, as with IpexLLMEngine, so chat
 templates and detokenizing are the same for both engines; ``load`` checks that it agrees
 with the GGUF vocabulary.
@@ -24,7 +32,6 @@ optional ``llama-cpp`` extra.
 from __future__ import annotations
 
 import ctypes
-import heapq
 import logging
 import os
 import weakref
@@ -59,7 +66,8 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
 
     def __init__(self, model_path: Path, tokenizer: Any, *, max_batch_size: int,
                  max_prefill_tokens_per_step: int,
-                 context_tokens: int = DEFAULT_CONTEXT_TOKENS, threads: int | None = None):
+                 context_tokens: int = DEFAULT_CONTEXT_TOKENS, threads: int | None = None,
+                 prompt_cache: bool = True):
         llama = _import_llama_cpp()
         llama.llama_backend_init()
         model_params = llama.llama_model_default_params()
@@ -97,18 +105,25 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         super().__init__(max_batch_size=max_batch_size,
                          max_prefill_tokens_per_step=max_prefill_tokens_per_step,
                          max_context_tokens=context, eos_token_ids=eos)
-        self._free_slots = list(range(max_batch_size))  # a heap: the lowest slot first
+        self._free_slots = set(range(max_batch_size))
         self._slots: dict[str, int] = {}  # request id -> llama.cpp sequence id
+        # The tokens whose KV cells each slot holds, in position order (what a new prompt
+        # may reuse); kept only with the prompt cache on.
+        self._slot_tokens: list[list[int]] = [[] for _ in range(max_batch_size)]
+        self._prompt_cache = prompt_cache
         self._chunk_request: str | None = None
-        logger.info("llama.cpp engine: %s, %d slots x %d tokens, %d threads", model_path,
-                    max_batch_size, context, threads)
+        logger.info("llama.cpp engine: %s, %d slots x %d tokens, %d threads, prompt cache %s",
+                    model_path, max_batch_size, context, threads,
+                    "on" if prompt_cache else "off")
 
     @classmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
              max_prefill_tokens_per_step: int, **options: Any) -> LlamaCppEngine:
         """Verify a ``gguf`` checkpoint, then load its GGUF file (memory-mapped: replicas on
         one node share the page cache) and tokenizer. ``options``: ``context_tokens``
-        (KV cells per request), ``threads`` (default: the CPUs this replica is pinned to)."""
+        (KV cells per request), ``threads`` (default: the CPUs this replica is pinned to),
+        ``prompt_cache`` (reuse a finished request's KV for a shared prompt prefix; default
+        on)."""
         if device not in ("cpu", "auto"):
             raise EngineError(f"engine llama_cpp runs on the CPU; device {device!r} needs "
                               "engine ipex_llm", status_code=500)
@@ -136,7 +151,9 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         for seq in sequences:
             slot = self._take_slot(seq)
             last = len(seq.prompt) - 1
-            items += [(token, pos, slot, pos == last) for pos, token in enumerate(seq.prompt)]
+            items += [(seq.prompt[pos], pos, slot, pos == last)
+                      for pos in range(seq.num_cached, len(seq.prompt))]
+            self._slot_tokens[slot] = list(seq.prompt)
         return self._sample(self._run(items), sequences)
 
     def _prefill_chunk(self, sequence: Sequence_, end: int) -> int | None:
@@ -147,8 +164,9 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         slot = self._slots[sequence.request_id]
         done = end == len(sequence.prompt)
         items = [(sequence.prompt[pos], pos, slot, done and pos == end - 1)
-                 for pos in range(start, end)]
-        logits = self._run(items)
+                 for pos in range(max(start, sequence.num_cached), end)]
+        logits = self._run(items) if items else None  # a chunk the cache holds whole
+        self._slot_tokens[slot] = list(sequence.prompt[:max(end, sequence.num_cached)])
         if not done:
             return None
         self._chunk_request = None
@@ -165,7 +183,10 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
     def _decode(self, sequences: Sequence[Sequence_]) -> list[int]:
         items = [(seq.generated[-1], seq.total_tokens - 1, self._slots[seq.request_id], True)
                  for seq in sequences]
-        return self._sample(self._run(items), sequences)
+        logits = self._run(items)
+        for token, _, slot, _ in items:
+            self._slot_tokens[slot].append(token)
+        return self._sample(logits, sequences)
 
     def _drop_rows(self, rows: Sequence[int]) -> None:
         for index in rows:
@@ -174,14 +195,34 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
     # ---- llama.cpp -----------------------------------------------------------------------
 
     def _take_slot(self, seq: Sequence_) -> int:
-        slot = heapq.heappop(self._free_slots)
+        """A free slot for ``seq``: the one whose cached tokens share the longest prefix with
+        its prompt (the lowest on a tie); ``seq.num_cached`` is set to the positions reused.
+        At least the prompt's last token is left to compute: its logits give the first token.
+        """
+        slot, reused = min(self._free_slots), 0
+        if self._prompt_cache:
+            for candidate in sorted(self._free_slots):
+                shared = _shared_prefix(self._slot_tokens[candidate], seq.prompt)
+                if shared > reused:
+                    slot, reused = candidate, shared
+            reused = min(reused, len(seq.prompt) - 1)
+        if reused and not self._llama.llama_memory_seq_rm(self._memory, slot, reused, -1):
+            reused = 0  # this model's memory cannot drop a tail: start the slot afresh
+        if not reused:
+            self._llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
+        del self._slot_tokens[slot][reused:]
+        self._free_slots.remove(slot)
         self._slots[seq.request_id] = slot
+        seq.num_cached = reused
         return slot
 
     def _release(self, request_id: str) -> None:
+        """Free the request's slot; its KV stays for the next prompt unless the cache is off."""
         slot = self._slots.pop(request_id)
-        self._llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
-        heapq.heappush(self._free_slots, slot)
+        if not self._prompt_cache:
+            self._llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
+            self._slot_tokens[slot].clear()
+        self._free_slots.add(slot)
 
     def _run(self, items: Sequence[tuple[int, int, int, bool]]) -> np.ndarray:
         """One llama_decode of (token, position, slot, wants logits) items; the logits of
@@ -212,6 +253,15 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         rank = {item: row for row, item in enumerate(wanted_in_batch_order)}
         rows = [rank[i] for i in range(len(items)) if items[i][3]]
         return logits if rows == sorted(rows) else logits[rows]
+
+
+def _shared_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
+    """How many leading tokens ``cached`` and ``prompt`` have in common."""
+    length = min(len(cached), len(prompt))
+    if not length:
+        return 0
+    differ = np.flatnonzero(np.asarray(cached[:length]) != np.asarray(prompt[:length]))
+    return int(differ[0]) if differ.size else length
 
 
 def _check_tokenizer(llama: Any, vocab: Any, tokenizer: Any, n_vocab: int) -> None:

@@ -63,6 +63,8 @@ class GenerationOutput:
     num_prompt_tokens: int
     num_generated_tokens: int
     finish_reason: FinishReason | None = None
+    # Leading prompt tokens whose KV came from the engine's prompt cache (not computed).
+    num_cached_prompt_tokens: int = 0
 
     @property
     def finished(self) -> bool:

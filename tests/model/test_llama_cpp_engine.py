@@ -208,3 +208,75 @@ def test_fast_detokenizing_matches_the_tokenizers_decode(engine):
                *(rng.integers(0, engine.vocab_size, size=40).tolist() for _ in range(20))]
     for ids in samples:
         assert engine._decode_text(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+# ---- prompt cache ----------------------------------------------------------------------------
+
+
+def run(engine: LlamaCppEngine, rid: str, prompt: tuple[int, ...], max_tokens: int = 12
+        ) -> tuple[str, int, list[int]]:
+    """One request alone: its text, the prompt tokens the cache supplied, the token ids."""
+    engine.add_request(GenerationRequest(rid, prompt, SamplingParams(
+        max_tokens=max_tokens, temperature=0, ignore_eos=True)))
+    text, cached = "", -1
+    while engine.has_unfinished_requests():
+        for out in engine.step().outputs:
+            text += out.text
+            cached = out.num_cached_prompt_tokens
+    return text, cached, engine._tokenizer.encode(text, add_special_tokens=False)
+
+
+def test_a_chats_next_turn_reuses_its_history_and_answers_as_without_the_cache(
+        gguf_checkpoint):
+    cached_engine = load(gguf_checkpoint, max_batch_size=2)
+    plain = load(gguf_checkpoint, max_batch_size=2, prompt_cache=False)
+    first = chat_ids(cached_engine, "What is the capital of Germany?")
+    answer, cached, _ = run(cached_engine, "t1", first)
+    assert cached == 0 and answer == run(plain, "p1", first)[0]
+    # The same prompt again: everything but its last token comes from the cache.
+    assert run(cached_engine, "t1-again", first)[:2] == (answer, len(first) - 1)
+    # The next turn: the history (prompt + answer) is the cached slot's content.
+    turn = [{"role": "user", "content": "What is the capital of Germany?"},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And of France?"}]
+    second = tuple(cached_engine.encode(cached_engine.apply_chat_template(turn)))
+    text, cached, _ = run(cached_engine, "t2", second)
+    assert cached > len(first)  # the answer's tokens were reused too
+    plain_text, plain_cached, _ = run(plain, "p2", second)
+    assert plain_cached == 0 and text == plain_text
+
+
+def test_a_prompt_takes_the_free_slot_that_holds_its_prefix(gguf_checkpoint):
+    small = load(gguf_checkpoint, max_batch_size=2)
+    pencil = tuple(small.encode("pencil, pencil, pencil, pencil, pencil,"))
+    banana = tuple(small.encode("banana, banana, banana, banana, banana,"))
+    small.add_request(GenerationRequest("p", pencil, SamplingParams(max_tokens=3)))
+    small.add_request(GenerationRequest("b", banana, SamplingParams(max_tokens=3)))
+    while small.has_unfinished_requests():
+        small.step()
+    assert small._slot_tokens[1][:len(banana)] == list(banana)  # banana finished in slot 1
+    text, cached, _ = run(small, "b2", banana + tuple(small.encode(" banana,")), max_tokens=4)
+    # The prompt, and the answer's " banana" if its ids match the new prompt's.
+    assert cached >= len(banana) and "banana" in text and "pencil" not in text
+    assert small._slot_tokens[0][:len(pencil)] == list(pencil)  # slot 0 kept its content
+
+
+def test_a_long_cached_prompt_is_not_prefilled_again_in_chunks(gguf_checkpoint, engine):
+    prompt = chat_ids(engine, "What is the capital of Germany? Answer in one sentence.")
+    chunked = load(gguf_checkpoint, max_batch_size=2, max_prefill_tokens_per_step=8)
+    answer = run(chunked, "a", prompt)[0]
+    calls = []
+    run_batch = chunked._run
+    chunked._run = lambda items: calls.append(len(items)) or run_batch(items)
+    again, cached, _ = run(chunked, "b", prompt)
+    assert (again, cached) == (answer, len(prompt) - 1)
+    assert calls[0] == 1  # only the prompt's last token is computed, then 11 decode steps
+    assert len(calls) == 12
+
+
+def test_without_the_prompt_cache_a_freed_slot_holds_nothing(gguf_checkpoint):
+    plain = load(gguf_checkpoint, max_batch_size=2, prompt_cache=False)
+    prompt = tuple(plain.encode("rocket, rocket, rocket,"))
+    assert run(plain, "a", prompt)[1] == 0
+    assert run(plain, "b", prompt)[1] == 0
+    assert plain._slot_tokens == [[], []]

@@ -16,10 +16,12 @@ import yaml
 
 from tests.helpers import (
     free_port,
+    scrape,
     serve_app,
     server_stats,
     sse_events,
     stop_process_tree,
+    total,
     wait_until_healthy,
 )
 
@@ -120,5 +122,15 @@ def test_serve_run_on_engine_llama_cpp_answers_concurrent_requests(gguf_checkpoi
 
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             answers = list(pool.map(ask, range(16)))
+        # A slot holds this chat from the requests above: all but its last token is reused.
+        again = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+            "model": MODEL, "temperature": 0, "max_tokens": 16,
+            "messages": [{"role": "user", "content": "What is the capital of Germany?"}]}).json()
+        usage = again["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
+        assert again["choices"][0]["message"]["content"] == answers[0]
+        samples = scrape(base)
     assert all("Berlin" in a for a in answers[0::2]), answers
     assert all("banana" in a and "Berlin" not in a for a in answers[1::2]), answers
+    assert 0 < total(samples, "llm_prompt_cached_tokens_total") < total(
+        samples, "llm_prompt_tokens_total")

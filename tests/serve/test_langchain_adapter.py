@@ -115,10 +115,11 @@ def test_usage_and_finish_reason_are_reported(llm: RayServeLLM) -> None:
     result = llm.generate(["say hello", "say hi"], max_tokens=4)
     assert [g[0].text for g in result.generations] == ["hell", "hihi"]
     first = result.generations[0][0].generation_info
+    no_cache = {"prompt_tokens_details": {"cached_tokens": 0}}  # the echo engine has none
     assert first == {"finish_reason": "length", "token_usage": {
-        "prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}}
+        "prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13, **no_cache}}
     assert result.llm_output == {"model_name": DEMO_MODEL_NAME, "token_usage": {
-        "prompt_tokens": 9 + 6, "completion_tokens": 8, "total_tokens": 23}}
+        "prompt_tokens": 9 + 6, "completion_tokens": 8, "total_tokens": 23, **no_cache}}
 
 
 async def test_ainvoke(llm: RayServeLLM) -> None:
@@ -178,7 +179,8 @@ def test_stream_yields_text_as_the_replica_produces_it(llm: RayServeLLM) -> None
     (result,) = recorder.results
     assert result.generations[0][0].generation_info == {"finish_reason": "length",
                                                         "token_usage": {
-        "prompt_tokens": 9, "completion_tokens": 60, "total_tokens": 69}}
+        "prompt_tokens": 9, "completion_tokens": 60, "total_tokens": 69,
+        "prompt_tokens_details": {"cached_tokens": 0}}}
 
 
 async def test_astream_yields_text_as_the_replica_produces_it(llm: RayServeLLM) -> None:
@@ -302,7 +304,8 @@ def test_chat_answers_through_the_chat_template(chat: ChatRayServe) -> None:
     assert answer.content == echo("hello\nassistant:", 8)
     prompt = "system: be brief\nuser: say hello\nassistant:"  # the echo engine's template
     assert answer.usage_metadata == {"input_tokens": len(prompt), "output_tokens": 8,
-                                     "total_tokens": len(prompt) + 8}
+                                     "total_tokens": len(prompt) + 8,
+                                     "input_token_details": {"cache_read": 0}}
     assert answer.response_metadata["finish_reason"] == "length"
     assert chat.invoke([HumanMessage(content=[{"type": "text", "text": "say hi"}])],
                        max_tokens=3).content == "hi\n"

@@ -37,7 +37,8 @@ def test_completion_has_openai_shape_and_usage(client):
     assert body["object"] == "text_completion"
     assert body["choices"][0]["text"] == "hellohe"
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16}
+    assert body["usage"] == {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_several_prompts_give_one_choice_each(client):

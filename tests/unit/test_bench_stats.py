@@ -60,6 +60,15 @@ def test_summarize_throughput_over_wall_time_and_latency_percentiles():
     assert summary.e2e_p99_s == pytest.approx(2.0 + 0.99 * 2.0)
     assert summary.itl_p50_s == pytest.approx(2.0)  # gaps 1.0 and 3.0
     assert summary.completion_tokens == 20
+    assert math.isnan(summary.prompt_cached_share)  # no usage reported prompt tokens
+
+
+def test_summarize_reports_the_share_of_prompt_tokens_the_server_cached():
+    records = [_record(0.0, [1.0], 2.0, 4), _record(0.0, [1.0], 2.0, 4),
+               _record(0.0, [], 1.0, 0, error="boom")]
+    for record, cached in zip(records, (0, 29, 30), strict=True):
+        record.prompt_tokens, record.cached_prompt_tokens = 30, cached
+    assert summarize(records, clients=2).prompt_cached_share == pytest.approx(29 / 60)
 
 
 def test_summarize_with_no_successes_is_nan_not_an_error():

@@ -26,6 +26,7 @@ from deployments.openai_protocol import (
     chat_chunk,
     completion_response,
     parse_request,
+    usage,
     usage_chunk,
 )
 
@@ -205,10 +206,17 @@ def test_service_errors_are_found_inside_wrappers():
 
 
 def test_response_shapes():
-    body = completion_response("id", MODEL, [{"index": 0, "text": "x"}], 3, 4)
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    body = completion_response("id", MODEL, [{"index": 0, "text": "x"}],
+                               usage({"prompt_tokens": 3, "completion_tokens": 4}))
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
+    summed = usage({"prompt_tokens": 30, "cached_tokens": 29, "completion_tokens": 5},
+                   {"prompt_tokens": 10, "cached_tokens": 0, "completion_tokens": 7})
+    assert summed == {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52,
+                      "prompt_tokens_details": {"cached_tokens": 29}}
     assert chat_chunk("id", MODEL, {"content": "x"}, None)["object"] == "chat.completion.chunk"
-    assert usage_chunk("id", MODEL, "text_completion", 1, 2)["choices"] == []
+    assert usage_chunk("id", MODEL, "text_completion",
+                       usage({"prompt_tokens": 1, "completion_tokens": 2}))["choices"] == []
 
 
 # ---- properties --------------------------------------------------------------------------

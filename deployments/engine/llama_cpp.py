@@ -15,7 +15,8 @@ every admitted prompt.
 
 Prompt cache (engine option ``prompt_cache``, on by default, as llama-server's
 ``cache_prompt``): a finished request's slot keeps its KV cells, and a new request takes the
-free slot whose cached tokens share the longest prefix with its prompt, then prefills only
+free slot whose cached tokens share the longest prefix with its prompt (else the slot freed
+longest ago, so every cached prompt is kept as long as the slots allow), then prefills only
 the rest. A chat's next turn (its history is the previous prompt plus the answer) or
 requests with one system prompt skip most of their prefill, which on a CPU costs about as
 much per token as a decode step of a whole batch. Logits of reused positions were computed
@@ -110,6 +111,8 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         # The tokens whose KV cells each slot holds, in position order (what a new prompt
         # may reuse); kept only with the prompt cache on.
         self._slot_tokens: list[list[int]] = [[] for _ in range(max_batch_size)]
+        self._slot_freed_at = [0] * max_batch_size  # releases so far, when each was freed
+        self._releases = 0
         self._prompt_cache = prompt_cache
         self._chunk_request: str | None = None
         logger.info("llama.cpp engine: %s, %d slots x %d tokens, %d threads, prompt cache %s",
@@ -196,16 +199,16 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
 
     def _take_slot(self, seq: Sequence_) -> int:
         """A free slot for ``seq``: the one whose cached tokens share the longest prefix with
-        its prompt (the lowest on a tie); ``seq.num_cached`` is set to the positions reused.
-        At least the prompt's last token is left to compute: its logits give the first token.
-        """
-        slot, reused = min(self._free_slots), 0
-        if self._prompt_cache:
-            for candidate in sorted(self._free_slots):
-                shared = _shared_prefix(self._slot_tokens[candidate], seq.prompt)
-                if shared > reused:
-                    slot, reused = candidate, shared
-            reused = min(reused, len(seq.prompt) - 1)
+        its prompt, else (or on a tie) the one freed longest ago, the lowest first;
+        ``seq.num_cached`` is set to the positions reused. At least the prompt's last token
+        is left to compute: its logits give the first token."""
+        if not self._prompt_cache:
+            slot, reused = min(self._free_slots), 0
+        else:
+            shared = {s: _shared_prefix(self._slot_tokens[s], seq.prompt)
+                      for s in self._free_slots}
+            slot = max(shared, key=lambda s: (shared[s], -self._slot_freed_at[s], -s))
+            reused = min(shared[slot], len(seq.prompt) - 1)
         if reused and not self._llama.llama_memory_seq_rm(self._memory, slot, reused, -1):
             reused = 0  # this model's memory cannot drop a tail: start the slot afresh
         if not reused:
@@ -222,6 +225,8 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         if not self._prompt_cache:
             self._llama.llama_memory_seq_rm(self._memory, slot, -1, -1)
             self._slot_tokens[slot].clear()
+        self._releases += 1
+        self._slot_freed_at[slot] = self._releases
         self._free_slots.add(slot)
 
     def _run(self, items: Sequence[tuple[int, int, int, bool]]) -> np.ndarray:

@@ -93,9 +93,11 @@ def test_requests_joining_a_running_batch_answer_correctly(engine):
     assert "banana" in answers["banana"] and "pencil" not in answers["banana"]
 
 
-def test_rows_out_of_slot_order_get_their_own_logits(engine):
+def test_rows_out_of_slot_order_get_their_own_logits(gguf_checkpoint):
     """A request that takes a freed lower slot runs after a higher one in the batch; llama.cpp
-    gets the batch sorted by slot, and each row must still get its own sequence's logits."""
+    gets the batch sorted by slot, and each row must still get its own sequence's logits.
+    (Without the prompt cache the lowest free slot is taken, which sets this up.)"""
+    engine = load(gguf_checkpoint, prompt_cache=False)
     engine.add_request(GenerationRequest("short", tuple(engine.encode("rocket, rocket,")),
                                          SamplingParams(max_tokens=1, temperature=0)))
     engine.add_request(GenerationRequest("pencil", tuple(engine.encode(
@@ -259,6 +261,18 @@ def test_a_prompt_takes_the_free_slot_that_holds_its_prefix(gguf_checkpoint):
     # The prompt, and the answer's " banana" if its ids match the new prompt's.
     assert cached >= len(banana) and "banana" in text and "pencil" not in text
     assert small._slot_tokens[0][:len(pencil)] == list(pencil)  # slot 0 kept its content
+
+
+def test_a_new_prompt_takes_the_slot_freed_longest_ago_so_recent_prompts_stay_cached(
+        gguf_checkpoint):
+    small = load(gguf_checkpoint, max_batch_size=3)
+    prompts = {w: tuple(small.encode(f"{w}, {w}, {w}, {w},")) for w in WORDS[:3]}
+    for word, prompt in prompts.items():  # one at a time: each could take slot 0
+        assert run(small, word, prompt, max_tokens=2)[1] == 0
+    assert [tokens[:len(prompt)] for tokens, prompt in zip(
+        small._slot_tokens, prompts.values(), strict=True)] == [list(p) for p in prompts.values()]
+    for word, prompt in prompts.items():
+        assert run(small, f"{word}-again", prompt, max_tokens=2)[1] == len(prompt) - 1
 
 
 def test_a_long_cached_prompt_is_not_prefilled_again_in_chunks(gguf_checkpoint, engine):

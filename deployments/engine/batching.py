@@ -115,6 +115,14 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
     @abc.abstractmethod
     def _decode_text(self, token_ids: Sequence[int]) -> str: ...
 
+    def _claim_cache(self, seq: Sequence_) -> None:
+        """Reserve what ``seq``'s prefill can take from the backend's prompt cache, setting
+        ``seq.num_cached``, as the sequence comes up for admission: the step's prefill budget
+        then counts only the tokens left to compute. A backend without one keeps it 0."""
+
+    def _unclaim_cache(self, seq: Sequence_) -> None:
+        """Give back what ``_claim_cache`` reserved: ``seq`` waits for a later step."""
+
     def _kv_positions(self, running: Sequence[Sequence_], joining: Sequence[Sequence_]) -> int:
         """The most KV positions the batch can come to hold if ``joining`` joins ``running`` and
         every sequence runs to its end. This default fits backends that store each sequence
@@ -201,14 +209,17 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         while (self._waiting and self._chunking is None
                and len(batch) + len(ready) < free_rows
                and self._fits([*(seq for seq, _ in ready), *batch, self._waiting[0]])):
-            prompt_len = len(self._waiting[0].prompt)
-            if spent + prompt_len <= budget:
+            seq = self._waiting[0]
+            self._claim_cache(seq)
+            cost = len(seq.prompt) - seq.num_cached
+            if spent + cost <= budget:
                 batch.append(self._waiting.popleft())
-                spent += prompt_len
+                spent += cost
             elif not batch and not ready and spent == 0:
                 self._chunking = self._waiting.popleft()  # too long for one step: chunk it
                 break
             else:
+                self._unclaim_cache(seq)
                 break
         if batch:
             for seq in batch:
@@ -237,8 +248,8 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
             outputs.append(self._finish(seq, "abort"))
         if self._chunking is not None and self._chunking.request_id in self._aborted:
             outputs.append(self._finish(self._chunking, "abort"))
+            self._discard_chunk_state(self._chunking)
             self._chunking = None
-            self._discard_chunk_state()
         for seq in self._running:
             if seq.request_id in self._aborted:
                 seq.finish_reason = "abort"
@@ -247,8 +258,9 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         self._aborted.clear()
         return outputs
 
-    def _discard_chunk_state(self) -> None:
-        """Forget a partially prefilled prompt (backends with chunk state override this)."""
+    def _discard_chunk_state(self, seq: Sequence_) -> None:
+        """Forget ``seq``, a prompt admitted for chunked prefill and aborted before it joined
+        (backends with chunk state override this)."""
 
     def _drop_finished(self) -> None:
         rows = [i for i, seq in enumerate(self._running) if seq.finish_reason is not None]

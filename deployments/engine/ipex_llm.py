@@ -163,7 +163,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         self._pending.append(_Rows(_cache_tensors(cache), mask, tokens))
         return int(tokens[0])
 
-    def _discard_chunk_state(self) -> None:
+    def _discard_chunk_state(self, seq: Sequence_) -> None:
         self._chunk = None
 
     def _join_pending(self) -> None:

@@ -114,7 +114,6 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         self._slot_freed_at = [0] * max_batch_size  # releases so far, when each was freed
         self._releases = 0
         self._prompt_cache = prompt_cache
-        self._chunk_request: str | None = None
         logger.info("llama.cpp engine: %s, %d slots x %d tokens, %d threads, prompt cache %s",
                     model_path, max_batch_size, context, threads,
                     "on" if prompt_cache else "off")
@@ -152,7 +151,7 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
     def _prefill(self, sequences: Sequence[Sequence_]) -> list[int]:
         items = []
         for seq in sequences:
-            slot = self._take_slot(seq)
+            slot = self._slots[seq.request_id]
             last = len(seq.prompt) - 1
             items += [(seq.prompt[pos], pos, slot, pos == last)
                       for pos in range(seq.num_cached, len(seq.prompt))]
@@ -161,9 +160,6 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
 
     def _prefill_chunk(self, sequence: Sequence_, end: int) -> int | None:
         start = sequence.num_prefilled
-        if start == 0:
-            self._chunk_request = sequence.request_id
-            self._take_slot(sequence)
         slot = self._slots[sequence.request_id]
         done = end == len(sequence.prompt)
         items = [(sequence.prompt[pos], pos, slot, done and pos == end - 1)
@@ -172,13 +168,10 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         self._slot_tokens[slot] = list(sequence.prompt[:max(end, sequence.num_cached)])
         if not done:
             return None
-        self._chunk_request = None
         return self._sample(logits, [sequence])[0]
 
-    def _discard_chunk_state(self) -> None:
-        if self._chunk_request is not None:
-            self._release(self._chunk_request)
-            self._chunk_request = None
+    def _discard_chunk_state(self, seq: Sequence_) -> None:
+        self._release(seq.request_id)
 
     def _join_pending(self) -> None:
         """Nothing to move: a prefilled sequence's KV already lives in its own slot."""
@@ -197,11 +190,12 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
 
     # ---- llama.cpp -----------------------------------------------------------------------
 
-    def _take_slot(self, seq: Sequence_) -> int:
-        """A free slot for ``seq``: the one whose cached tokens share the longest prefix with
+    def _claim_cache(self, seq: Sequence_) -> None:
+        """Give ``seq`` a free slot: the one whose cached tokens share the longest prefix with
         its prompt, else (or on a tie) the one freed longest ago, the lowest first;
         ``seq.num_cached`` is set to the positions reused. At least the prompt's last token
-        is left to compute: its logits give the first token."""
+        is left to compute: its logits give the first token. The slot's cells past the
+        shared prefix go now, so giving the slot back leaves a shorter, still valid cache."""
         if not self._prompt_cache:
             slot, reused = min(self._free_slots), 0
         else:
@@ -217,7 +211,10 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         self._free_slots.remove(slot)
         self._slots[seq.request_id] = slot
         seq.num_cached = reused
-        return slot
+
+    def _unclaim_cache(self, seq: Sequence_) -> None:
+        self._free_slots.add(self._slots.pop(seq.request_id))  # its place in the LRU order kept
+        seq.num_cached = 0
 
     def _release(self, request_id: str) -> None:
         """Free the request's slot; its KV stays for the next prompt unless the cache is off."""

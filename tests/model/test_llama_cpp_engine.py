@@ -294,3 +294,35 @@ def test_without_the_prompt_cache_a_freed_slot_holds_nothing(gguf_checkpoint):
     assert run(plain, "a", prompt)[1] == 0
     assert run(plain, "b", prompt)[1] == 0
     assert plain._slot_tokens == [[], []]
+
+
+def test_the_prefill_budget_counts_only_the_tokens_a_cached_prompt_leaves_to_compute(
+        gguf_checkpoint):
+    small = load(gguf_checkpoint, max_batch_size=2, max_prefill_tokens_per_step=16)
+    long_prompt = chat_ids(small, "What is the capital of Germany? Answer in one sentence.")
+    short_prompt = tuple(small.encode("rocket, rocket,"))
+    assert len(long_prompt) > 16 and len(short_prompt) < 16
+    answer = run(small, "first", long_prompt)[0]  # prefilled in chunks over several steps
+    for rid, prompt in (("again", long_prompt), ("short", short_prompt)):
+        small.add_request(GenerationRequest(rid, prompt, SamplingParams(
+            max_tokens=12, temperature=0, ignore_eos=True)))
+    step = small.step()  # both fit the budget: 1 token of the long prompt is left to compute
+    assert step.num_prefill_tokens == 1 + len(short_prompt)
+    assert {out.request_id for out in step.outputs} == {"again", "short"}
+    texts = {out.request_id: out.text for out in step.outputs}
+    while small.has_unfinished_requests():
+        for out in small.step().outputs:
+            texts[out.request_id] += out.text
+    assert texts["again"] == answer
+
+
+def test_a_chunked_prompt_aborted_before_its_first_chunk_frees_its_slot(gguf_checkpoint):
+    small = load(gguf_checkpoint, max_batch_size=2, max_prefill_tokens_per_step=8)
+    prompt = chat_ids(small, "What is the capital of Germany?")
+    small.add_request(GenerationRequest("long", prompt, SamplingParams(max_tokens=4)))
+    small.step()  # admitted for chunking: its slot is claimed, no chunk run yet
+    assert small._chunking is not None and len(small._free_slots) == 1
+    small.abort("long")
+    (out,) = small.step().outputs
+    assert out.finish_reason == "abort"
+    assert sorted(small._free_slots) == [0, 1] and not small._slots

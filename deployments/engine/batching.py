@@ -197,9 +197,10 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         spent = 0
         if self._chunking is not None and free_rows > 0:
             seq = self._chunking
-            start = max(seq.num_prefilled, seq.num_cached)  # a prompt cache's part is done
-            end = min(len(seq.prompt), start + budget)
-            spent += end - start
+            # What a prompt cache supplied counts as prefilled: chunks start after it.
+            seq.num_prefilled = max(seq.num_prefilled, seq.num_cached)
+            end = min(len(seq.prompt), seq.num_prefilled + budget)
+            spent += end - seq.num_prefilled
             first = self._prefill_chunk(seq, end)
             seq.num_prefilled = end
             if first is not None:

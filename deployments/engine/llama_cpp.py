@@ -163,9 +163,9 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         slot = self._slots[sequence.request_id]
         done = end == len(sequence.prompt)
         items = [(sequence.prompt[pos], pos, slot, done and pos == end - 1)
-                 for pos in range(max(start, sequence.num_cached), end)]
-        logits = self._run(items) if items else None  # a chunk the cache holds whole
-        self._slot_tokens[slot] = list(sequence.prompt[:max(end, sequence.num_cached)])
+                 for pos in range(start, end)]
+        logits = self._run(items)
+        self._slot_tokens[slot] = list(sequence.prompt[:end])
         if not done:
             return None
         return self._sample(logits, [sequence])[0]

@@ -326,3 +326,24 @@ def test_a_chunked_prompt_aborted_before_its_first_chunk_frees_its_slot(gguf_che
     (out,) = small.step().outputs
     assert out.finish_reason == "abort"
     assert sorted(small._free_slots) == [0, 1] and not small._slots
+
+
+def test_a_prompt_longer_than_the_budget_past_its_cached_prefix_is_chunked_from_there(
+        gguf_checkpoint):
+    cached_engine = load(gguf_checkpoint, max_batch_size=2, max_prefill_tokens_per_step=8)
+    plain = load(gguf_checkpoint, max_batch_size=2, max_prefill_tokens_per_step=8,
+                 prompt_cache=False)
+    first = chat_ids(cached_engine, "What is the capital of Germany?")
+    answer = run(cached_engine, "first", first)[0]
+    turn = [{"role": "user", "content": "What is the capital of Germany?"},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": "And what are the capitals of France, Spain and Italy?"}]
+    second = tuple(cached_engine.encode(cached_engine.apply_chat_template(turn)))
+    computed = []
+    run_batch = cached_engine._run
+    cached_engine._run = lambda items: computed.append(len(items)) or run_batch(items)
+    text, cached, _ = run(cached_engine, "second", second)
+    assert len(first) <= cached and len(second) - cached > 8  # two chunks at least
+    prefill_calls = computed[:-11]  # then 11 decode steps of one row
+    assert max(prefill_calls) <= 8 and sum(prefill_calls) == len(second) - cached
+    assert text == run(plain, "plain", second)[0]

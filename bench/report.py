@@ -864,7 +864,8 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             "its kernel per linear layer plus thousands of aten ops from Python per step"
             + (" (and llama-server reuses the repeated prompt's KV, which engine ipex_llm, "
                "without a prompt cache, prefills every time)"
-               if _cached_share(r.get("llama"), 8) else "")
+               if _cached_share(r.get("llama"), 8)
+               and not _cached_share({"sweep": service.get("http") or []}, 8) else "")
             + ". Not reachable on ipex-llm's CPU path; ipex-llm's strength is Intel GPUs "
             "(XPU), which this machine lacks."
             + (" Engine llama_cpp runs llama.cpp's kernels behind our service (below)."

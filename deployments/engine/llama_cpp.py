@@ -44,6 +44,7 @@ import numpy as np
 from deployments.constants import GGUF_MODEL_FILE
 from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
 from deployments.engine.hf_text import HFTokenizerText
+from deployments.engine.prefix_store import shared_prefix
 from deployments.engine.protocol import EngineError
 
 if TYPE_CHECKING:
@@ -199,7 +200,7 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         if not self._prompt_cache:
             slot, reused = min(self._free_slots), 0
         else:
-            shared = {s: _shared_prefix(self._slot_tokens[s], seq.prompt)
+            shared = {s: shared_prefix(self._slot_tokens[s], seq.prompt)
                       for s in self._free_slots}
             slot = max(shared, key=lambda s: (shared[s], -self._slot_freed_at[s], -s))
             reused = min(shared[slot], len(seq.prompt) - 1)
@@ -255,15 +256,6 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         rank = {item: row for row, item in enumerate(wanted_in_batch_order)}
         rows = [rank[i] for i in range(len(items)) if items[i][3]]
         return logits if rows == sorted(rows) else logits[rows]
-
-
-def _shared_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:
-    """How many leading tokens ``cached`` and ``prompt`` have in common."""
-    length = min(len(cached), len(prompt))
-    if not length:
-        return 0
-    differ = np.flatnonzero(np.asarray(cached[:length]) != np.asarray(prompt[:length]))
-    return int(differ[0]) if differ.size else length
 
 
 def _check_tokenizer(llama: Any, vocab: Any, tokenizer: Any, n_vocab: int) -> None:

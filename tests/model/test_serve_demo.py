@@ -42,8 +42,10 @@ def test_64_concurrent_requests_are_batched_and_stay_correct(demo_checkpoint):
                 r = client.post("/v1/chat/completions", json={
                     "model": MODEL, "messages": [FRANCE], "max_tokens": 16, "temperature": 0})
                 return i, r.json()["choices"][0]["message"]["content"]
+            # Eight repeats: after four, " banana" leads "\n" by only 0.25 logits, and which
+            # wins depends on the batch's numerics (the prompt cache's, a prefill's width).
             r = client.post("/v1/completions", json={
-                "model": MODEL, "prompt": "banana, banana, banana, banana,", "max_tokens": 6,
+                "model": MODEL, "prompt": "banana, " * 7 + "banana,", "max_tokens": 6,
                 "temperature": 0})
             return i, r.json()["choices"][0]["text"]
 
@@ -101,6 +103,12 @@ def assert_chat_answers(base: str, question: str, expected: str) -> None:
 def test_serve_run_with_the_shipped_config_answers_paris(demo_checkpoint, tmp_path):
     with serve_run("serve_config.yaml", tmp_path) as base:
         assert_chat_answers(base, FRANCE["content"], "Paris")
+        # The prompt cache holds this chat from the requests above: all but its last token.
+        again = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
+            "model": MODEL, "messages": [FRANCE], "temperature": 0}).json()
+        usage = again["usage"]
+        assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
+        assert "Paris" in again["choices"][0]["message"]["content"]
 
 
 def test_serve_run_on_engine_llama_cpp_answers_concurrent_requests(gguf_checkpoint, tmp_path):

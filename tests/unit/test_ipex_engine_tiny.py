@@ -126,7 +126,7 @@ def test_kv_budget_bounds_the_cache_the_batch_allocates(tiny, rows_that_fit):
     per_position = make_engine(tiny).kv_bytes_per_position
     # Room for `rows_that_fit` of the widest request (17 + 6 positions + the spare), no more.
     budget_bytes = rows_that_fit * (17 + 20 + 256) * per_position
-    engine = make_engine(tiny, kv_cache_gb=budget_bytes / 2**30)
+    engine = make_engine(tiny, kv_cache_gb=budget_bytes / 2**30, prompt_cache=False)
     for r in requests:
         engine.add_request(r)
     texts: dict[str, str] = {}
@@ -161,3 +161,90 @@ def test_constructing_the_engine_runs_no_forward_pass(tiny, monkeypatch):
     engine.add_request(greedy("a", prompt(1, 4), 2))
     run(engine, [])
     assert calls  # the patch does see forward passes
+
+
+# ---- prompt cache --------------------------------------------------------------------------
+
+
+def run_one(engine, rid: str, ids: tuple[int, ...], n: int = 8) -> tuple[str, int]:
+    """One request alone: its text and the prompt tokens the prompt cache supplied."""
+    engine.add_request(greedy(rid, ids, n))
+    text, cached = "", -1
+    while engine.has_unfinished_requests():
+        for out in engine.step().outputs:
+            text += out.text
+            cached = out.num_cached_prompt_tokens
+    return text, cached
+
+
+def next_turn(engine, ids: tuple[int, ...], answer: str, more: tuple[int, ...]) -> tuple[int, ...]:
+    """A conversation's next prompt: the previous prompt, its answer, then new tokens."""
+    return ids + tuple(engine.encode(answer)) + more
+
+
+def test_a_repeated_prompt_and_a_next_turn_reuse_the_cache_and_answer_as_without_it(tiny):
+    cached_engine, plain = make_engine(tiny), make_engine(tiny, prompt_cache=False)
+    first = prompt(3, 12)
+    answer, cached = run_one(cached_engine, "a", first)
+    assert cached == 0 and answer == run_one(plain, "p", first)[0]
+    assert run_one(cached_engine, "again", first) == (answer, len(first) - 1)
+    second = next_turn(cached_engine, first, answer, prompt(9, 5))
+    text, cached = run_one(cached_engine, "b", second)
+    # The answer's tokens but its last (never fed to the model) came from the cache too.
+    assert cached == len(first) + len(cached_engine.encode(answer)) - 1
+    assert (text, 0) == run_one(plain, "pb", second)
+
+
+def test_cached_and_uncached_prompts_admitted_together_keep_their_rows(tiny):
+    cached_engine, plain = make_engine(tiny), make_engine(tiny, prompt_cache=False)
+    shared = prompt(4, 10)
+    run_one(cached_engine, "warm", shared)
+    requests = [greedy("new-1", prompt(5, 7), 9), greedy("old-1", shared + prompt(6, 3), 6),
+                greedy("new-2", prompt(7, 13), 5), greedy("old-2", shared, 7),
+                greedy("new-3", prompt(8, 4), 8)]
+    cached_texts = run(cached_engine, requests)
+    assert cached_texts == run(plain, requests)
+    assert cached_engine._claims == {}
+
+
+def test_a_cached_prompt_whose_rest_exceeds_the_budget_is_chunked_from_its_prefix(tiny):
+    engine = make_engine(tiny, max_prefill_tokens_per_step=8)
+    first = prompt(2, 30)
+    answer = run_one(engine, "a", first)[0]
+    second = next_turn(engine, first, answer, prompt(10, 20))
+    computed = []
+    forward = engine._forward
+    engine._forward = lambda ids, *rest: computed.append(ids.shape[1]) or forward(ids, *rest)
+    text, cached = run_one(engine, "b", second)
+    assert cached >= len(first) and len(second) - cached > 8
+    assert max(computed[:-7]) <= 8 and sum(computed[:-7]) == len(second) - cached  # 7 decodes
+    assert text == run_one(make_engine(tiny, prompt_cache=False), "p", second)[0]
+
+
+def test_the_prompt_cache_and_the_batch_together_stay_within_the_kv_budget(tiny):
+    per_position = make_engine(tiny).kv_bytes_per_position
+    budget_bytes = 3000 * per_position  # 300 positions for the prompt cache
+    engine = make_engine(tiny, kv_cache_gb=budget_bytes / 2**30)
+    assert engine._prefixes.capacity == 300 and engine.max_kv_tokens == 2700
+    for i in range(12):  # 12 different prompts of 40 positions each (32 + 8 answer tokens)
+        run_one(engine, f"r{i}", prompt(20 + i, 32), 9)
+        stored = sum(t.untyped_storage().nbytes() for entry in engine._prefixes._entries.values()
+                     for key_value in entry.kv for t in key_value)
+        assert stored == engine._prefixes.positions * per_position
+        assert engine._prefixes.positions <= 300
+    assert len(engine._prefixes) == 7  # 7 x 40 positions fit in 300, the newest kept
+    assert run_one(engine, "newest", prompt(31, 32), 1)[1] == 31
+    assert run_one(engine, "evicted", prompt(20, 32), 1)[1] == 0
+
+
+def test_an_aborted_chunked_prompt_lets_go_of_its_claim(tiny):
+    engine = make_engine(tiny, max_prefill_tokens_per_step=8)
+    first = prompt(2, 30)
+    answer = run_one(engine, "a", first)[0]
+    engine.add_request(greedy("b", next_turn(engine, first, answer, prompt(10, 20)), 4))
+    engine.step()
+    assert "b" in engine._claims or engine._chunk is not None
+    engine.abort("b")
+    outputs = engine.step().outputs
+    assert [o.finish_reason for o in outputs] == ["abort"]
+    assert engine._claims == {} and engine._chunk is None

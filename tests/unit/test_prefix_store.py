@@ -1,0 +1,56 @@
+"""PrefixStore: longest-prefix lookup, LRU eviction within its positions, no entry kept twice."""
+
+from __future__ import annotations
+
+from deployments.engine.prefix_store import PrefixStore, shared_prefix
+
+
+def test_the_longest_shared_prefix_wins_and_counts_as_used():
+    store: PrefixStore[str] = PrefixStore(capacity=100)
+    store.put((1, 2, 3), lambda: "short")
+    store.put((1, 2, 9, 9), lambda: "long")
+    entry, length = store.longest_prefix((1, 2, 9, 4, 5))
+    assert (entry.kv, length) == ("long", 3)
+    assert store.longest_prefix((7, 1, 2)) == (None, 0)
+    entry, length = store.longest_prefix((1, 2, 3))
+    assert (entry.kv, length) == ("short", 3)
+
+
+def test_an_entry_another_extends_is_not_kept_twice():
+    calls: list[tuple[int, ...]] = []
+
+    def kv_of(tokens: tuple[int, ...]) -> str:  # a stand-in for copying KV out
+        calls.append(tokens)
+        return f"kv{tokens}"
+
+    store: PrefixStore[str] = PrefixStore(capacity=100)
+    assert store.put((1, 2, 3), lambda: kv_of((1, 2, 3)))
+    assert store.put((1, 2, 3, 4, 5), lambda: kv_of((1, 2, 3, 4, 5)))  # replaces (1, 2, 3)
+    assert not store.put((1, 2, 3, 4), lambda: kv_of((1, 2, 3, 4)))  # (1..5) serves it
+    assert calls == [(1, 2, 3), (1, 2, 3, 4, 5)]  # nothing copied for what is not kept
+    assert len(store) == 1 and store.positions == 5
+
+
+def test_the_least_recently_used_entries_go_first_to_make_room():
+    store: PrefixStore[str] = PrefixStore(capacity=10)
+    store.put((1, 1, 1, 1), lambda: "a")
+    store.put((2, 2, 2, 2), lambda: "b")
+    store.longest_prefix((1, 1))  # "a" is now the most recently used
+    store.put((3, 3, 3, 3), lambda: "c")  # 12 > 10 positions: "b" goes
+    assert [store.longest_prefix(p)[0].kv for p in ((1,), (3,))] == ["a", "c"]
+    assert store.longest_prefix((2,)) == (None, 0)
+    assert store.positions == 8
+
+
+def test_nothing_longer_than_the_whole_store_or_empty_is_kept():
+    store: PrefixStore[str] = PrefixStore(capacity=3)
+    assert not store.put((1, 2, 3, 4), lambda: "too long")
+    assert not store.put((), lambda: "empty")
+    assert len(store) == 0 and store.positions == 0
+
+
+def test_shared_prefix_counts_leading_equal_tokens():
+    assert shared_prefix((1, 2, 3), (1, 2, 4, 5)) == 2
+    assert shared_prefix((1, 2), (1, 2, 3)) == 2
+    assert shared_prefix((), (1,)) == 0
+    assert shared_prefix([5], [6]) == 0

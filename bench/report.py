@@ -752,6 +752,8 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
     ceiling = {row["batch_size"]: row["tokens_per_s"] for row in inproc.get("ceiling") or []}
     engine = {row["batch_size"]: row for row in inproc.get("engine") or []}
     http = {row["clients"]: row for row in service.get("http") or []}
+    # The share of prompt tokens engine ipex_llm's prompt cache supplied at 8 clients.
+    ipex_cached = _cached_share({"sweep": service.get("http") or []}, 8)
     lc_engine = _lc_section(r, "llama_cpp_engine")
     lc_service = _lc_section(r, "llama_cpp_service")
     noisy = [name for name, rows in (("ceiling", inproc.get("ceiling")),
@@ -832,7 +834,14 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             "thread stalls both (an in-process probe: a 0.1-0.2-core background load slowed "
             "batch-8 decoding by ~15%). Through the handle, one hop (the HTTP proxy) fewer: "
             f"{_num(handle8.get('tokens_per_s'))} tok/s at 8 clients.")
-        if (8, 31) in paths:
+        if ipex_cached:
+            lines.append(
+                f"- TTFT at 8 clients: {_ms(h8['ttft_p50_s'])} ms p50 (the replica's own mean "
+                f"{_ms(h8.get('server_ttft_mean_s'))} ms). The prompt cache supplied "
+                f"{_pct(ipex_cached)} of the prompt tokens, so a request prefills only its "
+                "prompt's last token, in a step of its own while every running sequence "
+                f"waits (ITL p99 {_ms(h8['itl_p99_s'])} ms).")
+        elif (8, 31) in paths:
             lines.append(
                 f"- TTFT at 8 clients ({_ms(h8['ttft_p50_s'])} ms p50; the replica's own mean "
                 f"{_ms(h8.get('server_ttft_mean_s'))} ms) is prefill: 8 prompts of "
@@ -852,8 +861,9 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             f"itself gains only {_x(scaling)} from batch 1 to 8 (ceiling), so 1.9x over "
             "one-at-a-time needs the service at "
             f"{_x(ratio(1.9 * sequential, ceiling.get(8)))}"
-            " of the ceiling: both targets hinge on the same gap (contention and "
-            "prefill, above), and on the kernel's poor batching.")
+            " of the ceiling: both targets hinge on the same gap (contention"
+            + ("" if ipex_cached else " and prefill") + ", above), and on the kernel's poor "
+            "batching.")
     if not math.isnan(v["http8_vs_llama"]):
         lines.append(
             f"- llama.cpp's server is {_num(1 / v['http8_vs_llama'], 1)}x faster at 8 clients "
@@ -864,8 +874,7 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             "its kernel per linear layer plus thousands of aten ops from Python per step"
             + (" (and llama-server reuses the repeated prompt's KV, which engine ipex_llm, "
                "without a prompt cache, prefills every time)"
-               if _cached_share(r.get("llama"), 8)
-               and not _cached_share({"sweep": service.get("http") or []}, 8) else "")
+               if _cached_share(r.get("llama"), 8) and not ipex_cached else "")
             + ". Not reachable on ipex-llm's CPU path; ipex-llm's strength is Intel GPUs "
             "(XPU), which this machine lacks."
             + (" Engine llama_cpp runs llama.cpp's kernels behind our service (below)."
@@ -885,7 +894,9 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             f"{r['workload']['mixed_short_clients'] + r['workload']['mixed_long_clients']}), "
             "and on this CPU a step's time grows almost with its rows (engine alone: "
             + ", ".join(f"batch {b} {_num(e['step_ms'], 0)} ms" for b, e in engine.items())
-            + "), and each long request's arrival adds a slow prefill step for everyone.")
+            + ")" + ("." if ipex_cached else
+                     ", and each long request's arrival adds a slow prefill step for "
+                     "everyone."))
     ready = _ready(r)
     startup = service.get("startup") or {}
     if not math.isnan(ready["ratio"]):

@@ -64,10 +64,11 @@ class PrefixStore(Generic[KV]):
         if not key or len(key) > self.capacity:
             return False
         for entry in list(self._entries.values()):
-            if shared_prefix(entry.tokens, key) == len(key):
+            shared = shared_prefix(entry.tokens, key)
+            if shared == len(key):
                 self._entries.move_to_end(entry.tokens)
                 return False
-            if shared_prefix(entry.tokens, key) == len(entry.tokens):
+            if shared == len(entry.tokens):
                 self._drop(entry.tokens)
         while self.positions + len(key) > self.capacity:
             self._drop(next(iter(self._entries)))

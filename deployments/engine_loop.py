@@ -186,7 +186,8 @@ class EngineLoop:
                     continue
                 started = time.monotonic()
                 self._busy_since = self._busy_since or started
-                result = self._engine.step()
+                result = self._engine.step(
+                    early=lambda outputs, t0=started: self._send(outputs, t0, time.monotonic()))
                 self._busy_since = time.monotonic()
                 if result.outputs:
                     self._send(list(result.outputs), started, self._busy_since)

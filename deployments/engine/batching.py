@@ -8,9 +8,13 @@ or temperature + top-p with a generator per request: a seed gives the same answe
 batch, on either engine). A backend subclass supplies only the tensor work: prefill,
 decode one step, join and drop rows, and each row's last logits for ``_sample``.
 
-Per step: running sequences decode one token first, then waiting sequences are prefilled
-and join the batch, so a short request never waits behind a long one and a long prompt is
-prefilled in budget-sized chunks between everyone's decode steps.
+Per step: waiting sequences are prefilled (their first token) and join the batch, then
+every running sequence decodes one token, the new ones included. A short request never
+waits behind a long one, and a long prompt is prefilled in budget-sized chunks between
+everyone's decode steps. The first tokens are handed out (``step``'s ``early``) before the
+decode runs, so a new request's TTFT does not include a decode step of the whole batch;
+the running sequences lose nothing: between two of their decode steps there is one
+admission either way.
 
 KV memory: with ``max_kv_tokens`` set, a waiting sequence is admitted only when the batch
 could run every sequence in it to its end (prompt + max_tokens, or the context) within that
@@ -25,7 +29,7 @@ from __future__ import annotations
 import abc
 import collections
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -174,16 +178,20 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
     def num_waiting(self) -> int:
         return len(self._waiting)
 
-    def step(self) -> StepResult:
+    def step(self, early: Callable[[list[GenerationOutput]], None] | None = None
+             ) -> StepResult:
         outputs = self._apply_aborts()
+        prefill_tokens, admitted = self._admit()
+        outputs += admitted
+        if early is not None and any(o is not None for o in outputs):
+            early([o for o in outputs if o is not None])
+            outputs = []
         batch_size = len(self._running)
         if self._running:
             tokens = self._decode(self._running)
             outputs += [self._append(seq, tok) for seq, tok in zip(self._running, tokens,
                                                                    strict=True)]
             self._drop_finished()
-        prefill_tokens, admitted = self._admit()
-        outputs += admitted
         return StepResult(outputs=[o for o in outputs if o is not None], batch_size=batch_size,
                           num_prefill_tokens=prefill_tokens)
 

@@ -13,7 +13,7 @@ the types without the model stack.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -89,8 +89,11 @@ class LLMEngine(abc.ABC):
     - ``add_request`` queues a sequence; it joins the running batch at a later ``step``.
     - ``step`` admits waiting sequences (within ``max_batch_size`` and the per-step prefill
       token budget), runs one decode step for every running sequence, and returns each
-      request's new text. A finished request (EOS, stop string, max_tokens, abort) is reported
-      once with its ``finish_reason`` and then forgotten.
+      request's new text. A finished request (EOS, stop string, max_tokens, abort) is
+      reported once with its ``finish_reason`` and then forgotten. Given ``early``, it may
+      hand outputs that exist before the decode (first tokens of admitted requests, aborts)
+      to ``early`` first, so they are not held back for a step of everyone's decoding; the
+      result then holds the rest.
     - ``abort`` ends a request at the next step, freeing its batch slot.
     All methods are called from one thread.
     """
@@ -129,4 +132,5 @@ class LLMEngine(abc.ABC):
     def has_unfinished_requests(self) -> bool: ...
 
     @abc.abstractmethod
-    def step(self) -> StepResult: ...
+    def step(self, early: Callable[[list[GenerationOutput]], None] | None = None
+             ) -> StepResult: ...

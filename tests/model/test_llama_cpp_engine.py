@@ -309,10 +309,12 @@ def test_the_prefill_budget_counts_only_the_tokens_a_cached_prompt_leaves_to_com
     step = small.step()  # both fit the budget: 1 token of the long prompt is left to compute
     assert step.num_prefill_tokens == 1 + len(short_prompt)
     assert {out.request_id for out in step.outputs} == {"again", "short"}
-    texts = {out.request_id: out.text for out in step.outputs}
+    texts: dict[str, str] = {}
+    outputs = list(step.outputs)
     while small.has_unfinished_requests():
-        for out in small.step().outputs:
-            texts[out.request_id] += out.text
+        outputs += small.step().outputs
+    for out in outputs:
+        texts[out.request_id] = texts.get(out.request_id, "") + out.text
     assert texts["again"] == answer
 
 

@@ -73,12 +73,12 @@ class _GatedEcho(EchoEngine):
         self.steps = 0
         self.fail = False
 
-    def step(self):  # type: ignore[override]
+    def step(self, early=None):  # type: ignore[override]
         self.steps += 1
         if self.fail:
             raise RuntimeError("device lost")
         self.gate.wait(10)
-        return super().step()
+        return super().step(early)
 
 
 @contextlib.contextmanager

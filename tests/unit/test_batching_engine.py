@@ -63,6 +63,30 @@ def test_new_requests_join_between_steps_and_short_ones_leave_early():
     assert finished_at["long"] > finished_at["short"]
 
 
+def test_a_joining_requests_first_token_is_handed_out_before_the_steps_decode():
+    engine = make_engine()
+    engine.add_request(request(engine, "running", "x run", max_tokens=20))
+    engine.step()
+    calls: list[tuple[str, tuple[str, ...]]] = []
+    prefill, decode = engine._prefill, engine._decode
+    engine._prefill = lambda seqs: calls.append(
+        ("prefill", tuple(s.request_id for s in seqs))) or prefill(seqs)
+    engine._decode = lambda seqs: calls.append(
+        ("decode", tuple(s.request_id for s in seqs))) or decode(seqs)
+    engine.add_request(request(engine, "new", "x new", max_tokens=5))
+    result = engine.step(early=lambda outputs: calls.append(
+        ("early", tuple(o.request_id for o in outputs))))
+    # Its TTFT does not include a decode step of the batch, which it then joins at once.
+    assert calls == [("prefill", ("new",)), ("early", ("new",)),
+                     ("decode", ("running", "new"))]
+    assert sorted(o.request_id for o in result.outputs) == ["new", "running"]
+    assert result.batch_size == 2
+    # Without ``early`` a step returns everything, the first token before the second.
+    engine.add_request(request(engine, "other", "x oth", max_tokens=5))
+    texts = [o.text for o in engine.step().outputs if o.request_id == "other"]
+    assert "".join(texts) == "ot" and len(texts) == 2
+
+
 def test_batch_size_is_capped_and_waiting_requests_are_admitted_when_slots_free():
     engine = make_engine(max_batch_size=2)
     for i in range(5):

@@ -183,8 +183,10 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         outputs = self._apply_aborts()
         prefill_tokens, admitted = self._admit()
         outputs += admitted
-        if early is not None and any(o is not None for o in outputs):
-            early([o for o in outputs if o is not None])
+        if early is not None:
+            ready = [o for o in outputs if o is not None]
+            if ready:
+                early(ready)
             outputs = []
         batch_size = len(self._running)
         if self._running:

@@ -245,9 +245,10 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
 
         current = self._running_rows
         assert current is not None
+        old_layers = _cache_tensors(self._cache)
         if self._prefixes is not None:
             for row in rows:
-                self._keep_prefix(row)
+                self._keep_prefix(row, old_layers)
         keep = [i for i in range(current.mask.shape[0]) if i not in set(rows)]
         if not keep:
             self._running_rows, self._cache = None, None
@@ -255,7 +256,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         index = torch.tensor(keep, dtype=torch.long)
         mask = current.mask.index_select(0, index)
         first_used = int((mask.sum(0) > 0).nonzero()[0])  # drop padding nobody needs now
-        old_layers, self._cache = _cache_tensors(self._cache), None
+        self._cache = None
 
         def kept_layers() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
             for layer in range(len(old_layers)):
@@ -297,9 +298,10 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
             cache.update(key[:, :, :seq.num_cached], value[:, :, :seq.num_cached], layer)
         return cache
 
-    def _keep_prefix(self, row: int) -> None:
-        """Copy a leaving row's KV into the prefix store. It covers the prompt and every
-        answer token but the last sampled one (never fed to the model)."""
+    def _keep_prefix(self, row: int, layers: _KV) -> None:
+        """Copy a leaving row's KV (``layers``: the running batch's) into the prefix store.
+        It covers the prompt and every answer token but the last sampled one (never fed to
+        the model)."""
         assert self._prefixes is not None and self._running_rows is not None
         seq = self._running[row]
         tokens = [*seq.prompt, *seq.generated[:-1]]
@@ -308,7 +310,6 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
             logger.warning("request %s: %d KV positions for %d tokens; not cached",
                            seq.request_id, held, len(tokens))
             return
-        layers = _cache_tensors(self._cache)
 
         def copy_row() -> _KV:
             return [(key[row:row + 1, :, -held:].clone(), value[row:row + 1, :, -held:].clone())

@@ -172,13 +172,16 @@ async def mixed(issue: Issue, *, long_clients: int, long_tokens: int, short_clie
                 short_tokens: int, short_rounds: int, timeout_s: float
                 ) -> tuple[list[RequestRecord], list[RequestRecord]]:
     """Short requests while long ones keep the batch busy: the long clients loop until every
-    short client has done ``short_rounds`` requests, then are cancelled (their unfinished
-    requests are dropped, aborting them on the server)."""
+    short client has done ``short_rounds`` requests; the long requests then running are let
+    finish (what running next to the short ones cost them shows in their latency), those
+    still running at ``timeout_s`` are dropped (aborting them on the server)."""
     short: list[RequestRecord] = []
     long: list[RequestRecord] = []
+    short_done = asyncio.Event()
+    deadline = time.perf_counter() + timeout_s
 
     async def long_client() -> None:
-        while True:
+        while not short_done.is_set():
             long.append(await issue(long_tokens))
 
     async def short_client() -> None:
@@ -189,7 +192,10 @@ async def mixed(issue: Issue, *, long_clients: int, long_tokens: int, short_clie
     long_tasks = [asyncio.create_task(long_client()) for _ in range(long_clients)]
     short_tasks = [asyncio.create_task(short_client()) for _ in range(short_clients)]
     _, pending = await asyncio.wait(short_tasks, timeout=timeout_s)
-    for task in [*pending, *long_tasks]:
+    short_done.set()
+    _, long_pending = await asyncio.wait(long_tasks,
+                                         timeout=max(deadline - time.perf_counter(), 0))
+    for task in [*pending, *long_pending]:
         task.cancel()
-    await asyncio.gather(*pending, *long_tasks, return_exceptions=True)
+    await asyncio.gather(*pending, *long_pending, return_exceptions=True)
     return short, long

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import concurrent.futures
 import json
+import math
 import os
 import re
 import shutil
@@ -380,6 +381,10 @@ async def mixed_workload(service: Service, work: Workload) -> dict[str, Any]:
                                       max_tokens=work.mixed_short_tokens, timeout_s=600)
             alone_load = load.stop()
             await service.wait_idle()
+            long_alone = await closed_loop(target.issue, clients=work.mixed_long_clients,
+                                           rounds=1, max_tokens=work.mixed_long_tokens,
+                                           timeout_s=600)
+            await service.wait_idle()
             load = ForeignLoad().start()
             short, long = await mixed(
                 target.issue, long_clients=work.mixed_long_clients,
@@ -388,16 +393,22 @@ async def mixed_workload(service: Service, work: Workload) -> dict[str, Any]:
                 short_rounds=work.mixed_short_requests_per_client, timeout_s=900)
             mixed_load = load.stop()
             await service.wait_idle()
+            # The long requests that were running when the first short one came: next to
+            # short ones for much of their life.
+            first_short = min((r.started for r in short), default=math.inf)
             return {"short_alone": {**_latencies(alone), **alone_load},
                     "short_mixed": {**_latencies(short), **mixed_load},
-                    "long_completed": _latencies(long)}
+                    "long_alone": _latencies(long_alone),
+                    "long_mixed": _latencies([r for r in long if r.started < first_short])}
 
         result = await measure_quietly_async(measure)
 
-    result["short_p50_ratio"] = ratio(result["short_mixed"]["e2e_p50_s"],
-                                      result["short_alone"]["e2e_p50_s"])
-    _log(f"mixed: short p50 {result['short_alone']['e2e_p50_s']:.2f} s alone, "
-         f"{result['short_mixed']['e2e_p50_s']:.2f} s mixed ({result['short_p50_ratio']:.2f}x)")
+    for kind in ("short", "long"):
+        result[f"{kind}_p50_ratio"] = ratio(result[f"{kind}_mixed"]["e2e_p50_s"],
+                                            result[f"{kind}_alone"]["e2e_p50_s"])
+        _log(f"mixed: {kind} p50 {result[f'{kind}_alone']['e2e_p50_s']:.2f} s alone, "
+             f"{result[f'{kind}_mixed']['e2e_p50_s']:.2f} s mixed "
+             f"({result[f'{kind}_p50_ratio']:.2f}x)")
     return result
 
 

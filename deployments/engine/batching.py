@@ -16,6 +16,19 @@ decode runs, so a new request's TTFT does not include a decode step of the whole
 the running sequences lose nothing: between two of their decode steps there is one
 admission either way.
 
+Short-first decoding (``short_first``, for backends that can decode any subset of their
+rows: ``decodes_row_subsets``): on a CPU a decode step's time grows almost linearly with its
+rows (engine llama_cpp on the demo model: 24 ms for 4 rows, 40 ms for 8), so a batch is
+close to processor sharing, and a 16-token answer next to 256-token ones takes as long per
+token as they do. Then, as in FastServe's skip-join scheduling, a row with a long way to go
+(``_is_long_row``: at least LONG_ROW_MIN_TOKENS left and LONG_ROW_FACTOR times the shortest
+row's) decodes only every LONG_ROW_STRIDE-th step while shorter rows are running: those
+finish sooner, the long rows keep a guaranteed share (never starved), and a batch of alike
+rows (the common case) decodes every row every step, so throughput is unchanged there.
+Remaining tokens are max_tokens (or the context) less what was generated: an upper bound,
+as EOS may come first. Off for a padded batch (engine ipex_llm): a skipped row would leave a
+hole in its KV, and on an XPU a decode step's cost hardly depends on its rows.
+
 KV memory: with ``max_kv_tokens`` set, a waiting sequence is admitted only when the batch
 could run every sequence in it to its end (prompt + max_tokens, or the context) within that
 many KV positions (one token of one row), as the backend lays them out (``_kv_positions``).
@@ -70,16 +83,35 @@ class Sequence_:
         return len(self.prompt) + len(self.generated)
 
 
+# Short-first decoding (module docstring): a row is long with at least this many tokens
+# left and at least LONG_ROW_FACTOR times as many as the running row with the fewest; long
+# rows then decode every LONG_ROW_STRIDE-th step. Mixed benchmark (4 clients of 16-token
+# answers next to 4 of 256-token ones), engine llama_cpp: see bench/RESULTS.md.
+LONG_ROW_MIN_TOKENS = 32
+LONG_ROW_FACTOR = 4
+LONG_ROW_STRIDE = 2
+
+
 class ContinuousBatchingEngine(LLMEngine, abc.ABC):
     """Scheduling and bookkeeping of the step contract; subclasses do the model work."""
 
+    # Whether ``_decode`` takes any subset of the running rows (a backend keeping each
+    # sequence's KV apart, in slots), which short-first decoding needs.
+    decodes_row_subsets = False
+
     def __init__(self, *, max_batch_size: int, max_prefill_tokens_per_step: int,
                  max_context_tokens: int, eos_token_ids: Iterable[int],
-                 max_kv_tokens: int | None = None):
+                 max_kv_tokens: int | None = None, short_first: bool = False):
         if max_batch_size < 1 or max_prefill_tokens_per_step < 1:
             raise ValueError("max_batch_size and max_prefill_tokens_per_step must be >= 1")
         if max_kv_tokens is not None and max_kv_tokens < 1:
             raise ValueError("max_kv_tokens must be >= 1")
+        if short_first and not self.decodes_row_subsets:
+            raise EngineError(f"{type(self).__name__} decodes its whole batch every step: "
+                              "short_first needs a backend that can skip rows",
+                              status_code=500)
+        self.short_first = short_first
+        self._decode_steps = 0  # steps that decoded rows; long rows' turns (short_first)
         self.max_batch_size = max_batch_size
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
         self.max_kv_tokens = max_kv_tokens
@@ -110,7 +142,8 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
 
     @abc.abstractmethod
     def _decode(self, sequences: Sequence[Sequence_]) -> list[int]:
-        """One decode step over the running batch (rows in ``sequences`` order)."""
+        """One decode step over the running batch (rows in ``sequences`` order); with
+        ``decodes_row_subsets``, over those of its sequences in ``sequences``."""
 
     @abc.abstractmethod
     def _drop_rows(self, rows: Sequence[int]) -> None:
@@ -188,14 +221,14 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
             if ready:
                 early(ready)
             outputs = []
-        batch_size = len(self._running)
-        if self._running:
-            tokens = self._decode(self._running)
-            outputs += [self._append(seq, tok) for seq, tok in zip(self._running, tokens,
+        decoding = self._rows_to_decode()
+        if decoding:
+            tokens = self._decode(decoding)
+            outputs += [self._append(seq, tok) for seq, tok in zip(decoding, tokens,
                                                                    strict=True)]
             self._drop_finished()
-        return StepResult(outputs=[o for o in outputs if o is not None], batch_size=batch_size,
-                          num_prefill_tokens=prefill_tokens)
+        return StepResult(outputs=[o for o in outputs if o is not None],
+                          batch_size=len(decoding), num_prefill_tokens=prefill_tokens)
 
     # ---- scheduling ----------------------------------------------------------------------
 
@@ -244,6 +277,23 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         outputs = [self._append(seq, tok) for seq, tok in ready]
         self._drop_finished()
         return spent, outputs
+
+    def _rows_to_decode(self) -> list[Sequence_]:
+        """The running sequences this step decodes: all of them, but with ``short_first``
+        long rows (``_is_long_row``) only on every LONG_ROW_STRIDE-th step."""
+        if not self._running:
+            return []
+        self._decode_steps += 1
+        if not self.short_first or self._decode_steps % LONG_ROW_STRIDE == 0:
+            return self._running
+        left = [self._tokens_left(seq) for seq in self._running]
+        fewest = min(left)
+        return [seq for seq, n in zip(self._running, left, strict=True)
+                if not _is_long_row(n, fewest)]
+
+    def _tokens_left(self, seq: Sequence_) -> int:
+        """The most tokens ``seq`` may still generate: max_tokens or the context."""
+        return self._final_length(seq) - seq.total_tokens
 
     def _fits(self, joining: Sequence[Sequence_]) -> bool:
         """Whether ``joining`` may join the running batch within the KV budget."""
@@ -344,6 +394,12 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
             request_id=seq.request_id, text=text, num_prompt_tokens=len(seq.prompt),
             num_generated_tokens=len(seq.generated), finish_reason=reason,
             num_cached_prompt_tokens=seq.num_cached)
+
+
+def _is_long_row(tokens_left: int, fewest_left: int) -> bool:
+    """Whether a row with ``tokens_left`` waits out short-first steps next to a row with
+    ``fewest_left``. The row with the fewest is never long, so a step decodes someone."""
+    return tokens_left >= max(LONG_ROW_MIN_TOKENS, LONG_ROW_FACTOR * fewest_left)
 
 
 def _sample_top_p(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

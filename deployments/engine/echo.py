@@ -21,13 +21,15 @@ ECHO_VOCAB_SIZE = 0xD800  # code points below the surrogates: every id decodes t
 
 
 class EchoEngine(ContinuousBatchingEngine):
+    decodes_row_subsets = True  # no tensors: any rows will do
+
     def __init__(self, *, max_batch_size: int, max_prefill_tokens_per_step: int,
                  step_delay_s: float = 0.0, max_context_tokens: int = ECHO_CONTEXT_TOKENS,
-                 max_kv_tokens: int | None = None):
+                 max_kv_tokens: int | None = None, short_first: bool = False):
         super().__init__(max_batch_size=max_batch_size,
                          max_prefill_tokens_per_step=max_prefill_tokens_per_step,
                          max_context_tokens=max_context_tokens, eos_token_ids=[ECHO_EOS_TOKEN],
-                         max_kv_tokens=max_kv_tokens)
+                         max_kv_tokens=max_kv_tokens, short_first=short_first)
         self.step_delay_s = step_delay_s
 
     @classmethod

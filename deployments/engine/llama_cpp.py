@@ -66,10 +66,12 @@ _INSTALL_HINT = ("engine llama_cpp needs llama-cpp-python: pip install -e '.[lla
 class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
     """A GGUF causal LM on the CPU, generating for up to ``max_batch_size`` requests at once."""
 
+    decodes_row_subsets = True  # a batch lists (token, position, slot): any slots will do
+
     def __init__(self, model_path: Path, tokenizer: Any, *, max_batch_size: int,
                  max_prefill_tokens_per_step: int,
                  context_tokens: int = DEFAULT_CONTEXT_TOKENS, threads: int | None = None,
-                 prompt_cache: bool = True):
+                 prompt_cache: bool = True, short_first: bool = True):
         llama = _import_llama_cpp()
         llama.llama_backend_init()
         model_params = llama.llama_model_default_params()
@@ -106,7 +108,8 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
             eos.add(int(tokenizer.eos_token_id))
         super().__init__(max_batch_size=max_batch_size,
                          max_prefill_tokens_per_step=max_prefill_tokens_per_step,
-                         max_context_tokens=context, eos_token_ids=eos)
+                         max_context_tokens=context, eos_token_ids=eos,
+                         short_first=short_first)
         self._free_slots = set(range(max_batch_size))
         self._slots: dict[str, int] = {}  # request id -> llama.cpp sequence id
         # The tokens whose KV cells each slot holds, in position order (what a new prompt
@@ -115,9 +118,9 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         self._slot_freed_at = [0] * max_batch_size  # releases so far, when each was freed
         self._releases = 0
         self._prompt_cache = prompt_cache
-        logger.info("llama.cpp engine: %s, %d slots x %d tokens, %d threads, prompt cache %s",
-                    model_path, max_batch_size, context, threads,
-                    "on" if prompt_cache else "off")
+        logger.info("llama.cpp engine: %s, %d slots x %d tokens, %d threads, prompt cache %s, "
+                    "short-first %s", model_path, max_batch_size, context, threads,
+                    "on" if prompt_cache else "off", "on" if short_first else "off")
 
     @classmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
@@ -126,7 +129,8 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         one node share the page cache) and tokenizer. ``options``: ``context_tokens``
         (KV cells per request), ``threads`` (default: the CPUs this replica is pinned to),
         ``prompt_cache`` (reuse a finished request's KV for a shared prompt prefix; default
-        on)."""
+        on), ``short_first`` (rows far from their end decode every other step while shorter
+        ones run, ContinuousBatchingEngine; default on)."""
         if device not in ("cpu", "auto"):
             raise EngineError(f"engine llama_cpp runs on the CPU; device {device!r} needs "
                               "engine ipex_llm", status_code=500)

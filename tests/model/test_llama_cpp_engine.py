@@ -349,3 +349,38 @@ def test_a_prompt_longer_than_the_budget_past_its_cached_prefix_is_chunked_from_
     prefill_calls = computed[:-11]  # then 11 decode steps of one row
     assert max(prefill_calls) <= 8 and sum(prefill_calls) == len(second) - cached
     assert text == run(plain, "plain", second)[0]
+
+
+def test_short_first_skips_long_rows_while_short_ones_run_and_answers_the_same(
+        gguf_checkpoint):
+    answers, step_sizes = [], []
+    for short_first in (False, True):
+        engine = load(gguf_checkpoint, max_batch_size=4, prompt_cache=False,
+                      short_first=short_first)
+        prompts = {"germany": chat_ids(engine, "What is the capital of Germany?"),
+                   "banana": tuple(engine.encode("banana, banana, banana, banana,"))}
+        engine.add_request(GenerationRequest(
+            "long", tuple(engine.encode("pencil, pencil, pencil, pencil,")),
+            SamplingParams(max_tokens=96, temperature=0, ignore_eos=True)))
+        engine.step()
+        for rid, ids in prompts.items():
+            engine.add_request(GenerationRequest(rid, ids, SamplingParams(
+                max_tokens=12, temperature=0, ignore_eos=True)))
+        texts: dict[str, str] = {}
+        sizes = []
+        while engine.has_unfinished_requests():
+            result = engine.step()
+            sizes.append(result.batch_size)
+            for out in result.outputs:
+                texts[out.request_id] = texts.get(out.request_id, "") + out.text
+        answers.append(texts)
+        step_sizes.append(sizes)
+    plain, short_first = step_sizes
+    # Off: every step decodes every row. On: while the 12-token answers run, the 96-token
+    # one (> 32 and 4 x 11 tokens to go) decodes every other step, then every step.
+    assert plain[:11] == [3] * 11 and len(plain) == 94
+    first = short_first[:11]
+    assert set(first) == {2, 3} and all(a != b for a, b in itertools.pairwise(first)), first
+    assert short_first[11:] == [1] * (94 - first.count(3))  # then the long row alone
+    assert "Berlin" in answers[1]["germany"] and "banana" in answers[1]["banana"]
+    assert answers[0] == answers[1]

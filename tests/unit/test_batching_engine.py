@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -254,3 +256,62 @@ def test_a_request_that_cannot_fit_the_kv_budget_alone_is_refused():
     engine.add_request(request(engine, "r", "p aaaa", max_tokens=6))  # 12 cells: fits
     texts, reasons, _ = run(engine)
     assert texts["r"] == "aaaaaa" and reasons["r"] == "length"
+
+
+def decoded_per_step(engine: EchoEngine, steps: int) -> list[set[str]]:
+    """Which requests each of the next ``steps`` steps decoded (admission's first tokens
+    aside)."""
+    seen: list[set[str]] = []
+    decode = engine._decode
+    engine._decode = lambda seqs: seen.append({s.request_id for s in seqs}) or decode(seqs)
+    for _ in range(steps):
+        engine.step()
+    del engine._decode
+    return seen
+
+
+def test_short_first_decodes_long_rows_every_other_step_while_short_ones_run():
+    engine = make_engine(short_first=True)
+    for rid in ("long-a", "long-b"):
+        engine.add_request(request(engine, rid, f"x {rid}", max_tokens=200))
+    engine.step()  # both join and take one step together: alike rows
+    engine.add_request(request(engine, "short", "x short", max_tokens=9))
+    steps = decoded_per_step(engine, 8)  # first token at admission, 8 decoded
+    assert all("short" in s for s in steps)
+    long_steps = [s >= {"long-a", "long-b"} for s in steps]
+    assert long_steps.count(True) == 4, steps  # every other step: never starved
+    assert all(a != b for a, b in itertools.pairwise(long_steps))
+    assert not any(seq.request_id == "short" for seq in engine._running)  # 9 tokens: done
+    alike = decoded_per_step(engine, 4)
+    assert all(s == {"long-a", "long-b"} for s in alike)  # no short row: all every step
+
+
+def test_short_first_keeps_a_batch_of_alike_rows_whole_and_answers_unchanged():
+    prompts = {"a": ("x apple", 40), "b": ("x berry", 37), "c": ("x cherry", 6),
+               "d": ("x damson", 50)}
+    answers = []
+    for short_first in (False, True):
+        engine = make_engine(short_first=short_first)
+        for rid, (prompt, max_tokens) in prompts.items():
+            engine.add_request(request(engine, rid, prompt, max_tokens=max_tokens))
+        texts, reasons, sizes = run(engine)
+        answers.append(texts)
+        assert set(reasons.values()) == {"length"}
+        if short_first:
+            # 36-49 tokens to go next to 5 (>= 32 and 4 x 5): long, until "c" is done
+            assert sizes[:5] == [1, 4, 1, 4, 1], sizes
+            # then alike rows: each step decodes all that run (3, then 2 as "b" ends, ...)
+            assert sizes[5:] == sorted(sizes[5:], reverse=True) and sizes[5] == 3, sizes
+        # "d" decodes 49 tokens after its first: in 49 steps, or 3 more with short_first
+        # (the 3 steps "c" took alone)
+        assert len(sizes) == (52 if short_first else 49)
+    assert answers[0] == answers[1]
+
+
+def test_short_first_is_refused_for_a_backend_that_decodes_its_whole_batch():
+    class WholeBatch(EchoEngine):
+        decodes_row_subsets = False
+
+    with pytest.raises(EngineError, match="short_first"):
+        WholeBatch(max_batch_size=2, max_prefill_tokens_per_step=8, short_first=True)
+    assert WholeBatch(max_batch_size=2, max_prefill_tokens_per_step=8).short_first is False

@@ -248,3 +248,27 @@ def test_alternate_runs_both_measurements_in_turn_order():
     assert ran == ["ours", "peer", "peer", "ours", "ours", "peer"]
     assert [t["order"] for t in turns] == [["ours", "peer"], ["peer", "ours"], ["ours", "peer"]]
     assert turns[1] == {"order": ["peer", "ours"], "peer": 3, "ours": 4}
+
+
+def test_mixed_load_lets_the_long_requests_running_at_the_end_finish():
+    import asyncio
+    import time
+
+    from bench.loadgen import mixed
+
+    async def issue(max_tokens: int) -> RequestRecord:
+        record = RequestRecord(started=time.perf_counter())
+        await asyncio.sleep(max_tokens / 1000)
+        record.chunk_times.append(time.perf_counter())
+        record.completion_tokens = max_tokens
+        record.finished = time.perf_counter()
+        return record
+
+    started = time.perf_counter()
+    short, long = asyncio.run(mixed(issue, long_clients=2, long_tokens=900, short_clients=3,
+                                    short_tokens=100, short_rounds=2, timeout_s=30))
+    assert len(short) == 6 and all(r.ok for r in short)
+    # The shorts end at ~0.7 s, inside each long client's first request: it runs to its end
+    # (0.9 s) and no second one starts.
+    assert len(long) == 2 and all(r.ok and r.e2e >= 0.9 for r in long)
+    assert time.perf_counter() - started < 2.5

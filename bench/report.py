@@ -447,7 +447,9 @@ def _llama_cpp_service(r: dict[str, Any]) -> list[str]:
     lines += _sweep_table(service.get("http", []), with_batch=True)
     lines += ["### Through the handle", ""]
     lines += _sweep_table(service.get("handle", []), with_batch=True)
-    lines += ["### Mixed workload", ""]
+    lines += ["### Mixed workload" + (" (short-first decoding on: long rows decode every "
+                                      "other step while short ones run)"
+                                      if _short_first(service) else ""), ""]
     lines += _mixed_table(service.get("mixed"), r["workload"])
     lines += _pyspy_lines(service.get("pyspy"), "engine llama_cpp")
     http8 = _by(service.get("http"), "clients", 8)
@@ -651,6 +653,12 @@ def _coldstart(r: dict[str, Any]) -> list[str]:
             lines += [f"Replica peak RSS / checkpoint size: {_num(peak, 1)}x (KV caches of up "
                       "to max_batch_size sequences, Ray's worker runtime, the model stack).", ""]
     return lines
+
+
+def _short_first(lc_service: dict[str, Any]) -> bool:
+    """Whether engine llama_cpp's service ran with short-first decoding (its default)."""
+    options = (lc_service.get("config_args") or {}).get("engine_options") or {}
+    return bool(options.get("short_first", True))
 
 
 def _mixed(r: dict[str, Any]) -> list[str]:
@@ -1023,8 +1031,7 @@ def _llama_cpp_analysis(r: dict[str, Any], v: dict[str, float], lc_engine: dict[
         work = r["workload"]
         short_rows = work["mixed_short_clients"]
         all_rows = short_rows + work["mixed_long_clients"]
-        short_first = ((lc_service.get("config_args") or {}).get("engine_options")
-                       or {}).get("short_first", True)
+        short_first = _short_first(lc_service)
         steps = ""
         if short_rows in lc_alone and all_rows in lc_alone:
             step_short, step_all = (lc_alone[b]["step_ms"] for b in (short_rows, all_rows))

@@ -655,15 +655,18 @@ def _coldstart(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _short_first(lc_service: dict[str, Any]) -> bool:
-    """Whether engine llama_cpp's service ran with short-first decoding (its default)."""
-    options = (lc_service.get("config_args") or {}).get("engine_options") or {}
+def _short_first(service: dict[str, Any]) -> bool:
+    """Whether a service section ran with short-first decoding (both engines' default on
+    the CPU)."""
+    options = (service.get("config_args") or {}).get("engine_options") or {}
     return bool(options.get("short_first", True))
 
 
 def _mixed(r: dict[str, Any]) -> list[str]:
-    lines = ["## Mixed workload (engine ipex_llm): short and long requests together", ""]
-    return lines + _mixed_table((r.get("service") or {}).get("mixed"), r["workload"])
+    service = r.get("service") or {}
+    lines = ["## Mixed workload (engine ipex_llm): short and long requests together"
+             + (" (short-first decoding on)" if _short_first(service) else ""), ""]
+    return lines + _mixed_table(service.get("mixed"), r["workload"])
 
 
 def _mixed_table(mixed: dict[str, Any] | None, w: dict[str, Any]) -> list[str]:
@@ -914,11 +917,15 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             "and on this CPU a step's time grows almost with its rows (engine alone: "
             + ", ".join(f"batch {b} {_num(e['step_ms'], 0)} ms" for b, e in engine.items())
             + ")" + (": with the prompt cache sparing both cases their prefill, what is left "
-                     "is the step time of 8 rows against 4, a floor under the ratio. Engine "
-                     "llama_cpp lowers it by decoding long rows every other step (short-first "
-                     "decoding, below); ipex-llm's batch is one padded cache, where a skipped "
-                     "row would leave a hole in its KV, so this engine decodes every row every "
-                     "step."
+                     "is the step time of 8 rows against 4, a floor under the ratio if every "
+                     "step carried every row; with short-first decoding (engine option "
+                     "`short_first`, on for the CPU) the long rows decode every other step "
+                     "while short ones run"
+                     + (f"; the long requests pay for it: "
+                        f"{_ms(mixed['long_mixed']['e2e_p50_s'])} ms (p50) next to short "
+                        f"ones vs {_ms(mixed['long_alone']['e2e_p50_s'])} ms alone "
+                        f"({_x(mixed['long_p50_ratio'])})." if "long_p50_ratio" in mixed
+                        else ".")
                      if ipex_cached else
                      ", and each long request's arrival adds a slow prefill step for "
                      "everyone."))

@@ -26,8 +26,9 @@ row's) decodes only every LONG_ROW_STRIDE-th step while shorter rows are running
 finish sooner, the long rows keep a guaranteed share (never starved), and a batch of alike
 rows (the common case) decodes every row every step, so throughput is unchanged there.
 Remaining tokens are max_tokens (or the context) less what was generated: an upper bound,
-as EOS may come first. Off for a padded batch (engine ipex_llm): a skipped row would leave a
-hole in its KV, and on an XPU a decode step's cost hardly depends on its rows.
+as EOS may come first. A backend may decode more rows than asked (``_rows_decodable``: a
+padded batch decodes a leading run of its rows, and all of them when skipping would cost
+memory it does not have).
 
 KV memory: with ``max_kv_tokens`` set, a waiting sequence is admitted only when the batch
 could run every sequence in it to its end (prompt + max_tokens, or the context) within that
@@ -95,9 +96,11 @@ LONG_ROW_STRIDE = 2
 class ContinuousBatchingEngine(LLMEngine, abc.ABC):
     """Scheduling and bookkeeping of the step contract; subclasses do the model work."""
 
-    # Whether ``_decode`` takes any subset of the running rows (a backend keeping each
-    # sequence's KV apart, in slots), which short-first decoding needs.
+    # Whether ``_decode`` takes a subset of the running rows (those ``_rows_decodable``
+    # gives), which short-first decoding needs.
     decodes_row_subsets = False
+    # Whether joining rows go in front of the running ones (else after them).
+    joins_in_front = False
 
     def __init__(self, *, max_batch_size: int, max_prefill_tokens_per_step: int,
                  max_context_tokens: int, eos_token_ids: Iterable[int],
@@ -143,7 +146,7 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
     @abc.abstractmethod
     def _decode(self, sequences: Sequence[Sequence_]) -> list[int]:
         """One decode step over the running batch (rows in ``sequences`` order); with
-        ``decodes_row_subsets``, over those of its sequences in ``sequences``."""
+        ``decodes_row_subsets``, over the rows ``_rows_decodable`` gave."""
 
     @abc.abstractmethod
     def _drop_rows(self, rows: Sequence[int]) -> None:
@@ -151,6 +154,11 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
 
     @abc.abstractmethod
     def _decode_text(self, token_ids: Sequence[int]) -> str: ...
+
+    def _rows_decodable(self, wanted: list[Sequence_]) -> list[Sequence_]:
+        """The running rows (in batch order) this backend decodes for a step that needs
+        only ``wanted`` (a proper subset, in batch order): at least those, at most all."""
+        return wanted
 
     def _claim_cache(self, seq: Sequence_) -> None:
         """Reserve what ``seq``'s prefill can take from the backend's prompt cache, setting
@@ -273,7 +281,8 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
             return spent, []
         self._join_pending()
         joined = [seq for seq, _ in ready]
-        self._running += joined
+        self._running = [*joined, *self._running] if self.joins_in_front else \
+            [*self._running, *joined]
         outputs = [self._append(seq, tok) for seq, tok in ready]
         self._drop_finished()
         return spent, outputs
@@ -288,8 +297,10 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
             return self._running
         left = [self._tokens_left(seq) for seq in self._running]
         fewest = min(left)
-        return [seq for seq, n in zip(self._running, left, strict=True)
-                if not _is_long_row(n, fewest)]
+        short = [seq for seq, n in zip(self._running, left, strict=True)
+                 if not _is_long_row(n, fewest)]
+        return self._running if len(short) == len(self._running) else \
+            self._rows_decodable(short)
 
     def _tokens_left(self, seq: Sequence_) -> int:
         """The most tokens ``seq`` may still generate: max_tokens or the context."""

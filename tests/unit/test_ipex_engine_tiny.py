@@ -248,3 +248,53 @@ def test_an_aborted_chunked_prompt_lets_go_of_its_claim(tiny):
     outputs = engine.step().outputs
     assert [o.finish_reason for o in outputs] == ["abort"]
     assert engine._claims == {} and engine._chunk is None
+
+
+def _record_decodes(engine: IpexLLMEngine) -> list[tuple[int, int]]:
+    """(rows decoded, rows running) of each decode step the engine runs from now on."""
+    steps: list[tuple[int, int]] = []
+    decode = engine._decode
+    engine._decode = lambda seqs: steps.append((len(seqs), len(engine._running))) or \
+        decode(seqs)
+    return steps
+
+
+def test_short_first_decodes_leading_rows_and_changes_no_ones_tokens(tiny):
+    shapes = {"long-a": (2, 5, 70), "long-b": (3, 9, 60), "s1": (4, 3, 6), "s2": (5, 11, 8),
+              "s3": (6, 4, 5)}
+    requests = [greedy(rid, prompt(i, n), m) for rid, (i, n, m) in shapes.items()]
+    join_at = {"s1": 2, "s2": 2, "s3": 12}
+    plain = run(make_engine(tiny, short_first=False), requests, join_at=join_at)
+    engine = make_engine(tiny)
+    assert engine.short_first  # the default on the CPU
+    steps = _record_decodes(engine)
+    assert run(engine, requests, join_at=join_at) == plain
+    # Joined in front, the short rows lead; the long ones sit out every other step.
+    assert (2, 4) in steps and (1, 3) in steps, steps
+    assert sum(n for n, _ in steps) < sum(total for _, total in steps)
+    # A long row left its KV (holes skipped) in the prompt cache: its next turn reuses it all.
+    first = prompt(2, 5)
+    answer = plain["long-a"]
+    second = next_turn(engine, first, answer, prompt(9, 4))
+    text, cached = run_one(engine, "next", second)
+    assert cached == len(first) + len(engine.encode(answer)) - 1
+    assert text == run_one(make_engine(tiny, prompt_cache=False), "p", second)[0]
+
+
+def test_short_first_skips_rows_only_while_a_hole_fits_the_kv_budget(tiny):
+    requests = [greedy("long", prompt(2, 5), 60), greedy("short", prompt(4, 3), 6)]
+    expected = run(make_engine(tiny, short_first=False), requests, join_at={"short": 1})
+    for room in (0, -1):  # the bound after one more position for every row, or one less
+        engine = make_engine(tiny, prompt_cache=False)
+        decodable = engine._rows_decodable
+
+        def tight_budget(wanted, engine=engine, decodable=decodable, room=room):
+            bound = engine._kv_positions(engine._running, ()) + len(engine._running)
+            engine.max_kv_tokens = bound + room
+            return decodable(wanted)
+
+        engine._rows_decodable = tight_budget
+        steps = _record_decodes(engine)
+        assert run(engine, requests, join_at={"short": 1}) == expected
+        skipped = any(n < total for n, total in steps)
+        assert skipped == (room == 0), steps

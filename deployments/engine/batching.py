@@ -20,15 +20,15 @@ Short-first decoding (``short_first``, for backends that can decode any subset o
 rows: ``decodes_row_subsets``): on a CPU a decode step's time grows almost linearly with its
 rows (engine llama_cpp on the demo model: 24 ms for 4 rows, 40 ms for 8), so a batch is
 close to processor sharing, and a 16-token answer next to 256-token ones takes as long per
-token as they do. Then, as in FastServe's skip-join scheduling, a row with a long way to go
-(``_is_long_row``: at least LONG_ROW_MIN_TOKENS left and LONG_ROW_FACTOR times the shortest
-row's) decodes only every LONG_ROW_STRIDE-th step while shorter rows are running: those
-finish sooner, the long rows keep a guaranteed share (never starved), and a batch of alike
-rows (the common case) decodes every row every step, so throughput is unchanged there.
-Remaining tokens are max_tokens (or the context) less what was generated: an upper bound,
-as EOS may come first. A backend may decode more rows than asked (``_rows_decodable``: a
-padded batch decodes a leading run of its rows, and all of them when skipping would cost
-memory it does not have).
+token as they do. Then, as in FastServe's skip-join scheduling, a long row (``_is_long_row``:
+a request whose token budget, max_tokens or the context, is LONG_ROW_FACTOR times the
+smallest running one's, with LONG_ROW_MIN_TOKENS or more still to go) decodes only every
+LONG_ROW_STRIDE-th step while shorter requests run: those finish sooner, the long ones keep
+a guaranteed share (never starved). Requests of alike budgets are never split, however far
+along each is: skipping rows costs throughput (a step has a fixed cost, and fewer rows share
+it), worth paying to let a 16-token answer pass 256-token ones, not to reorder alike ones.
+A backend may decode more rows than asked (``_rows_decodable``: a padded batch decodes a
+leading run of its rows, and all of them when skipping would cost memory it does not have).
 
 KV memory: with ``max_kv_tokens`` set, a waiting sequence is admitted only when the batch
 could run every sequence in it to its end (prompt + max_tokens, or the context) within that
@@ -84,10 +84,10 @@ class Sequence_:
         return len(self.prompt) + len(self.generated)
 
 
-# Short-first decoding (module docstring): a row is long with at least this many tokens
-# left and at least LONG_ROW_FACTOR times as many as the running row with the fewest; long
-# rows then decode every LONG_ROW_STRIDE-th step. Mixed benchmark (4 clients of 16-token
-# answers next to 4 of 256-token ones), engine llama_cpp: see bench/RESULTS.md.
+# Short-first decoding (module docstring): a row is long when its request's token budget is
+# at least LONG_ROW_FACTOR times the smallest running one's and it has at least
+# LONG_ROW_MIN_TOKENS to go; long rows then decode every LONG_ROW_STRIDE-th step. Mixed
+# benchmark (4 clients of 16-token answers next to 4 of 256-token ones): bench/RESULTS.md.
 LONG_ROW_MIN_TOKENS = 32
 LONG_ROW_FACTOR = 4
 LONG_ROW_STRIDE = 2
@@ -295,16 +295,17 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         self._decode_steps += 1
         if not self.short_first or self._decode_steps % LONG_ROW_STRIDE == 0:
             return self._running
-        left = [self._tokens_left(seq) for seq in self._running]
-        fewest = min(left)
-        short = [seq for seq, n in zip(self._running, left, strict=True)
-                 if not _is_long_row(n, fewest)]
+        smallest = min(self._token_budget(seq) for seq in self._running)
+        short = [seq for seq in self._running
+                 if not _is_long_row(self._token_budget(seq),
+                                     self._final_length(seq) - seq.total_tokens, smallest)]
         return self._running if len(short) == len(self._running) else \
             self._rows_decodable(short)
 
-    def _tokens_left(self, seq: Sequence_) -> int:
-        """The most tokens ``seq`` may still generate: max_tokens or the context."""
-        return self._final_length(seq) - seq.total_tokens
+    def _token_budget(self, seq: Sequence_) -> int:
+        """The most tokens ``seq`` may generate in all: max_tokens, or what the context
+        leaves after its prompt."""
+        return self._final_length(seq) - len(seq.prompt)
 
     def _fits(self, joining: Sequence[Sequence_]) -> bool:
         """Whether ``joining`` may join the running batch within the KV budget."""
@@ -407,10 +408,11 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
             num_cached_prompt_tokens=seq.num_cached)
 
 
-def _is_long_row(tokens_left: int, fewest_left: int) -> bool:
-    """Whether a row with ``tokens_left`` waits out short-first steps next to a row with
-    ``fewest_left``. The row with the fewest is never long, so a step decodes someone."""
-    return tokens_left >= max(LONG_ROW_MIN_TOKENS, LONG_ROW_FACTOR * fewest_left)
+def _is_long_row(budget: int, tokens_left: int, smallest_budget: int) -> bool:
+    """Whether a row with this token budget and ``tokens_left`` to go waits out short-first
+    steps next to a row whose budget is ``smallest_budget``. That row is never long, so a
+    step decodes someone."""
+    return budget >= LONG_ROW_FACTOR * smallest_budget and tokens_left >= LONG_ROW_MIN_TOKENS
 
 
 def _sample_top_p(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:

@@ -377,7 +377,7 @@ def test_short_first_skips_long_rows_while_short_ones_run_and_answers_the_same(
         step_sizes.append(sizes)
     plain, short_first = step_sizes
     # Off: every step decodes every row. On: while the 12-token answers run, the 96-token
-    # one (> 32 and 4 x 11 tokens to go) decodes every other step, then every step.
+    # one (a budget >= 4 x 12, 32+ tokens to go) decodes every other step, then alone.
     assert plain[:11] == [3] * 11 and len(plain) == 94
     first = short_first[:11]
     assert set(first) == {2, 3} and all(a != b for a, b in itertools.pairwise(first)), first

@@ -298,7 +298,7 @@ def test_short_first_keeps_a_batch_of_alike_rows_whole_and_answers_unchanged():
         answers.append(texts)
         assert set(reasons.values()) == {"length"}
         if short_first:
-            # 36-49 tokens to go next to 5 (>= 32 and 4 x 5): long, until "c" is done
+            # budgets 37-50 next to 6 (>= 4 x 6), 32+ tokens to go: long until "c" is done
             assert sizes[:5] == [1, 4, 1, 4, 1], sizes
             # then alike rows: each step decodes all that run (3, then 2 as "b" ends, ...)
             assert sizes[5:] == sorted(sizes[5:], reverse=True) and sizes[5] == 3, sizes
@@ -315,3 +315,15 @@ def test_short_first_is_refused_for_a_backend_that_decodes_its_whole_batch():
     with pytest.raises(EngineError, match="short_first"):
         WholeBatch(max_batch_size=2, max_prefill_tokens_per_step=8, short_first=True)
     assert WholeBatch(max_batch_size=2, max_prefill_tokens_per_step=8).short_first is False
+
+
+def test_short_first_never_splits_requests_of_alike_budgets_however_far_along():
+    engine = make_engine(short_first=True)
+    engine.add_request(request(engine, "early", "x early", max_tokens=100))
+    for _ in range(90):
+        engine.step()  # 91 tokens: the first at admission, one per step
+    engine.add_request(request(engine, "late", "x late", max_tokens=100))
+    steps = decoded_per_step(engine, 12)
+    # 9 tokens to go next to 99: both decode every step (skipping would cost throughput
+    # to reorder alike requests), until "early" is done
+    assert steps == [{"early", "late"}] * 9 + [{"late"}] * 3

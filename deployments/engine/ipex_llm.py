@@ -139,8 +139,8 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         ``options``: ``kv_cache_gb`` (memory for the KV cache; the default is a share of
         what is free once the model is loaded), ``max_context_tokens``, ``prompt_cache``
         (reuse a finished request's KV for a shared prompt prefix; default on),
-        ``short_first`` (rows far from their end decode every other step while shorter ones
-        run; default on for the CPU, off for an XPU)."""
+        ``short_first`` (requests with 4x the smallest running token budget decode every
+        other step while those run; default on for the CPU, off for an XPU)."""
         os.environ.setdefault(LINEAR_THRESHOLD_ENV, LINEAR_THRESHOLD_ROWS)
         import torch
         from ipex_llm.transformers import AutoModelForCausalLM

@@ -129,8 +129,8 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         one node share the page cache) and tokenizer. ``options``: ``context_tokens``
         (KV cells per request), ``threads`` (default: the CPUs this replica is pinned to),
         ``prompt_cache`` (reuse a finished request's KV for a shared prompt prefix; default
-        on), ``short_first`` (rows far from their end decode every other step while shorter
-        ones run, ContinuousBatchingEngine; default on)."""
+        on), ``short_first`` (requests with 4x the smallest running token budget decode
+        every other step while those run, ContinuousBatchingEngine; default on)."""
         if device not in ("cpu", "auto"):
             raise EngineError(f"engine llama_cpp runs on the CPU; device {device!r} needs "
                               "engine ipex_llm", status_code=500)

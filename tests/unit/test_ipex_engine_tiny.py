@@ -298,3 +298,27 @@ def test_short_first_skips_rows_only_while_a_hole_fits_the_kv_budget(tiny):
         assert run(engine, requests, join_at={"short": 1}) == expected
         skipped = any(n < total for n, total in steps)
         assert skipped == (room == 0), steps
+
+
+def test_short_first_is_exact_when_the_cache_does_not_append_in_place(tiny, monkeypatch):
+    """ipex-llm 2.2 appends the leading rows' new position into the batch's own buffers; a
+    cache that copied instead (a new buffer) must still leave every row its tokens."""
+    from ipex_llm.transformers.kv import DynamicNormalCache
+
+    requests = [greedy("long", prompt(2, 5), 60), greedy("short", prompt(4, 3), 14),
+                greedy("other", prompt(5, 4), 12)]
+    join_at = {"short": 1, "other": 1}
+    expected = run(make_engine(tiny, short_first=False), requests, join_at=join_at)
+    update = DynamicNormalCache.update
+
+    def copying_update(self, key, value, layer, *rest):
+        if len(self.key_cache) > layer:  # no room past the cached positions: a new buffer
+            self.key_cache[layer] = self.key_cache[layer].clone()
+            self.value_cache[layer] = self.value_cache[layer].clone()
+        return update(self, key, value, layer, *rest)
+
+    monkeypatch.setattr(DynamicNormalCache, "update", copying_update)
+    engine = make_engine(tiny, prompt_cache=False)
+    steps = _record_decodes(engine)
+    assert run(engine, requests, join_at=join_at) == expected
+    assert (2, 3) in steps

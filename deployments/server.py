@@ -185,7 +185,8 @@ class LLMServer:
                 "pinning": self._pinning.to_dict(), "pid": os.getpid(),
                 "running": getattr(self._engine, "num_running", None),
                 "waiting": getattr(self._engine, "num_waiting", None),
-                "kv_cache_positions": getattr(self._engine, "max_kv_tokens", None)}
+                "kv_cache_positions": getattr(self._engine, "max_kv_tokens", None),
+                "short_first": getattr(self._engine, "short_first", None)}
 
     async def stats(self) -> dict[str, Any]:
         """Counters tests and operators read directly: batch sizes the engine reported, the

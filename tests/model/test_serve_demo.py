@@ -109,6 +109,18 @@ def test_serve_run_with_the_shipped_config_answers_paris(demo_checkpoint, tmp_pa
         usage = again["usage"]
         assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
         assert "Paris" in again["choices"][0]["message"]["content"]
+        # Short-first decoding (the default on the CPU): a short request next to a long one
+        # runs on the leading rows of the batch while the long one sits out every other step.
+        assert httpx.get(f"{base}/health", timeout=30).json()["replica"]["short_first"] is True
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            long = pool.submit(httpx.post, f"{base}/v1/completions", timeout=120, json={
+                "model": MODEL, "prompt": "Once upon a time", "max_tokens": 160,
+                "ignore_eos": True, "temperature": 0})
+            short = [httpx.post(f"{base}/v1/completions", timeout=120, json={
+                "model": MODEL, "prompt": "The capital of France is", "max_tokens": 8,
+                "temperature": 0}).json() for _ in range(3)]
+            assert all("Paris" in s["choices"][0]["text"] for s in short), short
+            assert long.result().json()["usage"]["completion_tokens"] == 160
 
 
 def test_serve_run_on_engine_llama_cpp_answers_concurrent_requests(gguf_checkpoint, tmp_path):

@@ -295,10 +295,10 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         self._decode_steps += 1
         if not self.short_first or self._decode_steps % LONG_ROW_STRIDE == 0:
             return self._running
-        smallest = min(self._token_budget(seq) for seq in self._running)
-        short = [seq for seq in self._running
-                 if not _is_long_row(self._token_budget(seq),
-                                     self._final_length(seq) - seq.total_tokens, smallest)]
+        budgets = [self._token_budget(seq) for seq in self._running]
+        smallest = min(budgets)
+        short = [seq for seq, budget in zip(self._running, budgets, strict=True)
+                 if not _is_long_row(budget, budget - len(seq.generated), smallest)]
         return self._running if len(short) == len(self._running) else \
             self._rows_decodable(short)
 

@@ -244,54 +244,55 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         self._set_running(joined_layers(), mask, tokens)
 
     def _decode(self, sequences: Sequence[Sequence_]) -> list[int]:
+        """Decode the batch's first ``len(sequences)`` rows: all of them, or (short-first) a
+        leading run, which runs on views of the batch's cache while every other row gets a
+        hole: a zeroed position its mask hides."""
         import torch
-
-        rows = self._running_rows
-        assert rows is not None
-        if len(sequences) < rows.mask.shape[0]:
-            return self._decode_leading(sequences)
-        mask = torch.cat([rows.mask, torch.ones((rows.mask.shape[0], 1), dtype=torch.long)], 1)
-        positions = (mask.sum(-1, keepdim=True) - 1)
-        logits, self._cache = self._forward(rows.last_tokens[:, None], mask, positions,
-                                            self._cache)
-        tokens = self._sample_tokens(logits, sequences)
-        rows.mask, rows.last_tokens = mask, tokens
-        return tokens.tolist()
-
-    def _decode_leading(self, sequences: Sequence[Sequence_]) -> list[int]:
-        """Decode the first ``len(sequences)`` rows only. Every row gets a new position,
-        zeroed and masked for the rest (a hole); the leading rows run on views of the batch's
-        cache, whose appends land in its buffers (ipex-llm appends in place when there is
-        room, and the zeroed position made room), else their new position is copied over."""
-        import torch
-        from ipex_llm.transformers.kv import DynamicNormalCache
 
         rows = self._running_rows
         assert rows is not None and list(sequences) == self._running[:len(sequences)]
         count, (batch, width) = len(sequences), rows.mask.shape
+        decoded = torch.zeros((batch, 1), dtype=torch.long)
+        decoded[:count] = 1
+        mask = torch.cat([rows.mask, decoded], 1)
+        leading = mask[:count]
+        cache = self._cache if count == batch else self._leading_rows_cache(count)
+        logits, cache = self._forward(rows.last_tokens[:count, None], leading,
+                                      leading.sum(-1, keepdim=True) - 1, cache)
+        if count == batch:
+            self._cache = cache
+        else:
+            self._copy_new_position(cache, count, width)
+        tokens = self._sample_tokens(logits, sequences)
+        rows.mask = mask
+        rows.last_tokens = torch.cat([tokens, rows.last_tokens[count:]])
+        return tokens.tolist()
+
+    def _leading_rows_cache(self, count: int) -> Any:
+        """Give every row of the batch's cache a zeroed position, then a cache of views of
+        its first ``count`` rows without it: their appends land in the batch's buffers
+        (ipex-llm appends in place when there is room, and the new position made room)."""
+        from ipex_llm.transformers.kv import DynamicNormalCache
+
+        width = self._running_rows.mask.shape[1]
         for layer, (key, _) in enumerate(_cache_tensors(self._cache)):
-            hole = key.new_zeros((batch, key.shape[1], 1, key.shape[3]))
+            hole = key.new_zeros((key.shape[0], key.shape[1], 1, key.shape[3]))
             self._cache.update(hole, hole, layer)  # copied in: one tensor serves both
         leading = DynamicNormalCache()  # views: update() would copy into new buffers
         for key, value in _cache_tensors(self._cache):
             leading.key_cache.append(key[:count, :, :width])
             leading.value_cache.append(value[:count, :, :width])
         leading._seen_tokens = width
-        decoded = torch.zeros((batch, 1), dtype=torch.long)
-        decoded[:count] = 1
-        mask = torch.cat([rows.mask, decoded], 1)
-        positions = mask[:count].sum(-1, keepdim=True) - 1
-        logits, leading = self._forward(rows.last_tokens[:count, None], mask[:count],
-                                        positions, leading)
+        return leading
+
+    def _copy_new_position(self, leading: Any, count: int, width: int) -> None:
+        """Copy the leading rows' new position into the batch's cache where their cache
+        appended elsewhere (a new buffer), not in place."""
         for (key, value), (new_key, new_value) in zip(_cache_tensors(self._cache),
                                                       _cache_tensors(leading), strict=True):
             if new_key.data_ptr() != key.data_ptr():
                 key[:count, :, width] = new_key[:, :, width]
                 value[:count, :, width] = new_value[:, :, width]
-        tokens = self._sample_tokens(logits, sequences)
-        rows.mask = mask
-        rows.last_tokens = torch.cat([tokens, rows.last_tokens[count:]])
-        return tokens.tolist()
 
     def _rows_decodable(self, wanted: list[Sequence_]) -> list[Sequence_]:
         """The leading run of rows holding ``wanted``; all rows when a hole for the others
@@ -300,8 +301,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         if self.max_kv_tokens is not None and \
                 self._kv_positions(self._running, ()) + len(self._running) > self.max_kv_tokens:
             return self._running
-        last = max(self._running.index(seq) for seq in wanted)
-        return self._running[:last + 1]
+        return self._running[:self._running.index(wanted[-1]) + 1]  # wanted: in row order
 
     def _drop_rows(self, rows: Sequence[int]) -> None:
         import torch

@@ -662,6 +662,15 @@ def _short_first(service: dict[str, Any]) -> bool:
     return bool(options.get("short_first", True))
 
 
+def _long_cost(mixed: dict[str, Any], lead: str) -> str:
+    """``lead`` + what the mixed run cost its long requests, or "" when not measured."""
+    if "long_p50_ratio" not in mixed:
+        return ""
+    return (f"{lead} long requests pay for it: {_ms(mixed['long_mixed']['e2e_p50_s'])} ms "
+            f"(p50) next to short ones vs {_ms(mixed['long_alone']['e2e_p50_s'])} ms alone "
+            f"({_x(mixed['long_p50_ratio'])})")
+
+
 def _mixed(r: dict[str, Any]) -> list[str]:
     service = r.get("service") or {}
     lines = ["## Mixed workload (engine ipex_llm): short and long requests together"
@@ -676,12 +685,10 @@ def _mixed_table(mixed: dict[str, Any] | None, w: dict[str, Any]) -> list[str]:
              f"{w['mixed_short_requests_per_client']} short requests "
              f"({w['mixed_short_tokens']} tokens), first alone, then while "
              f"{w['mixed_long_clients']} clients keep long requests "
-             f"({w['mixed_long_tokens']} tokens) running. Latencies in ms.", ""]
-    if "long_alone" in mixed:
-        lines[0] = lines[0][:-len(" Latencies in ms.")] + (
-            f" Long requests alone: {w['mixed_long_clients']} at once; with short: those "
-            "running when the first short request came, each run to its end. Latencies in "
-            "ms.")
+             f"({w['mixed_long_tokens']} tokens) running."
+             + (f" Long requests alone: {w['mixed_long_clients']} at once; with short: those "
+                "running when the first short request came, each run to its end."
+                if "long_alone" in mixed else "") + " Latencies in ms.", ""]
     rows = []
     for key, label in (("short_alone", "short, alone"), ("short_mixed", "short, with long"),
                        ("long_alone", "long, alone"), ("long_mixed", "long, with short")):
@@ -920,12 +927,7 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
                      "is the step time of 8 rows against 4, a floor under the ratio if every "
                      "step carried every row; with short-first decoding (engine option "
                      "`short_first`, on for the CPU) the long rows decode every other step "
-                     "while short ones run"
-                     + (f"; the long requests pay for it: "
-                        f"{_ms(mixed['long_mixed']['e2e_p50_s'])} ms (p50) next to short "
-                        f"ones vs {_ms(mixed['long_alone']['e2e_p50_s'])} ms alone "
-                        f"({_x(mixed['long_p50_ratio'])})." if "long_p50_ratio" in mixed
-                        else ".")
+                     "while short ones run" + _long_cost(mixed, "; the") + "."
                      if ipex_cached else
                      ", and each long request's arrival adds a slow prefill step for "
                      "everyone."))
@@ -1050,11 +1052,7 @@ def _llama_cpp_analysis(r: dict[str, Any], v: dict[str, float], lc_engine: dict[
                         "decode only every other step while the short ones run, so a short "
                         f"token costs about ({_num(step_short, 0)} + {_num(step_all, 0)}) / 2 "
                         "ms" if short_first else ""))
-        if "long_p50_ratio" in mixed:
-            steps += (f". The long requests pay for it: {_ms(mixed['long_mixed']['e2e_p50_s'])}"
-                      f" ms (p50) next to short ones vs "
-                      f"{_ms(mixed['long_alone']['e2e_p50_s'])} ms alone "
-                      f"({_x(mixed['long_p50_ratio'])})")
+        steps += _long_cost(mixed, ". The")
         lines.append(
             f"- Mixed on engine llama_cpp: short requests took "
             f"{_ms(mixed['short_mixed']['e2e_p50_s'])} ms (p50) next to long ones vs "

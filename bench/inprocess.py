@@ -8,6 +8,8 @@
    the time inside the model's forward pass split out (what the engine's own Python costs).
 4. A profile of one decode step at batch 8: aten op count, time in ipex-llm's low-bit
    matmuls (``LowBitLinear``), the rest of the forward pass, sampling, detokenizing.
+5. The engine's decode attention against ipex-llm's own (``deployments/engine/
+   ipex_attention.py``), the two taking turns step by step in one batch.
 
 With ``--engine llama_cpp`` (a ``gguf`` checkpoint), only 3. runs, on ``LlamaCppEngine``:
 engine llama_cpp's in-process ceiling, with its ``llama_decode`` calls (``_run``) as the
@@ -270,6 +272,37 @@ def profile_decode_step(engine: Any, prompt_ids: list[int], batch_size: int,
     }
 
 
+def decode_attention_turns(engine: Any, prompt_ids: list[int], batch_size: int,
+                           max_tokens: int) -> dict[str, Any]:
+    """One batch decoded with the engine's attention and ipex-llm's own on alternate steps,
+    so both see the same rows and cache lengths and the same moment of the machine: mean
+    step time of each (prefill steps left out)."""
+    from deployments.engine import ipex_attention
+
+    def measure() -> dict[str, Any]:
+        steps: dict[str, list[float]] = {"grouped": [], "ipex_llm": []}
+        _add_requests(engine, prompt_ids, batch_size, max_tokens, f"att-{time.monotonic_ns()}")
+        try:
+            while engine.has_unfinished_requests():
+                kind = "grouped" if sum(map(len, steps.values())) % 2 else "ipex_llm"
+                (ipex_attention.install if kind == "grouped" else ipex_attention.uninstall)()
+                started = time.perf_counter()
+                result = engine.step()
+                if result.batch_size == batch_size and not result.num_prefill_tokens:
+                    steps[kind].append(time.perf_counter() - started)
+        finally:
+            ipex_attention.install()
+        grouped_ms, ipex_ms = (1000 * statistics.fmean(steps[k]) for k in ("grouped",
+                                                                              "ipex_llm"))
+        return {"batch_size": batch_size, "steps_each": min(map(len, steps.values())),
+                "grouped_step_ms": grouped_ms, "ipex_llm_step_ms": ipex_ms,
+                "speedup": ipex_ms / grouped_ms}
+
+    row = measure_quietly(measure)
+    _log(f"decode attention turns: {row}")
+    return row
+
+
 # (batch, tokens per row) shapes of one forward pass: decode batches and prefill chunks.
 MATMUL_PATH_SHAPES = ((1, 1), (8, 1), (16, 1), (1, 31), (8, 31), (16, 31))
 
@@ -352,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     result["engine"] = engine_direct(engine, prompt_ids, work, "ipex_llm")
     result["profiles"] = [profile_decode_step(engine, prompt_ids, bs)
                           for bs in sorted({1, work.profile_batch_size})]
+    result["decode_attention"] = decode_attention_turns(
+        engine, prompt_ids, work.profile_batch_size, work.max_tokens)
     result["matmul_paths"] = matmul_paths(
         engine, prompt_ids, MATMUL_PATH_SHAPES if work.name == "full"
         else ((1, 1), (8, 1), (1, 31)), repeats=3 if work.name == "full" else 1)

@@ -842,6 +842,19 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             f"{_pct(e8.get('sample_share'))} and detokenizing "
             f"{_pct(e8.get('detokenize_share'))}: the step loop's Python is not "
             "where time goes.")
+    attention = inproc.get("decode_attention")
+    if attention:
+        lines.append(
+            "- One difference between the engine and the ceiling's `generate` is the "
+            "engine's own: its decode attention reads the KV cache as it is, where "
+            "ipex-llm's CPU path first copies it out to every query head (`repeat_kv`; "
+            "query heads share KV heads on this model) and torch's attention kernel then "
+            "reads the copy "
+            "(`deployments/engine/ipex_attention.py`). The two taking turns step by step "
+            f"in one batch of {attention['batch_size']}: {_num(attention['grouped_step_ms'])}"
+            f" ms vs {_num(attention['ipex_llm_step_ms'])} ms a decode step "
+            f"({_x(attention['speedup'])}; {attention['steps_each']} steps each). The gain "
+            "grows with the cached length.")
     if 8 in http and 8 in engine:
         h8 = http[8]
         shares = h8.get("cpu_cores_by_process", {})

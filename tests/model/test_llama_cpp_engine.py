@@ -93,6 +93,12 @@ def test_requests_joining_a_running_batch_answer_correctly(engine):
     assert "banana" in answers["banana"] and "pencil" not in answers["banana"]
 
 
+def repeated(word: str) -> str:
+    """A prompt the demo model continues with ``word`` on every CPU seen so far (with 4
+    repeats, "pencil" went on " and ink." on an AVX2 CPU)."""
+    return ", ".join([word] * 8) + ","
+
+
 def test_rows_out_of_slot_order_get_their_own_logits(gguf_checkpoint):
     """A request that takes a freed lower slot runs after a higher one in the batch; llama.cpp
     gets the batch sorted by slot, and each row must still get its own sequence's logits.
@@ -100,12 +106,12 @@ def test_rows_out_of_slot_order_get_their_own_logits(gguf_checkpoint):
     engine = load(gguf_checkpoint, prompt_cache=False)
     engine.add_request(GenerationRequest("short", tuple(engine.encode("rocket, rocket,")),
                                          SamplingParams(max_tokens=1, temperature=0)))
-    engine.add_request(GenerationRequest("pencil", tuple(engine.encode(
-        "pencil, pencil, pencil, pencil,")), SamplingParams(max_tokens=12, temperature=0)))
+    engine.add_request(GenerationRequest("pencil", tuple(engine.encode(repeated("pencil"))),
+                                         SamplingParams(max_tokens=12, temperature=0)))
     engine.step()  # both prefilled; "short" is done and frees the lower slot
     assert engine.num_running == 1
-    engine.add_request(GenerationRequest("banana", tuple(engine.encode(
-        "banana, banana, banana, banana,")), SamplingParams(max_tokens=12, temperature=0)))
+    engine.add_request(GenerationRequest("banana", tuple(engine.encode(repeated("banana"))),
+                                         SamplingParams(max_tokens=12, temperature=0)))
     engine.step()
     running = {seq.request_id: engine._slots[seq.request_id] for seq in engine._running}
     assert running["banana"] < running["pencil"]  # behind pencil in the batch, lower slot

@@ -93,6 +93,29 @@ def test_joining_and_leaving_a_batch_changes_no_ones_tokens(tiny):
     assert together == alone
 
 
+def test_grouped_query_attention_is_installed_and_changes_no_tokens(tiny):
+    """The engine's attention (no KV copy per query head) against ipex-llm's own, on a batch
+    whose rows join and leave (left padding in the mask)."""
+    import ipex_llm.transformers.models.llama as llama
+
+    from deployments.engine import ipex_attention
+
+    shapes = {"a": (2, 5, 20), "b": (3, 17, 6), "c": (4, 3, 14)}
+    requests = [greedy(rid, prompt(i, n), m) for rid, (i, n, m) in shapes.items()]
+    ipex_attention.uninstall()
+    grouped = run(make_engine(tiny, prompt_cache=False), requests, join_at={"c": 4})
+    assert llama.scaled_dot_product_attention is ipex_attention.grouped_query_attention
+    engine = make_engine(tiny, prompt_cache=False)
+    try:
+        ipex_attention.uninstall()
+        own = run(engine, requests, join_at={"c": 4})
+    finally:
+        ipex_attention.install()
+    assert grouped == own
+    assert all(len(text.split()) == m for text, (_, _, m) in zip(
+        (grouped[rid] for rid in shapes), shapes.values(), strict=True))
+
+
 def test_chunked_prefill_gives_the_same_tokens(tiny):
     ids = prompt(6, 70)
     whole = run(make_engine(tiny, max_prefill_tokens_per_step=128), [greedy("x", ids, 8)])

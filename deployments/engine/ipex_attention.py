@@ -8,7 +8,8 @@ kernel then reads the copy. That kernel can read the KV heads where they are
 (``enable_gqa``) and computes the same numbers, bit for bit. On the demo model (9 query heads
 over 3 KV heads) at batch 8 with ~130 cached positions, attention took ~25 ms of a 194 ms
 decode step (copy 13 ms, kernel 12 ms; 2 cores, AVX2), bound by memory traffic that the copy
-tripled; without the copy a step took ~8% less, more as the cache grows.
+tripled; without the copy a step took 7% less (bench/RESULTS.md), more as the cache
+grows.
 
 ``install()`` puts ``grouped_query_attention`` in the place of ipex-llm's function. Calls it
 does not cover (an XPU, which has kernels of its own; a model without grouped heads) go to
@@ -38,12 +39,11 @@ def grouped_query_attention(query: Any, key: Any, value: Any, mask: Any = None,
     heads, kv_heads = query.shape[1], key.shape[1]
     if query.device.type != "cpu" or heads == kv_heads or heads % kv_heads:
         return _ipex_attention()(query, key, value, mask, is_causal, scale)
-    attention = torch.nn.functional.scaled_dot_product_attention
-    if is_causal and mask is None:
-        output = attention(query, key, value, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        mask = mask[..., :query.shape[2], :key.shape[2]] if mask is not None else None
-        output = attention(query, key, value, mask, scale=scale, enable_gqa=True)
+    if mask is not None:
+        mask = mask[..., :query.shape[2], :key.shape[2]]
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, mask, is_causal=is_causal and mask is None, scale=scale,
+        enable_gqa=True)
     return output.to(query.dtype)
 
 

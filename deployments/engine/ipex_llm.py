@@ -32,7 +32,7 @@ position: a hole, as left padding is, so each such step widens them by one posit
 taken only while the KV budget could still run every row to its end (``_rows_decodable``).
 Off by default on an XPU, where a decode step's cost hardly depends on its rows.
 
-Decode attention reads the KV cache as it is, not a copy per query head (ipex_attention).
+Attention reads the KV cache as it is, not a copy per query head (ipex_attention).
 
 torch, transformers and ipex_llm are imported inside methods: importing this module is
 cheap, so the router and the tests that never load a model do not pay for the stack.
@@ -97,7 +97,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
                  short_first: bool | None = None):
         from ipex_llm.transformers.kv import DynamicNormalCache
 
-        ipex_attention.install()  # decode attention without copying the KV per query head
+        ipex_attention.install()  # attention without copying the KV per query head
         eos = model.generation_config.eos_token_id
         eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
         context = max_context_tokens or getattr(model.config, "max_position_embeddings", 2048)

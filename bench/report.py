@@ -591,10 +591,14 @@ def _coldstart(r: dict[str, Any]) -> list[str]:
     rows = []
     if _ok(load):
         rows += [("import torch + transformers + ipex_llm", _num(load["import_s"], 2)),
-                 ("verify checkpoint (sha256 of every file)", _num(load["verify_s"], 2)),
-                 ("`load_low_bit` (bare)" + _starts_note(
+                 ("verify checkpoint (sha256 of every file)", _num(load["verify_s"], 2))]
+        if "dynamo_import_s" in load:
+            rows += [("import torch._dynamo (bare `load_low_bit` does, at its first meta "
+                      "`torch.cat`; `IpexLLMEngine.load` does not)",
+                      _num(load["dynamo_import_s"], 2))]
+        rows += [("`load_low_bit` (bare)" + _starts_note(
                      load.get("bare_load_runs_s"),
-                     "this row and the two above: the start with the median imports + "
+                     "this row and those above: the start with the median imports + "
                      "load_low_bit"), _num(load["load_low_bit_s"], 2)),
                  ("tokenizer", _num(load["tokenizer_s"], 2)),
                  ("first forward pass", _num(load["first_forward_s"], 2))]
@@ -952,8 +956,9 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             f"{_x(ready['ratio'])} the bare path ({_num(ready['bare'])} s = imports + "
             "load_low_bit + a trivial actor). The LLMServer constructor itself took "
             f"{_num(startup.get('replica_constructor_s'))}"
-            " s (claim, pin, verify, load); the rest is Ray Serve creating the replica and "
-            "router actors and the controller's reconciliation loop. Neither deployment has "
+            " s (claim, pin, verify, load)" + _dynamo_note(r) + "; the rest is Ray Serve "
+            "creating the replica and router actors and the controller's reconciliation "
+            "loop. Neither deployment has "
             "a runtime_env, so replicas start in Ray's prestarted workers (a trivial actor "
             f"with one took {_num(startup.get('bare_actor_with_runtime_env_start_s'))} s vs "
             f"{_num(startup.get('bare_actor_start_s'), 2)} s without). `serve.run` itself "
@@ -961,6 +966,16 @@ def _analysis(r: dict[str, Any], v: dict[str, float]) -> list[str]:
             "application's status once a second.")
     lines += _llama_cpp_analysis(r, v, lc_engine, lc_service)
     return [*lines, ""]
+
+
+def _dynamo_note(r: dict[str, Any]) -> str:
+    """What the engine's load spares against the bare path (runs that measured it)."""
+    load = (r.get("coldstart") or {}).get("load") or {}
+    if "dynamo_import_s" not in load:
+        return ""
+    return (f", without the {_num(load['dynamo_import_s'])} s import of torch._dynamo that "
+            "the bare load_low_bit makes for its meta q/k/v merge (IpexLLMEngine.load merges "
+            "them without torch.cat, deployments/engine/ipex_meta_merge.py)")
 
 
 def _met(value: float, target: float, higher_is_better: bool = True,

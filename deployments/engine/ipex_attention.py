@@ -18,13 +18,9 @@ ipex-llm's own.
 
 from __future__ import annotations
 
-import importlib
-import sys
 from typing import Any
 
-_MODELS_PACKAGE = "ipex_llm.transformers.models"
-_COMMON_MODULE = f"{_MODELS_PACKAGE}.common"
-_FUNCTION = "scaled_dot_product_attention"
+from deployments.engine.ipex_common import CommonFunction
 
 
 def grouped_query_attention(query: Any, key: Any, value: Any, mask: Any = None,
@@ -38,7 +34,7 @@ def grouped_query_attention(query: Any, key: Any, value: Any, mask: Any = None,
 
     heads, kv_heads = query.shape[1], key.shape[1]
     if query.device.type != "cpu" or heads == kv_heads or heads % kv_heads:
-        return _ipex_attention()(query, key, value, mask, is_causal, scale)
+        return PATCH.original()(query, key, value, mask, is_causal, scale)
     if mask is not None:
         mask = mask[..., :query.shape[2], :key.shape[2]]
     output = torch.nn.functional.scaled_dot_product_attention(
@@ -47,31 +43,6 @@ def grouped_query_attention(query: Any, key: Any, value: Any, mask: Any = None,
     return output.to(query.dtype)
 
 
-def install() -> None:
-    """Make ipex-llm's model forwards call ``grouped_query_attention`` (idempotent): in its
-    common module, which model modules imported later take it from, and in each model module
-    already imported."""
-    _replace(_ipex_attention(), grouped_query_attention)
-
-
-def uninstall() -> None:
-    """Give ipex-llm's model forwards their own attention back (for comparisons)."""
-    _replace(grouped_query_attention, _ipex_attention())
-
-
-def _replace(old: Any, new: Any) -> None:
-    for name, module in list(sys.modules.items()):
-        if name.startswith(_MODELS_PACKAGE) and getattr(module, _FUNCTION, None) is old:
-            setattr(module, _FUNCTION, new)
-
-
-def _ipex_attention() -> Any:
-    """ipex-llm's own function, kept on first use, before anything replaces it."""
-    global _original
-    if _original is None:
-        _original = getattr(importlib.import_module(_COMMON_MODULE), _FUNCTION)
-        assert _original is not grouped_query_attention
-    return _original
-
-
-_original: Any = None
+# ``install()`` / ``uninstall()``: ipex-llm's models call grouped_query_attention, or their own.
+PATCH = CommonFunction("scaled_dot_product_attention", grouped_query_attention)
+install, uninstall = PATCH.install, PATCH.uninstall

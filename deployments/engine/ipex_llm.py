@@ -33,6 +33,8 @@ taken only while the KV budget could still run every row to its end (``_rows_dec
 Off by default on an XPU, where a decode step's cost hardly depends on its rows.
 
 Attention reads the KV cache as it is, not a copy per query head (ipex_attention).
+Loading merges the meta q/k/v projections without ``torch.cat``, which would import
+``torch._dynamo`` (ipex_meta_merge): about 2 s less of a replica's start.
 
 torch, transformers and ipex_llm are imported inside methods: importing this module is
 cheap, so the router and the tests that never load a model do not pay for the stack.
@@ -46,7 +48,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from deployments.engine import ipex_attention
+from deployments.engine import ipex_attention, ipex_meta_merge
 from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
 from deployments.engine.hf_text import HFTokenizerText
 from deployments.engine.prefix_store import PrefixEntry, PrefixStore
@@ -157,6 +159,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         if device.startswith("xpu") and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
             raise EngineError(f"device {device!r} asked for, but torch.xpu is not available",
                               status_code=500)
+        ipex_meta_merge.install()  # spares the replica importing torch._dynamo
         with _weights_only_torch_load():
             model = AutoModelForCausalLM.load_low_bit(str(folder), trust_remote_code=False)
         model = model.to(device).eval()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -99,3 +102,36 @@ def test_a_corrupt_checkpoint_is_refused_naming_the_file(demo_checkpoint, tmp_pa
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin"):
         IpexLLMEngine.load(str(copy), device="cpu", max_batch_size=1,
                            max_prefill_tokens_per_step=64)
+
+
+_LOAD_BOTH_WAYS = """
+import sys
+import torch
+from ipex_llm.transformers import AutoModelForCausalLM
+from deployments.engine import ipex_meta_merge
+from deployments.engine.ipex_llm import IpexLLMEngine, _weights_only_torch_load
+
+engine = IpexLLMEngine.load(sys.argv[1], device="cpu", max_batch_size=1,
+                            max_prefill_tokens_per_step=64)
+print("engine load imported torch._dynamo:", "torch._dynamo" in sys.modules)
+ipex_meta_merge.uninstall()
+with _weights_only_torch_load():
+    bare = AutoModelForCausalLM.load_low_bit(sys.argv[1])
+print("bare load_low_bit imported torch._dynamo:", "torch._dynamo" in sys.modules)
+ours, theirs = engine._model.state_dict(), bare.state_dict()
+assert list(ours) == list(theirs), "different parameters"
+different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
+print("parameters that differ:", different)
+"""
+
+
+def test_engine_load_skips_torch_dynamo_and_loads_what_load_low_bit_loads(demo_checkpoint):
+    """In a fresh interpreter (this one may have imported torch._dynamo already)."""
+    result = subprocess.run([sys.executable, "-c", _LOAD_BOTH_WAYS, str(demo_checkpoint)],
+                            capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[2])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [
+        "engine load imported torch._dynamo: False",
+        "bare load_low_bit imported torch._dynamo: True",  # what the merge spares
+        "parameters that differ: []"]

@@ -19,7 +19,7 @@ BATCH, HEADS, KV_HEADS, HEAD_DIM = 3, 6, 2, 16
 
 
 def ipex_own(*args):
-    return ipex_attention._ipex_attention()(*args)
+    return ipex_attention.PATCH.original()(*args)
 
 
 def inputs(positions: int, cached: int):
@@ -90,12 +90,12 @@ def test_install_replaces_ipex_llm_attention_in_its_model_modules_and_back():
     try:
         ipex_attention.uninstall()
         assert llama.scaled_dot_product_attention is common.scaled_dot_product_attention \
-            is ipex_attention._ipex_attention()
+            is ipex_attention.PATCH.original()
         ipex_attention.install()
         ipex_attention.install()
         assert llama.scaled_dot_product_attention is grouped_query_attention
         assert common.scaled_dot_product_attention is grouped_query_attention
         ipex_attention.uninstall()
-        assert llama.scaled_dot_product_attention is ipex_attention._ipex_attention()
+        assert llama.scaled_dot_product_attention is ipex_attention.PATCH.original()
     finally:
         ipex_attention.install()

@@ -206,8 +206,22 @@ class LLMRouter:
     # ---- Python API (handle callers) -----------------------------------------------------
 
     async def models(self) -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": self._config.model_name, "object": "model",
-                                            "created": 0, "owned_by": "ipex-llm-serve"}]}
+        return {"object": "list", "data": [self._model_card()]}
+
+    async def model(self, model_id: str) -> dict[str, Any]:
+        """The served model's card (OpenAI's ``GET /v1/models/{model}``); 404 for any other."""
+        if model_id != self._config.model_name:
+            raise self._unknown_model(model_id)
+        return self._model_card()
+
+    def _unknown_model(self, model_id: str) -> ServiceError:
+        return ServiceError(f"the model `{model_id}` does not exist; this server serves "
+                            f"`{self._config.model_name}`", 404, param="model",
+                            code="model_not_found")
+
+    def _model_card(self) -> dict[str, Any]:
+        return {"id": self._config.model_name, "object": "model", "created": 0,
+                "owned_by": "ipex-llm-serve"}
 
     async def completions(self, body: dict[str, Any] | bytes) -> dict[str, Any]:
         request = self._parse(CompletionRequest, body)
@@ -300,6 +314,10 @@ class LLMRouter:
     async def http_models(self, request: Request) -> Response:
         return await self._respond(self.models, request=request)
 
+    @app.get("/v1/models/{model_id:path}")
+    async def http_model(self, model_id: str, request: Request) -> Response:
+        return await self._respond(lambda: self.model(model_id), request=request)
+
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def http_completions(self, request: Request) -> Response:
         return await self._http_generate(request, self.completions, self.completions_stream)
@@ -375,9 +393,7 @@ class LLMRouter:
     def _validate(self, model: type, body: dict[str, Any] | bytes) -> Any:
         request = parse_request(model, body)
         if request.model != self._config.model_name:
-            raise ServiceError(f"the model `{request.model}` does not exist; this server "
-                               f"serves `{self._config.model_name}`", 404, param="model",
-                               code="model_not_found")
+            raise self._unknown_model(request.model)
         if len(request.stop_strings) > self._config.max_stop_strings:
             raise ServiceError(f"at most {self._config.max_stop_strings} stop strings",
                                param="stop")
@@ -393,13 +409,14 @@ class LLMRouter:
         return request
 
     def _payload(self, request: Any, **prompt: Any) -> dict[str, Any]:
-        max_tokens = getattr(request, "requested_max_tokens", request.max_tokens)
+        max_tokens = request.requested_max_tokens
         if isinstance(prompt.get("prompt"), list):
             prompt = {"prompt_token_ids": prompt["prompt"]}
         return {**prompt, "request_id": new_id("req"),
                 "timeout_s": request.timeout or self._config.request_timeout_s,
                 "params": {"max_tokens": max_tokens,  # None: the replica picks what fits
                            "temperature": request.temperature, "top_p": request.top_p,
+                           "top_k": request.top_k,
                            "seed": request.seed, "stop": list(request.stop_strings),
                            "ignore_eos": request.ignore_eos,
                            "min_tokens": request.min_tokens}}

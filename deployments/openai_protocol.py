@@ -3,8 +3,10 @@
 Requests are parsed strictly from the raw body (wrong JSON types are a 400, never coerced).
 Fields of OpenAI's schemas that we do not implement are accepted only at their default
 value; any other value is refused naming the field. Fields nobody knows are ignored, as
-vLLM does, so today's clients keep working. vLLM's ``ignore_eos`` and ``min_tokens``
-extensions are honoured, and ``timeout`` (seconds) sets a request's own deadline.
+vLLM does, so today's clients keep working. vLLM's ``ignore_eos``, ``min_tokens`` and
+``top_k`` extensions are honoured; its other sampling extensions are refused like OpenAI's
+unimplemented fields. ``timeout`` (seconds) sets a request's own deadline. An explicit
+``null`` in an optional field means its default, as in OpenAI's API.
 """
 
 from __future__ import annotations
@@ -17,26 +19,44 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from deployments.errors import ServiceError
 
-# Known OpenAI fields we do not implement, with the values that mean "not used".
+# Known OpenAI fields (and vLLM sampling extensions) we do not implement, with the values
+# that mean "not used" (``null`` always does).
 UNSUPPORTED_FIELD_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "n": (1,),
     "best_of": (1,),
     "echo": (False,),
-    "logprobs": (None, False, 0),
-    "top_logprobs": (None, 0),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
     "presence_penalty": (0, 0.0),
     "frequency_penalty": (0, 0.0),
-    "logit_bias": (None, {}),
-    "suffix": (None, ""),
-    "response_format": (None, {"type": "text"}),
-    "tools": (None, []),
-    "tool_choice": (None, "none", "auto"),
-    "functions": (None, []),
-    "function_call": (None, "none", "auto"),
-    "parallel_tool_calls": (None, True, False),
-    "audio": (None,),
-    "modalities": (None, ["text"]),
-    "prediction": (None,),
+    "logit_bias": ({},),
+    "suffix": ("",),
+    "response_format": ({"type": "text"},),
+    "tools": ([],),
+    "tool_choice": ("none", "auto"),
+    "functions": ([],),
+    "function_call": ("none", "auto"),
+    "parallel_tool_calls": (True, False),
+    "audio": (),
+    "modalities": (["text"],),
+    "prediction": (),
+    # vLLM's sampling extensions beside ignore_eos, min_tokens and top_k.
+    "min_p": (0, 0.0),
+    "repetition_penalty": (1, 1.0),
+    "length_penalty": (1, 1.0),
+    "use_beam_search": (False,),
+    "stop_token_ids": ([],),
+    "bad_words": ([],),
+    "include_stop_str_in_output": (False,),
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "prompt_logprobs": (0,),
+    "allowed_token_ids": (),
+    "truncate_prompt_tokens": (),
+    "guided_json": (),
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
 }
 
 MAX_SEED = 2**63 - 1
@@ -59,16 +79,36 @@ class _SamplingFields(BaseModel):
     user: str | None = None
     ignore_eos: bool = False
     min_tokens: int = Field(0, ge=0)
+    # vLLM's: sample from the k most likely tokens; -1 or 0 means from all of them.
+    top_k: int = Field(-1, ge=-1)
     timeout: float | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        """Drop ``null`` values of optional fields, declared or not (OpenAI's API and its
+        SDKs treat ``null`` as "not set"); a required field's ``null`` stays an error."""
+        if not isinstance(data, dict):
+            return data
+        required = {name for name, field in cls.model_fields.items() if field.is_required()}
+        return {k: v for k, v in data.items() if v is not None or k in required}
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _SamplingFields:
         for name, value in (self.model_extra or {}).items():
             allowed = UNSUPPORTED_FIELD_DEFAULTS.get(name)
-            if allowed is not None and value not in allowed:
+            if allowed is not None and not any(_same_json(value, a) for a in allowed):
                 raise ServiceError(f"`{name}` = {value!r} is not supported by this server",
                                    param=name)
+        limit = self.requested_max_tokens
+        if limit is not None and self.min_tokens > limit:
+            raise ServiceError(f"`min_tokens` ({self.min_tokens}) must not exceed the maximum "
+                               f"number of tokens ({limit})", param="min_tokens")
         return self
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_tokens
 
     @property
     def stop_strings(self) -> tuple[str, ...]:
@@ -93,7 +133,7 @@ class CompletionRequest(_SamplingFields):
     @model_validator(mode="after")
     def _prompt_not_empty(self) -> CompletionRequest:
         if not self.prompt or any(not p for p in self.prompts):
-            raise ValueError("`prompt` must not be empty")
+            raise ServiceError("`prompt` must not be empty", param="prompt")
         return self
 
     @property
@@ -138,6 +178,13 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+def _same_json(value: Any, allowed: Any) -> bool:
+    """JSON equality: ``true`` is not ``1`` (Python's ``True == 1`` is)."""
+    if isinstance(value, bool) or isinstance(allowed, bool):
+        return type(value) is type(allowed) and value == allowed
+    return bool(value == allowed)
 
 
 def parse_request(model: type[_SamplingFields], body: bytes | dict[str, Any]) -> Any:

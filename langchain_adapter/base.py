@@ -36,7 +36,7 @@ class RayServeModel(BaseModel):
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Generation defaults; per-call keyword arguments override them. OpenAI "
-                    "names (max_tokens, temperature, top_p, seed, ignore_eos, min_tokens, "
+                    "names (max_tokens, temperature, top_p, top_k, seed, ignore_eos, min_tokens, "
                     "timeout) or IpexLLM's: max_new_tokens and max_length become max_tokens "
                     "(max_length then caps the answer alone, since the adapter does not "
                     "tokenize), do_sample=False means temperature 0, trust_remote_code only "

@@ -30,9 +30,10 @@ from deployments.errors import ServiceError
 CONNECT_TIMEOUT_S = 60.0
 
 # Request fields that mean the same in model_kwargs, per-call kwargs and OpenAI requests
-# (ignore_eos, min_tokens: vLLM's extensions; timeout: the request's deadline in seconds).
-_OPENAI_FIELDS = ("max_tokens", "temperature", "top_p", "seed", "ignore_eos", "min_tokens",
-                  "timeout")
+# (ignore_eos, min_tokens, top_k: vLLM's extensions, top_k also Hugging Face generate()'s;
+# timeout: the request's deadline in seconds).
+_OPENAI_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos",
+                  "min_tokens", "timeout")
 # Hugging Face generate() names (IpexLLM's model_kwargs) that become max_tokens, in precedence
 # order. max_length counts prompt + answer there; the adapter does not tokenize, so it caps
 # the answer alone: never shorter than IpexLLM's, never longer than max_length tokens.
@@ -52,7 +53,7 @@ def generation_fields(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     Accepts OpenAI's names and IpexLLM's Hugging Face ones: ``max_new_tokens`` and
     ``max_length`` become ``max_tokens`` (an explicit ``max_tokens`` wins), ``do_sample=False``
     means greedy (``temperature`` 0). Unknown keys raise ValueError naming them: a typo or a
-    knob this server lacks (``top_k``, ``repetition_penalty``) must not be silently ignored.
+    knob this server lacks (``repetition_penalty``, ``num_beams``) must not be silently ignored.
     """
     unknown = sorted(set(kwargs) - _KNOWN_KWARGS)
     if unknown:

@@ -357,8 +357,10 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
               or seq.total_tokens >= self._max_context_tokens):
             finish = "length"
         text_ids = seq.generated[:-1] if finish == "stop" else seq.generated
-        delta = seq.text_stream.update(self._decode_text(text_ids), final=finish is not None)
-        if seq.text_stream.stopped and len(seq.generated) >= params.min_tokens:
+        # As vLLM: stop strings count from min_tokens on (one that ended earlier is text).
+        delta = seq.text_stream.update(self._decode_text(text_ids), final=finish is not None,
+                                       find_stops=len(seq.generated) >= params.min_tokens)
+        if seq.text_stream.stopped:
             finish = "stop"
         if finish is not None:
             seq.finish_reason = finish
@@ -377,7 +379,7 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
 
     def _sample(self, logits: np.ndarray, sequences: Sequence[Sequence_]) -> list[int]:
         """One token per row of ``logits`` (float, one row per sequence): greedy at
-        temperature 0, else top-p sampling with the request's own generator, so a seeded
+        temperature 0, else top-k / top-p sampling with the request's own generator, so a seeded
         request repeats whatever else is batched. EOS is barred until min_tokens."""
         tokens = []
         for row, seq in enumerate(sequences):
@@ -389,7 +391,7 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
             if params.temperature == 0:
                 tokens.append(int(row_logits.argmax()))
             else:
-                tokens.append(_sample_top_p(row_logits, params, self._rng(seq)))
+                tokens.append(_sample_top_k_top_p(row_logits, params, self._rng(seq)))
         return tokens
 
     def _rng(self, seq: Sequence_) -> np.random.Generator:
@@ -415,8 +417,14 @@ def _is_long_row(budget: int, tokens_left: int, smallest_budget: int) -> bool:
     return budget >= LONG_ROW_FACTOR * smallest_budget and tokens_left >= LONG_ROW_MIN_TOKENS
 
 
-def _sample_top_p(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+def _sample_top_k_top_p(logits: np.ndarray, params: SamplingParams,
+                        rng: np.random.Generator) -> int:
+    """Sample at the request's temperature among its top_k most likely tokens (all tokens
+    tied with the k-th stay), then within those its top_p nucleus."""
     scaled = logits.astype(np.float64) / params.temperature
+    if 0 < params.top_k < scaled.size:
+        kth_largest = np.partition(scaled, -params.top_k)[-params.top_k]
+        scaled = np.where(scaled >= kth_largest, scaled, -np.inf)
     probs = np.exp(scaled - scaled.max())
     if params.top_p < 1.0:
         order = np.argsort(-probs)

@@ -18,18 +18,25 @@ class StopStringTextStream:
     def __init__(self, stop: Sequence[str]):
         self._stop = tuple(s for s in stop if s)
         self._emitted_chars = 0
+        # Stop strings ending at or before this many characters are text (find_stops off).
+        self._stops_end_after = 0
         self.stopped = False
 
-    def update(self, full_text: str, *, final: bool = False) -> str:
+    def update(self, full_text: str, *, final: bool = False, find_stops: bool = True) -> str:
         """The new text to emit, given the whole decoded answer so far.
 
         Sets ``stopped`` when a stop string appears; the stop string and anything after it
         are never emitted. With ``final`` (the sequence ends for another reason) everything
-        still held back is released.
+        still held back is released. Without ``find_stops`` (min_tokens not reached yet)
+        stop strings are not looked for, and those in this text never count later; a
+        possible start of one at the end is still held back, so a stop string completed
+        once they count is never shown in part.
         """
         if self.stopped:
             return ""
-        cut = self._find_stop(full_text)
+        cut = self._find_stop(full_text) if find_stops else None
+        if not find_stops:
+            self._stops_end_after = len(full_text.rstrip(_INCOMPLETE_CHAR))
         if cut is not None:
             self.stopped = True
             return self._emit_until(full_text, cut)
@@ -44,7 +51,8 @@ class StopStringTextStream:
     def _find_stop(self, text: str) -> int | None:
         longest = max((len(s) for s in self._stop), default=0)
         search_from = max(0, self._emitted_chars - longest + 1)
-        hits = [i for i in (text.find(s, search_from) for s in self._stop) if i >= 0]
+        hits = [i for i in (text.find(s, max(search_from, self._stops_end_after - len(s) + 1))
+                            for s in self._stop) if i >= 0]
         return min(hits) if hits else None
 
     def _partial_stop_suffix_length(self, text: str) -> int:

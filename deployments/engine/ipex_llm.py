@@ -21,7 +21,11 @@ holds PROMPT_CACHE_SHARE of the KV budget (taken out of what admission may use, 
 together stay within ``kv_cache_gb``). A new prompt that starts with a stored entry's tokens
 starts from a cache holding that prefix and prefills only the rest: a chat's next turn
 skips its history, requests sharing a system prompt skip that. On the demo model on CPU a
-60-token prefill costs 135 ms, the one token a repeated prompt leaves 24 ms.
+60-token prefill costs 135 ms, the one token a repeated prompt leaves 24 ms. An entry also
+keeps the logits its prompt's prefill ended with, so the same prompt again takes its first
+token from them and computes nothing: it repeats the uncached answer, where computing the
+last prompt token alone on the stored KV rounds differently from the prefill (low-bit
+kernels quantize activations per row) and flipped greedy answers of most short prompts.
 
 Short-first decoding (engine option ``short_first``; ContinuousBatchingEngine), on by default
 on the CPU, where a decode step's time grows with its rows (demo model: ~11 ms a row): joining
@@ -127,6 +131,9 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         self._prefixes: PrefixStore[_KV] | None = \
             PrefixStore(prompt_cache_positions) if prompt_cache_positions else None
         self._claims: dict[str, PrefixEntry[_KV]] = {}  # request id -> the entry it starts from
+        # Request id -> the logits its prompt's prefill ended with, kept while it runs for its
+        # prefix entry (only with the prompt cache on).
+        self._prompt_logits: dict[str, torch.Tensor] = {}
         self._running_rows: _Rows | None = None
         self._cache: Any = None  # the model's cache object for the running rows
         self._pending: list[_Rows] = []
@@ -204,24 +211,36 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, positions, None)
         tokens = self._sample_tokens(logits, sequences)
+        for row, seq in enumerate(sequences):
+            self._keep_prompt_logits(seq, logits[row])
         self._pending.append(_Rows(_cache_tensors(cache), mask, tokens))
         return tokens.tolist()
 
     def _prefill_chunk(self, sequence: Sequence_, end: int) -> int | None:
         import torch
 
+        entry = self._claims.get(sequence.request_id)
         cache, start = self._chunk or (self._take_claimed_prefix(sequence), sequence.num_cached)
-        ids = torch.tensor([sequence.prompt[start:end]], dtype=torch.long)
         mask = torch.ones((1, end), dtype=torch.long)
-        positions = torch.arange(start, end, dtype=torch.long)[None, :]
-        logits, cache = self._forward(ids, mask, positions, cache)
+        if start == end:  # the whole prompt was cached, with the logits its prefill ended with
+            assert entry is not None and entry.prompt_logits is not None
+            logits = entry.prompt_logits[1][None]
+        else:
+            ids = torch.tensor([sequence.prompt[start:end]], dtype=torch.long)
+            positions = torch.arange(start, end, dtype=torch.long)[None, :]
+            logits, cache = self._forward(ids, mask, positions, cache)
         if end < len(sequence.prompt):
             self._chunk = (cache, end)
             return None
         self._chunk = None
         tokens = self._sample_tokens(logits, [sequence])
+        self._keep_prompt_logits(sequence, logits[0])
         self._pending.append(_Rows(_cache_tensors(cache), mask, tokens))
         return int(tokens[0])
+
+    def _keep_prompt_logits(self, seq: Sequence_, logits: torch.Tensor) -> None:
+        if self._prefixes is not None:
+            self._prompt_logits[seq.request_id] = logits.clone()
 
     def _discard_chunk_state(self, seq: Sequence_) -> None:
         self._chunk = None
@@ -319,6 +338,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         if self._prefixes is not None:
             for row in rows:
                 self._keep_prefix(row, old_layers)
+                self._prompt_logits.pop(self._running[row].request_id, None)
         keep = [i for i in range(current.mask.shape[0]) if i not in set(rows)]
         if not keep:
             self._running_rows, self._cache = None, None
@@ -342,11 +362,16 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
     def _claim_cache(self, seq: Sequence_) -> None:
         """Start ``seq`` from the stored entry sharing the longest prefix with its prompt,
         leaving at least the prompt's last token to compute (its logits give the first
-        token). Entries are never changed, so a claim holds only a reference."""
+        token), unless the entry kept the logits that followed this very prompt. Entries are
+        never changed, so a claim holds only a reference."""
         if self._prefixes is None:
             return
         entry, shared = self._prefixes.longest_prefix(seq.prompt)
-        reused = min(shared, len(seq.prompt) - 1)
+        whole = len(seq.prompt)
+        reused = min(shared, whole - 1)
+        if entry is not None and shared == whole and entry.prompt_logits is not None \
+                and entry.prompt_logits[0] == whole:
+            reused = whole
         if entry is not None and reused > 0:
             self._claims[seq.request_id] = entry
             seq.num_cached = reused
@@ -385,7 +410,13 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
             return [(key[row:row + 1].index_select(2, held),
                      value[row:row + 1].index_select(2, held)) for key, value in layers]
 
-        self._prefixes.put(tokens, copy_row)
+        logits = self._prompt_logits.get(seq.request_id)
+        if logits is None:
+            self._prefixes.put(tokens, copy_row)
+            return
+        logits_bytes = logits.numel() * logits.element_size()
+        self._prefixes.put(tokens, copy_row, (len(seq.prompt), logits),
+                           logits_positions=-(-logits_bytes // self.kv_bytes_per_position))
 
     # ---- KV memory -----------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -24,10 +24,14 @@ KV = TypeVar("KV")
 
 @dataclass(frozen=True, eq=False)
 class PrefixEntry(Generic[KV]):
-    """The KV of ``tokens``, position by position."""
+    """The KV of ``tokens``, position by position, and optionally the logits that followed
+    the first ``prompt_logits[0]`` of them (the prompt the entry's answer came from), which
+    take ``positions - len(tokens)`` positions' worth of memory."""
 
     tokens: tuple[int, ...]
     kv: KV
+    prompt_logits: tuple[int, Any] | None = None
+    positions: int = 0
 
 
 class PrefixStore(Generic[KV]):
@@ -55,13 +59,16 @@ class PrefixStore(Generic[KV]):
             self._entries.move_to_end(best.tokens)
         return best, best_length
 
-    def put(self, tokens: Sequence[int], make_kv: Callable[[], KV]) -> bool:
-        """Keep the KV of ``tokens`` (``make_kv`` copies it out, called only if it is kept);
-        whether it was. Not kept: no tokens, more than the whole capacity, or an entry that
-        starts with ``tokens`` already (it serves every prompt this one would). Entries that
-        ``tokens`` extend are dropped, then the least recently used until it fits."""
+    def put(self, tokens: Sequence[int], make_kv: Callable[[], KV],
+            prompt_logits: tuple[int, Any] | None = None, logits_positions: int = 0) -> bool:
+        """Keep the KV of ``tokens`` (``make_kv`` copies it out, called only if it is kept)
+        and ``prompt_logits`` (counted as ``logits_positions`` positions); whether it was.
+        Not kept: no tokens, more than the whole capacity, or an entry that starts with
+        ``tokens`` already (it serves every prompt this one would). Entries that ``tokens``
+        extend are dropped, then the least recently used until it fits."""
         key = tuple(tokens)
-        if not key or len(key) > self.capacity:
+        size = len(key) + logits_positions
+        if not key or size > self.capacity:
             return False
         for entry in list(self._entries.values()):
             shared = shared_prefix(entry.tokens, key)
@@ -70,15 +77,14 @@ class PrefixStore(Generic[KV]):
                 return False
             if shared == len(entry.tokens):
                 self._drop(entry.tokens)
-        while self.positions + len(key) > self.capacity:
+        while self.positions + size > self.capacity:
             self._drop(next(iter(self._entries)))
-        self._entries[key] = PrefixEntry(key, make_kv())
-        self.positions += len(key)
+        self._entries[key] = PrefixEntry(key, make_kv(), prompt_logits, size)
+        self.positions += size
         return True
 
     def _drop(self, key: tuple[int, ...]) -> None:
-        del self._entries[key]
-        self.positions -= len(key)
+        self.positions -= self._entries.pop(key).positions
 
 
 def shared_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:

@@ -37,6 +37,7 @@ class SamplingParams:
     max_tokens: int = 256
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
+    top_k: int = -1  # sample among the k most likely tokens; -1 or 0: all
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False

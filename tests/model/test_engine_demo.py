@@ -63,10 +63,8 @@ def test_requests_joining_a_running_batch_answer_correctly(engine):
 
 def test_seeded_sampling_repeats_and_stop_strings_cut(engine):
     prompt = {"s": chat_ids(engine, "Tell me a short story about a cat.")}
-    # The first run leaves the prompt in the prompt cache; later runs start from it, whose
-    # logits differ in the last bits from a whole prefill's (ipex-llm's prefill and decode
-    # kernels differ), enough to move a sampled token. So compare two cached runs.
-    generate(engine, prompt, max_tokens=16, temperature=0.9, seed=7)
+    # The first run computes the prompt; later ones take all of it and the logits that
+    # followed from the prompt cache.
     first = generate(engine, prompt, max_tokens=16, temperature=0.9, seed=7)
     again = generate(engine, prompt, max_tokens=16, temperature=0.9, seed=7)
     other = generate(engine, prompt, max_tokens=16, temperature=0.9, seed=8)
@@ -74,6 +72,16 @@ def test_seeded_sampling_repeats_and_stop_strings_cut(engine):
     cut = generate(engine, {"q": chat_ids(engine, FRANCE)}, max_tokens=20, temperature=0,
                    stop=("Paris",))["q"]
     assert cut.endswith("is ") and "Paris" not in cut
+
+
+@pytest.mark.parametrize("text", ["Nebula facts: the most interesting thing about nebula is that",
+                                  "Tundra facts: the most interesting thing about tundra is that"])
+def test_a_repeated_greedy_prompt_from_the_cache_repeats_its_answer(engine, text):
+    # Computing such a prompt's last token alone on its cached KV flipped these answers
+    # (ipex-llm's low-bit kernels round a lone row differently from a prefill's last).
+    ids = {"q": tuple(engine.encode(text))}
+    answers = [generate(engine, ids, max_tokens=24, temperature=0)["q"] for _ in range(3)]
+    assert answers[0] == answers[1] == answers[2]
 
 
 def test_a_chats_next_turn_reuses_its_history_from_the_prompt_cache(engine):

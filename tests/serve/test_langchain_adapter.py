@@ -234,11 +234,12 @@ def test_ipex_llm_model_kwargs_keep_their_meaning(echo_app: None) -> None:
     assert generation_fields({"do_sample": True, "temperature": 0.8, "seed": None}) == {
         "temperature": 0.8}
     assert generation_fields({"trust_remote_code": True}) == {}
+    assert generation_fields({"top_k": 40, "do_sample": True}) == {"top_k": 40}
 
 
 def test_unknown_generation_keywords_are_refused(llm: RayServeLLM) -> None:
-    with pytest.raises(ValueError, match="top_k"):
-        RayServeLLM(model_kwargs={"top_k": 5})
+    with pytest.raises(ValueError, match="num_beams"):
+        RayServeLLM(model_kwargs={"num_beams": 2})
     with pytest.raises(ValueError, match="repetition_penalty"):
         llm.invoke("say hello", repetition_penalty=1.2)
 

@@ -101,7 +101,10 @@ def test_concurrent_requests_are_batched_and_never_cross_talk(client):
     ({"model": MODEL, "prompt": "a", "max_tokens": "5"}, 400, "max_tokens"),
     ({"model": MODEL, "prompt": "a", "temperature": 3}, 400, "temperature"),
     ({"model": MODEL, "prompt": "a", "top_p": 0}, 400, "top_p"),
-    ({"model": MODEL, "prompt": ""}, 400, None),
+    ({"model": MODEL, "prompt": ""}, 400, "prompt"),
+    ({"model": MODEL, "prompt": "a", "n": True}, 400, "n"),
+    ({"model": MODEL, "prompt": "a", "repetition_penalty": 1.3}, 400, "repetition_penalty"),
+    ({"model": MODEL, "prompt": "a", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
     ({"model": MODEL, "prompt": "a", "n": 2}, 400, "n"),
     ({"model": MODEL, "prompt": "a", "logprobs": 3}, 400, "logprobs"),
     ({"model": MODEL, "prompt": "a", "stop": ["s"] * 9}, 400, "stop"),
@@ -160,6 +163,28 @@ def test_health_and_models(client):
     assert health["status"] == "ok"
     assert health["replica"]["kv_cache_positions"] == KV_BUDGET
     assert client.get("/v1/models").json()["data"][0]["id"] == MODEL
+    card = client.get(f"/v1/models/{MODEL}")
+    assert card.status_code == 200 and card.json() == client.get("/v1/models").json()["data"][0]
+    other = client.get("/v1/models/org/other-model")
+    assert other.status_code == 404
+    assert (other.json()["error"]["code"], other.json()["error"]["param"]) == (
+        "model_not_found", "model")
+
+
+def test_null_means_the_default_and_top_k_and_min_tokens_reach_the_engine(client):
+    base = {"model": MODEL, "prompt": "x abcabcabc", "max_tokens": 6}
+    nulls = {k: None for k in ("temperature", "top_p", "n", "presence_penalty", "stream",
+                               "ignore_eos", "min_tokens", "top_k", "seed", "stop")}
+    plain = client.post("/v1/completions", json=base)
+    with_nulls = client.post("/v1/completions", json={**base, **nulls})
+    assert with_nulls.status_code == 200, with_nulls.text
+    assert with_nulls.json()["choices"] == plain.json()["choices"]
+    # Stop strings count from min_tokens on: "ab" ends at tokens 2 and 5.
+    r = client.post("/v1/completions", json={**base, "stop": "ab", "min_tokens": 4,
+                                              "top_k": 1, "temperature": 1.0})
+    choice, usage = r.json()["choices"][0], r.json()["usage"]
+    assert (choice["text"], choice["finish_reason"], usage["completion_tokens"]) == (
+        "abc", "stop", 5)
 
 
 def test_handle_callers_use_the_same_validation(base_url):

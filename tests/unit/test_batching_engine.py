@@ -122,6 +122,19 @@ def test_stop_string_is_cut_and_never_streamed():
     assert reasons["s"] == "stop"
 
 
+@pytest.mark.parametrize(("min_tokens", "text", "reason"), [
+    (0, "abc"[:0], "stop"),  # "ab" ends at the 2nd token
+    (4, "abc", "stop"),  # the 2nd-token "ab" is text; the one ending at the 5th token stops
+    (8, "abcabc", "stop"),  # the 8th token ends "ab" again
+])
+def test_stop_strings_count_only_from_min_tokens_on(min_tokens, text, reason):
+    engine = make_engine()
+    engine.add_request(request(engine, "s", "x abcabcabc", max_tokens=20, stop=("ab",),
+                               min_tokens=min_tokens))
+    texts, reasons, _ = run(engine)
+    assert (texts.get("s", ""), reasons["s"]) == (text, reason)
+
+
 def test_abort_frees_the_slot_and_reports_abort():
     engine = make_engine(max_batch_size=1)
     engine.add_request(request(engine, "a", "x aaa", max_tokens=100))
@@ -175,6 +188,14 @@ def test_shared_sampler_greedy_and_top_p_keep_the_likeliest_tokens():
     assert {engine._sample(logits, [seq])[0] for _ in range(50)} == {1}
     engine, seq = _sampling_engine(temperature=1.0, top_p=0.7)
     assert {engine._sample(logits, [seq])[0] for _ in range(200)} == {1, 2}
+
+
+@pytest.mark.parametrize(("top_k", "drawn"), [(1, {1}), (2, {1, 2}), (0, {0, 1, 2}),
+                                               (-1, {0, 1, 2}), (3, {0, 1, 2})])
+def test_shared_sampler_top_k_keeps_the_k_likeliest_tokens(top_k, drawn):
+    logits = np.log(np.array([[0.1, 0.6, 0.3]], dtype=np.float32))
+    engine, seq = _sampling_engine(temperature=1.0, top_k=top_k, seed=1)
+    assert {engine._sample(logits, [seq])[0] for _ in range(400)} == drawn
 
 
 def test_shared_sampler_repeats_a_seed_and_bars_eos_until_min_tokens():

@@ -210,7 +210,15 @@ def test_a_repeated_prompt_and_a_next_turn_reuse_the_cache_and_answer_as_without
     first = prompt(3, 12)
     answer, cached = run_one(cached_engine, "a", first)
     assert cached == 0 and answer == run_one(plain, "p", first)[0]
-    assert run_one(cached_engine, "again", first) == (answer, len(first) - 1)
+    # The same prompt again: all of it from the cache, its first token from the stored logits.
+    forwards = []
+    forward = cached_engine._forward
+    cached_engine._forward = lambda ids, *rest: forwards.append(ids.shape[1]) or forward(ids,
+                                                                                       *rest)
+    assert run_one(cached_engine, "again", first) == (answer, len(first))
+    assert forwards == [1] * 7  # decode steps only: 8 tokens, the first without a forward
+    cached_engine._forward = forward
+    assert cached_engine._prompt_logits == {}  # let go of as the rows left
     second = next_turn(cached_engine, first, answer, prompt(9, 5))
     text, cached = run_one(cached_engine, "b", second)
     # The answer's tokens but its last (never fed to the model) came from the cache too.
@@ -251,12 +259,18 @@ def test_the_prompt_cache_and_the_batch_together_stay_within_the_kv_budget(tiny)
     assert engine._prefixes.capacity == 300 and engine.max_kv_tokens == 2700
     for i in range(12):  # 12 different prompts of 40 positions each (32 + 8 answer tokens)
         run_one(engine, f"r{i}", prompt(20 + i, 32), 9)
-        stored = sum(t.untyped_storage().nbytes() for entry in engine._prefixes._entries.values()
-                     for key_value in entry.kv for t in key_value)
-        assert stored == engine._prefixes.positions * per_position
+        entries = engine._prefixes._entries.values()
+        kv = sum(t.untyped_storage().nbytes() for entry in entries
+                 for key_value in entry.kv for t in key_value)
+        logits = sum(entry.prompt_logits[1].untyped_storage().nbytes() for entry in entries)
+        assert kv == sum(len(entry.tokens) for entry in entries) * per_position
+        # The prompt logits are counted, rounded up to whole positions.
+        assert kv + logits <= engine._prefixes.positions * per_position < kv + logits + \
+            len(entries) * per_position
         assert engine._prefixes.positions <= 300
-    assert len(engine._prefixes) == 7  # 7 x 40 positions fit in 300, the newest kept
-    assert run_one(engine, "newest", prompt(31, 32), 1)[1] == 31
+    logits_positions = -(-engine.vocab_size * 4 // per_position)
+    assert len(engine._prefixes) == 300 // (40 + logits_positions)  # the newest kept
+    assert run_one(engine, "newest", prompt(31, 32), 1)[1] == 32  # with the logits after it
     assert run_one(engine, "evicted", prompt(20, 32), 1)[1] == 0
 
 

@@ -84,6 +84,39 @@ def test_unsupported_fields_at_their_neutral_value_are_accepted():
     assert parse_request(CompletionRequest, completion(**neutral)).prompt == "hello"
 
 
+def test_vllm_extensions_at_their_neutral_value_are_accepted():
+    neutral = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1, "skip_special_tokens": True,
+               "stop_token_ids": [], "include_stop_str_in_output": False}
+    assert parse_request(CompletionRequest, completion(**neutral)).top_k == -1
+    assert parse_request(CompletionRequest, completion(top_k=5)).top_k == 5
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "n", "presence_penalty",
+                                   "frequency_penalty", "stream", "ignore_eos", "min_tokens",
+                                   "top_k", "max_tokens", "stop", "seed", "logprobs", "tools",
+                                   "stream_options", "repetition_penalty"])
+def test_null_in_an_optional_field_means_its_default(field):
+    for body in (completion(**{field: None}), json.dumps(completion(**{field: None})).encode()):
+        assert parse_request(CompletionRequest, body) == parse_request(CompletionRequest,
+                                                                       completion())
+    chat_body = chat(**{field: None, "max_completion_tokens": None})
+    assert parse_request(ChatCompletionRequest, chat_body) == parse_request(
+        ChatCompletionRequest, chat())
+
+
+@pytest.mark.parametrize(("model", "body"), [
+    (CompletionRequest, completion(min_tokens=6, max_tokens=5)),
+    (ChatCompletionRequest, chat(min_tokens=6, max_tokens=50, max_completion_tokens=5)),
+])
+def test_min_tokens_above_the_maximum_is_refused(model, body):
+    assert refused(model, body).param == "min_tokens"
+
+
+def test_min_tokens_up_to_the_maximum_or_without_one_is_accepted():
+    assert parse_request(CompletionRequest, completion(min_tokens=5, max_tokens=5))
+    assert parse_request(ChatCompletionRequest, chat(min_tokens=500)).min_tokens == 500
+
+
 def test_unknown_fields_are_ignored():
     assert parse_request(ChatCompletionRequest, chat(some_future_field={"x": [1]}))
 
@@ -138,6 +171,16 @@ def test_bodies_that_are_not_a_json_object(raw, says):
     ({"logprobs": 5}, "logprobs"),
     ({"tools": [{"type": "function"}]}, "tools"),
     ({"echo": True}, "echo"),
+    ({"n": True}, "n"),  # JSON true is not 1
+    ({"presence_penalty": False}, "presence_penalty"),
+    ({"logprobs": True}, "logprobs"),
+    ({"top_k": True}, "top_k"),
+    ({"top_k": -2}, "top_k"),
+    ({"top_k": 1.5}, "top_k"),
+    ({"repetition_penalty": 1.3}, "repetition_penalty"),
+    ({"min_p": 0.05}, "min_p"),
+    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"skip_special_tokens": False}, "skip_special_tokens"),
 ])
 def test_wrong_types_and_values_name_the_field(fields, param):
     error = refused(CompletionRequest, completion(**fields))
@@ -155,7 +198,9 @@ def test_wrong_types_and_values_name_the_field(fields, param):
     ([1.5], "prompt.0"), ([True], "prompt.0"), ({"text": "a"}, "prompt"), (None, "prompt"),
 ])
 def test_bad_prompts(prompt, says):
-    assert says in refused(CompletionRequest, completion(prompt=prompt)).message
+    error = refused(CompletionRequest, completion(prompt=prompt))
+    assert says in error.message
+    assert (error.param or "").split(".")[0] == "prompt"
 
 
 @pytest.mark.parametrize("messages", [

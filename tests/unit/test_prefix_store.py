@@ -54,3 +54,15 @@ def test_shared_prefix_counts_leading_equal_tokens():
     assert shared_prefix((1, 2), (1, 2, 3)) == 2
     assert shared_prefix((), (1,)) == 0
     assert shared_prefix([5], [6]) == 0
+
+
+def test_prompt_logits_are_kept_with_their_entry_and_count_against_the_capacity():
+    store: PrefixStore[str] = PrefixStore(capacity=10)
+    assert store.put((1, 2, 3), lambda: "kv", prompt_logits=(2, "logits"), logits_positions=4)
+    assert store.positions == 7
+    entry, shared = store.longest_prefix((1, 2))
+    assert (entry.prompt_logits, shared) == ((2, "logits"), 2)
+    assert store.put((4, 5, 6), lambda: "kv2")  # 7 + 3 fits
+    assert store.put((7,), lambda: "kv3")  # the first entry (7 positions) goes
+    assert store.positions == 4 and store.longest_prefix((1,)) == (None, 0)
+    assert not store.put((8,), lambda: "big", prompt_logits=(1, "x"), logits_positions=10)

@@ -103,12 +103,16 @@ def assert_chat_answers(base: str, question: str, expected: str) -> None:
 def test_serve_run_with_the_shipped_config_answers_paris(demo_checkpoint, tmp_path):
     with serve_run("serve_config.yaml", tmp_path) as base:
         assert_chat_answers(base, FRANCE["content"], "Paris")
-        # The prompt cache holds this chat from the requests above: all but its last token.
-        again = httpx.post(f"{base}/v1/chat/completions", timeout=120, json={
-            "model": MODEL, "messages": [FRANCE], "temperature": 0}).json()
-        usage = again["usage"]
-        assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
-        assert "Paris" in again["choices"][0]["message"]["content"]
+        # The prompt cache holds this chat from the requests above, and the logits that
+        # followed it: all of it comes from there, and the answer repeats.
+        ask = {"model": MODEL, "messages": [FRANCE], "temperature": 0}
+        answers = [httpx.post(f"{base}/v1/chat/completions", timeout=120, json=ask).json()
+                   for _ in range(2)]
+        for again in answers:
+            usage = again["usage"]
+            assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"]
+            assert "Paris" in again["choices"][0]["message"]["content"]
+        assert answers[0]["choices"] == answers[1]["choices"]
         # Short-first decoding (the default on the CPU): a short request next to a long one
         # runs on the leading rows of the batch while the long one sits out every other step.
         assert httpx.get(f"{base}/health", timeout=30).json()["replica"]["short_first"] is True

@@ -98,7 +98,9 @@ NAMED_CASES: dict[str, tuple[str, bytes | dict[str, Any], int]] = {
     "huge timeout": ("/v1/completions", b'{"model": "%s", "prompt": "a", "timeout": 1e400}'
                      % MODEL.encode(), 400),
     "huge seed": ("/v1/completions", _completion(seed=2**64), 400),
-    "huge min_tokens": ("/v1/completions", _completion(min_tokens=10**30, max_tokens=2), 200),
+    "huge min_tokens": ("/v1/completions", _completion(min_tokens=10**30), 200),
+    "min_tokens over max_tokens": ("/v1/completions", _completion(min_tokens=10**30,
+                                                                  max_tokens=2), 400),
     "empty prompt": ("/v1/completions", _completion(prompt=""), 400),
     "empty prompt in list": ("/v1/completions", _completion(prompt=["a", ""]), 400),
     "empty chat": ("/v1/chat/completions", {"model": MODEL, "messages": []}, 400),

@@ -34,8 +34,10 @@ class StopStringTextStream:
         """
         if self.stopped:
             return ""
-        cut = self._find_stop(full_text) if find_stops else None
-        if not find_stops:
+        if find_stops:
+            cut = self._find_stop(full_text)
+        else:
+            cut = None
             self._stops_end_after = len(full_text.rstrip(_INCOMPLETE_CHAR))
         if cut is not None:
             self.stopped = True

@@ -223,6 +223,15 @@ class LLMRouter:
         return {"id": self._config.model_name, "object": "model", "created": 0,
                 "owned_by": "ipex-llm-serve"}
 
+    async def tokenize(self, text: str) -> dict[str, Any]:
+        """``text`` split by the served model's tokenizer as a prompt (``tokens``, ``count``,
+        ``max_model_len``, as vLLM's ``/tokenize``): what LangChain's ``get_num_tokens``
+        counts with, so it counts this model's tokens, not GPT-2's."""
+        if not isinstance(text, str):
+            raise ServiceError(f"tokenize takes a string, not {type(text).__name__}",
+                               param="prompt")
+        return await self._server.tokenize.remote(text)
+
     async def completions(self, body: dict[str, Any] | bytes) -> dict[str, Any]:
         request = self._parse(CompletionRequest, body)
         response_id = new_id("cmpl")

@@ -198,6 +198,13 @@ class LLMServer:
                 "running": getattr(self._engine, "num_running", None),
                 "waiting": getattr(self._engine, "num_waiting", None)}
 
+    async def tokenize(self, text: str) -> dict[str, Any]:
+        """``text``'s token ids as this model sees a prompt (special tokens included), in
+        vLLM's ``/tokenize`` answer fields: ``tokens``, ``count``, ``max_model_len``."""
+        token_ids = self._engine.encode(text)
+        return {"tokens": token_ids, "count": len(token_ids),
+                "max_model_len": self._engine.max_context_tokens}
+
     async def check_health(self) -> None:
         """Ray's liveness probe: the engine loop is alive and stepping while it has work."""
         self._loop.check_alive()

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Self
 
 from langchain_core.language_models import LangSmithParams
-from pydantic import BaseModel, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from deployments.constants import DEFAULT_LOW_BIT
 from langchain_adapter.deploy import (
@@ -21,13 +21,21 @@ from langchain_adapter.deploy import (
     deploy_model,
     resolve_checkpoint_root,
 )
-from langchain_adapter.router_client import RouterClient, generation_fields
+from langchain_adapter.router_client import GENERATION_KWARGS, RouterClient, generation_fields
 
 LS_PROVIDER = "ray_serve"
+# Both adapters' pydantic config, set in each class: LangChain's bases, later in their MRO,
+# would override the mixin's with extra="ignore", which drops unknown constructor fields.
+FORBID_UNKNOWN_FIELDS = ConfigDict(extra="forbid")
 
 
 class RayServeModel(BaseModel):
-    """Fields and request building shared by RayServeLLM and ChatRayServe (a mixin)."""
+    """Fields and request building shared by RayServeLLM and ChatRayServe (a mixin).
+
+    Generation settings are accepted as fields too, as ChatOpenAI takes them
+    (``ChatRayServe(temperature=0, max_tokens=64)``): they join ``model_kwargs``. Any other
+    unknown field is an error, so a misspelt or unsupported setting is never dropped.
+    """
 
     app_name: str = Field("llm", description="Serve application whose ingress is the LLM "
                           "router (the `name` in serve_config.yaml).")
@@ -42,7 +50,31 @@ class RayServeModel(BaseModel):
                     "tokenize), do_sample=False means temperature 0, trust_remote_code only "
                     "matters to from_model_id's conversion.")
 
+    stop: list[str] | None = Field(None, description="Stop strings for every call; a call's "
+                                   "own `stop` replaces them.")
+    streaming: bool = Field(False, description="Whether invoke and batch stream each answer "
+                            "internally (firing `on_llm_new_token` callbacks), as ChatOpenAI's "
+                            "`streaming`.")
+
     _router: RouterClient = PrivateAttr()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _settings_into_model_kwargs(cls, data: Any) -> Any:
+        """Generation settings given as fields move into ``model_kwargs``; the same key set
+        both ways to different values is an error."""
+        if not isinstance(data, dict) or not GENERATION_KWARGS & data.keys():
+            return data
+        data = dict(data)
+        settings = {key: data.pop(key) for key in GENERATION_KWARGS & data.keys()}
+        model_kwargs = dict(data.get("model_kwargs") or {})
+        clashes = sorted(key for key, value in settings.items()
+                         if key in model_kwargs and model_kwargs[key] != value)
+        if clashes:
+            raise ValueError(f"{', '.join(clashes)} set both as a field and in model_kwargs, "
+                             "to different values")
+        data["model_kwargs"] = {**model_kwargs, **settings}
+        return data
 
     @model_validator(mode="after")
     def _connect(self) -> Self:
@@ -122,24 +154,36 @@ class RayServeModel(BaseModel):
     # ---- requests ------------------------------------------------------------------------
 
     def _generation_params(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        return {**generation_fields(self.model_kwargs), **generation_fields(kwargs)}
+        # LangChain passes its own `stream` flag on to _generate and _stream: not a setting.
+        return generation_fields(self.model_kwargs,
+                                 {key: value for key, value in kwargs.items() if key != "stream"})
 
     def _body(self, stop: Sequence[str] | None, kwargs: Mapping[str, Any], *, stream: bool,
               **content: Any) -> dict[str, Any]:
         """An OpenAI request body: ``content`` is ``prompt=`` or ``messages=``."""
         body = {"model": self.model, **content, **self._generation_params(kwargs)}
+        stop = self.stop if stop is None else stop
         if stop:
             body["stop"] = list(stop)
         if stream:
             body["stream_options"] = {"include_usage": True}
         return body
 
+    def get_token_ids(self, text: str) -> list[int]:
+        """``text``'s token ids by the served model's tokenizer (asked of the application),
+        not LangChain's default GPT-2 one; a ``custom_get_token_ids`` still wins."""
+        if self.custom_get_token_ids is not None:  # type: ignore[attr-defined]
+            return self.custom_get_token_ids(text)  # type: ignore[attr-defined]
+        return self._router.tokenize(text)
+
     # ---- tracing -------------------------------------------------------------------------
 
     @property
     def _identifying_params(self) -> dict[str, Any]:
         """Everything that decides an answer besides the prompt (LangChain's cache key)."""
-        return {"app_name": self.app_name, "model": self.model,
+        # Not "stop": LangChain's cache key puts a call's stop there, over this.
+        default_stop = {"default_stop": self.stop} if self.stop else {}
+        return {"app_name": self.app_name, "model": self.model, **default_stop,
                 **generation_fields(self.model_kwargs)}
 
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:

@@ -14,7 +14,7 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Chat
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
-from langchain_adapter.base import RayServeModel, StreamState, cached_tokens
+from langchain_adapter.base import FORBID_UNKNOWN_FIELDS, RayServeModel, StreamState, cached_tokens
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant"}
 
@@ -26,9 +26,16 @@ class ChatRayServe(RayServeModel, BaseChatModel):
     Answers carry ``usage_metadata`` and ``response_metadata["finish_reason"]``.
     """
 
+    model_config = FORBID_UNKNOWN_FIELDS
+
     @property
     def _llm_type(self) -> str:
         return "ray_serve_chat"
+
+    def bind_tools(self, tools: Sequence[Any], **kwargs: Any) -> Any:
+        """Refused: the server has no tool calling (LangChain's default says nothing)."""
+        raise NotImplementedError("ChatRayServe cannot bind tools: the server has no tool "
+                                  "calling; prompt for the output format instead")
 
     def _generate(self, messages: list[BaseMessage], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,
@@ -107,9 +114,10 @@ class ChatRayServe(RayServeModel, BaseChatModel):
 
 def _openai_message(message: BaseMessage) -> dict[str, Any]:
     role = message.role if isinstance(message, ChatMessage) else _ROLES.get(message.type)
-    if role is None:
-        raise ValueError(f"{type(message).__name__} is not supported: this server has no tool "
-                         "calling; send system, human and AI messages")
+    if role is None or getattr(message, "tool_calls", None):
+        what = type(message).__name__ + (" with tool calls" if role else "")
+        raise ValueError(f"{what} is not supported: this server has no tool calling; send "
+                         "system, human and AI messages")
     content = message.content
     if not isinstance(content, str):  # LangChain allows bare strings among content blocks
         content = [{"type": "text", "text": part} if isinstance(part, str) else part

@@ -5,12 +5,17 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
-from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
+from langchain_core.callbacks import (
+    AsyncCallbackManagerForLLMRun,
+    CallbackManagerForLLMRun,
+    Callbacks,
+)
 from langchain_core.language_models import LLM
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from pydantic import Field
 
-from langchain_adapter.base import RayServeModel, StreamState, total_usage
+from langchain_adapter.base import FORBID_UNKNOWN_FIELDS, RayServeModel, StreamState, total_usage
+from langchain_adapter.router_client import GENERATION_KWARGS, generation_fields
 
 
 class RayServeLLM(RayServeModel, LLM):
@@ -36,6 +41,8 @@ class RayServeLLM(RayServeModel, LLM):
             chain.invoke({"question": "What is the capital of France?"})
     """
 
+    model_config = FORBID_UNKNOWN_FIELDS
+
     chat_template: bool = Field(
         False, description="Send each prompt as one user message, framed by the model's chat "
         "template on the replica (/v1/chat semantics) instead of as raw text. Instruct models "
@@ -51,6 +58,33 @@ class RayServeLLM(RayServeModel, LLM):
     def _identifying_params(self) -> dict[str, Any]:
         return {**super()._identifying_params, "chat_template": self.chat_template}
 
+    def generate(self, prompts: list[str], stop: list[str] | None = None,
+                 callbacks: Callbacks | list[Callbacks] | None = None,
+                 **kwargs: Any) -> LLMResult:
+        """LangChain's ``generate``, with a call's generation settings made the model's.
+
+        LangChain's LLM cache keys an answer by the model's settings and ``stop`` only, not
+        by a call's keyword arguments, so ``invoke(p, max_tokens=2)`` would get the cached
+        answer of ``invoke(p)``; a copy of the adapter with those settings in its
+        ``model_kwargs`` keys (and sends) them.
+        """
+        settings, kwargs = _split_settings(kwargs)
+        model = self._with_settings(settings) if settings else self
+        return super(RayServeLLM, model).generate(prompts, stop, callbacks, **kwargs)
+
+    async def agenerate(self, prompts: list[str], stop: list[str] | None = None,
+                        callbacks: Callbacks | list[Callbacks] | None = None,
+                        **kwargs: Any) -> LLMResult:
+        settings, kwargs = _split_settings(kwargs)
+        model = self._with_settings(settings) if settings else self
+        return await super(RayServeLLM, model).agenerate(prompts, stop, callbacks, **kwargs)
+
+    def _with_settings(self, settings: Mapping[str, Any]) -> RayServeLLM:
+        loading = {key: value for key, value in self.model_kwargs.items()
+                   if key not in GENERATION_KWARGS}
+        return self.model_copy(update={"model_kwargs": {
+            **loading, **generation_fields(self.model_kwargs, settings)}})
+
     def _call(self, prompt: str, stop: list[str] | None = None,
               run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
         """LangChain's one-prompt entry point (invoke goes through ``_generate``)."""
@@ -59,6 +93,9 @@ class RayServeLLM(RayServeModel, LLM):
     def _generate(self, prompts: list[str], stop: list[str] | None = None,
                   run_manager: CallbackManagerForLLMRun | None = None,
                   **kwargs: Any) -> LLMResult:
+        if self.streaming:
+            return _streamed_result([_joined(self._stream(prompt, stop, run_manager, **kwargs))
+                                     for prompt in prompts], self.model)
         method, bodies = self._requests(prompts, stop, kwargs, stream=False)
         responses = [self._router.submit(method, body) for body in bodies]
         return self._result(self._router.wait_all(responses))
@@ -66,6 +103,10 @@ class RayServeLLM(RayServeModel, LLM):
     async def _agenerate(self, prompts: list[str], stop: list[str] | None = None,
                          run_manager: AsyncCallbackManagerForLLMRun | None = None,
                          **kwargs: Any) -> LLMResult:
+        if self.streaming:
+            return _streamed_result([await _ajoined(self._astream(prompt, stop, run_manager,
+                                                                  **kwargs))
+                                     for prompt in prompts], self.model)
         method, bodies = self._requests(prompts, stop, kwargs, stream=False)
         responses = [self._router.submit(method, body) for body in bodies]
         return self._result(await self._router.await_all(responses))
@@ -123,6 +164,33 @@ class RayServeLLM(RayServeModel, LLM):
         return LLMResult(generations=generations, llm_output={
             "token_usage": total_usage([response["usage"] for response in responses]),
             "model_name": self.model})
+
+
+def _split_settings(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A call's keyword arguments: (generation settings, the rest: tags, metadata...)."""
+    settings = {key: value for key, value in kwargs.items() if key in GENERATION_KWARGS}
+    return settings, {key: value for key, value in kwargs.items() if key not in settings}
+
+
+def _joined(chunks: Iterator[GenerationChunk]) -> GenerationChunk:
+    whole = GenerationChunk(text="")
+    for chunk in chunks:
+        whole += chunk
+    return whole
+
+
+async def _ajoined(chunks: AsyncIterator[GenerationChunk]) -> GenerationChunk:
+    whole = GenerationChunk(text="")
+    async for chunk in chunks:
+        whole += chunk
+    return whole
+
+
+def _streamed_result(answers: list[GenerationChunk], model: str | None) -> LLMResult:
+    """``streaming=True``'s result: each prompt's chunks joined; usage as in _result."""
+    usages = [(answer.generation_info or {}).get("token_usage") or {} for answer in answers]
+    return LLMResult(generations=[[answer] for answer in answers], llm_output={
+        "token_usage": total_usage(usages) if all(usages) else {}, "model_name": model})
 
 
 def _text(choice: Mapping[str, Any]) -> str:

@@ -40,31 +40,44 @@ _OPENAI_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore
 _MAX_TOKENS_ALIASES = ("max_new_tokens", "max_length")
 # IpexLLM's model-loading keys: they matter when from_model_id converts a model, not per request.
 LOAD_KWARGS = ("trust_remote_code",)
-_KNOWN_KWARGS = frozenset((*_OPENAI_FIELDS, *_MAX_TOKENS_ALIASES, "do_sample", *LOAD_KWARGS))
+# What sets a request's generation: accepted in model_kwargs, as the adapter's own fields
+# (ChatOpenAI's style) and per call.
+GENERATION_KWARGS = frozenset((*_OPENAI_FIELDS, *_MAX_TOKENS_ALIASES, "do_sample"))
+_KNOWN_KWARGS = GENERATION_KWARGS | frozenset(LOAD_KWARGS)
 
 
 class AppUnavailableError(ConnectionError):
     """No Ray cluster to connect to, no such Serve application on it, or it does not answer."""
 
 
-def generation_fields(kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """The OpenAI request fields ``kwargs`` set (None values set nothing).
+def generation_fields(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """The OpenAI request fields ``layers`` set, each layer overriding the ones before it
+    (``model_kwargs``, then a call's keyword arguments); None values set nothing.
 
     Accepts OpenAI's names and IpexLLM's Hugging Face ones: ``max_new_tokens`` and
-    ``max_length`` become ``max_tokens`` (an explicit ``max_tokens`` wins), ``do_sample=False``
-    means greedy (``temperature`` 0). Unknown keys raise ValueError naming them: a typo or a
-    knob this server lacks (``repetition_penalty``, ``num_beams``) must not be silently ignored.
+    ``max_length`` become ``max_tokens`` (an explicit ``max_tokens`` in the same layer wins),
+    ``do_sample=False`` means greedy (``temperature`` 0, as in Hugging Face whatever the
+    temperature), and a later ``do_sample=True`` or ``temperature`` undoes it. Unknown keys
+    raise ValueError naming them: a typo or a knob this server lacks (``repetition_penalty``,
+    ``num_beams``) must not be silently ignored.
     """
-    unknown = sorted(set(kwargs) - _KNOWN_KWARGS)
-    if unknown:
-        raise ValueError(f"unsupported generation keyword(s) {', '.join(unknown)}; supported: "
-                         f"{', '.join(sorted(_KNOWN_KWARGS))}")
-    given = {key: value for key, value in kwargs.items() if value is not None}
-    fields = {key: given[key] for key in _OPENAI_FIELDS if key in given}
-    for alias in _MAX_TOKENS_ALIASES:
-        if alias in given:
-            fields.setdefault("max_tokens", given[alias])
-    if given.get("do_sample") is False:
+    fields: dict[str, Any] = {}
+    greedy = False
+    for kwargs in layers:
+        unknown = sorted(set(kwargs) - _KNOWN_KWARGS)
+        if unknown:
+            raise ValueError(f"unsupported generation keyword(s) {', '.join(unknown)}; "
+                             f"supported: {', '.join(sorted(_KNOWN_KWARGS))}")
+        given = {key: value for key, value in kwargs.items() if value is not None}
+        fields.update({key: given[key] for key in _OPENAI_FIELDS if key in given})
+        alias = next((given[key] for key in _MAX_TOKENS_ALIASES if key in given), None)
+        if alias is not None and "max_tokens" not in given:
+            fields["max_tokens"] = alias
+        if "do_sample" in given:
+            greedy = given["do_sample"] is False
+        elif "temperature" in given:
+            greedy = False
+    if greedy:
         fields["temperature"] = 0.0
     return fields
 
@@ -147,6 +160,11 @@ class RouterClient:
             for response in responses:
                 response.cancel()
             raise
+
+    def tokenize(self, text: str) -> list[int]:
+        """``text``'s token ids by the served model's tokenizer (the router's ``tokenize``)."""
+        with service_errors():
+            return _wait(self._handle.tokenize.remote(text), CONNECT_TIMEOUT_S)["tokens"]
 
     # ---- streams -------------------------------------------------------------------------
 

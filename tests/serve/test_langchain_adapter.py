@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 import ray
+from langchain_core.caches import InMemoryCache
 from langchain_core.callbacks import BaseCallbackHandler
+from langchain_core.globals import set_llm_cache
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
 from langchain_core.outputs import LLMResult
 from langchain_core.prompts import PromptTemplate
@@ -237,6 +239,83 @@ def test_ipex_llm_model_kwargs_keep_their_meaning(echo_app: None) -> None:
     assert generation_fields({"top_k": 40, "do_sample": True}) == {"top_k": 40}
 
 
+def test_later_layers_override_earlier_ones() -> None:
+    """model_kwargs, then a call's keyword arguments: the call wins, in IpexLLM's names too."""
+    assert generation_fields({"temperature": 0.7, "do_sample": False}, {"do_sample": True}) == {
+        "temperature": 0.7}
+    assert generation_fields({"do_sample": False}, {"temperature": 1.0}) == {"temperature": 1.0}
+    assert generation_fields({"temperature": 0.7}, {"do_sample": False}) == {"temperature": 0.0}
+    assert generation_fields({"max_tokens": 8}, {"max_length": 2}) == {"max_tokens": 2}
+    assert generation_fields({"max_length": 6}, {}) == {"max_tokens": 6}
+
+
+def test_generation_settings_are_accepted_as_fields_as_chatopenai_takes_them(
+        echo_app: None) -> None:
+    assert RayServeLLM(max_tokens=3, temperature=0).invoke("say hello") == "hel"
+    answer = ChatRayServe(max_tokens=3).invoke("say hello")
+    assert answer.usage_metadata is not None and answer.usage_metadata["output_tokens"] == 3
+    assert RayServeLLM(max_tokens=3, model_kwargs={"max_tokens": 3}).model_kwargs == {
+        "max_tokens": 3}
+    with pytest.raises(ValueError, match="max_tokens set both"):
+        RayServeLLM(max_tokens=3, model_kwargs={"max_tokens": 4})
+    with pytest.raises(ValueError, match="frequency_penalty"):  # never silently dropped
+        ChatRayServe(frequency_penalty=0.5)
+
+
+def test_stop_as_a_field_is_every_calls_default(echo_app: None) -> None:
+    llm = RayServeLLM(max_tokens=8, stop=["l"])
+    assert llm.invoke("say hello") == "he"
+    assert llm.invoke("say hello", stop=["o"]) == "hell"
+    assert ChatRayServe(max_tokens=8, stop=["l"]).invoke("say hello").content == "he"
+
+
+def test_a_calls_settings_are_part_of_the_llm_cache_key(echo_app: None) -> None:
+    """LangChain keys an LLM's cached answers by its fields and stop, not a call's kwargs."""
+    llm = RayServeLLM(max_tokens=4)
+    set_llm_cache(InMemoryCache())
+    try:
+        assert llm.invoke("say hello") == "hell"
+        decoded = server_stats()["decoded_tokens"]
+        assert llm.invoke("say hello") == "hell"  # from the cache: nothing decoded
+        assert server_stats()["decoded_tokens"] == decoded
+        assert llm.invoke("say hello", max_tokens=2) == "he"
+        assert llm.batch(["say hello"], max_tokens=3) == ["hel"]
+        assert asyncio.run(llm.ainvoke("say hello", max_tokens=6)) == "helloh"
+        assert llm.invoke("say hello", max_tokens=2) == "he"
+    finally:
+        set_llm_cache(None)
+
+
+def test_streaming_true_streams_inside_invoke(echo_app: None) -> None:
+    recorder = TokenRecorder()
+    llm = RayServeLLM(max_tokens=20, streaming=True, callbacks=[recorder])
+    result = llm.generate(["say hello", "say hi"])
+    assert [g[0].text for g in result.generations] == [echo("hello", 20), echo("hi", 20)]
+    assert result.generations[0][0].generation_info["finish_reason"] == "length"
+    assert result.llm_output["token_usage"]["completion_tokens"] == 40
+    assert "".join(recorder.tokens) == echo("hello", 20) + echo("hi", 20)
+    assert asyncio.run(llm.ainvoke("say hi", max_tokens=4)) == "hihi"
+    chat_recorder = TokenRecorder()
+    chat = ChatRayServe(max_tokens=20, streaming=True, callbacks=[chat_recorder])
+    assert chat.invoke("say hello").content == "".join(chat_recorder.tokens)
+    assert len([token for token in chat_recorder.tokens if token]) > 1
+
+
+def test_invoke_with_stream_true_streams(chat: ChatRayServe) -> None:
+    recorder = TokenRecorder()
+    answer = chat.invoke("say hello", stream=True, config={"callbacks": [recorder]})
+    assert answer.content == echo("hello\nassistant:", 8) == "".join(recorder.tokens)
+
+
+def test_token_counts_come_from_the_served_tokenizer(llm: RayServeLLM,
+                                                     chat: ChatRayServe) -> None:
+    """Not LangChain's GPT-2 fallback: the echo engine's tokenizer is one token per char."""
+    assert llm.get_num_tokens("hello world") == 11
+    assert llm.get_token_ids("hi") == [ord("h"), ord("i")]
+    assert chat.get_num_tokens("héllo") == 5
+    assert RayServeLLM(custom_get_token_ids=lambda text: [1]).get_num_tokens("hello") == 1
+
+
 def test_unknown_generation_keywords_are_refused(llm: RayServeLLM) -> None:
     with pytest.raises(ValueError, match="num_beams"):
         RayServeLLM(model_kwargs={"num_beams": 2})
@@ -335,6 +414,11 @@ async def test_chat_async_variants(chat: ChatRayServe) -> None:
 def test_chat_refuses_messages_the_server_cannot_serve(chat: ChatRayServe) -> None:
     with pytest.raises(ValueError, match="ToolMessage"):
         chat.invoke([HumanMessage("hi"), ToolMessage("42", tool_call_id="1")])
+    calling = AIMessage("", tool_calls=[{"name": "add", "args": {"a": 1}, "id": "1"}])
+    with pytest.raises(ValueError, match="AIMessage with tool calls"):
+        chat.invoke([HumanMessage("add 1"), calling])
+    with pytest.raises(NotImplementedError, match="no tool calling"):
+        chat.bind_tools([])
 
 
 # ---- deploying a model, as IpexLLM's constructors load one ------------------------------

@@ -217,10 +217,13 @@ def publish_checkpoint(build: Callable[[Path], None], destination: str | os.Path
     Returns the new version folder.
     """
     destination = Path(destination).expanduser().absolute()
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_folder(destination)
     _refuse_existing(destination, force=force)  # before a build that may take minutes
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-",
-                                    dir=destination.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-",
+                                        dir=destination.parent))
+    except OSError as error:
+        raise _cannot_create(destination, error) from None
     try:
         staging.chmod(0o755)  # mkdtemp makes it 0700; replicas may run as other users
         build(staging)
@@ -369,6 +372,23 @@ def _sha256_files(folder: Path, sizes: dict[str, int], *, desc: str) -> dict[str
 
 
 # ---- publishing ------------------------------------------------------------------------------
+
+
+def make_parent_folder(destination: Path) -> None:
+    """Create the folder ``destination`` will be published in.
+
+    Raises CheckpointError if it cannot be made (a file in the way, no permission, a
+    read-only or virtual file system), so callers report one line instead of an OSError.
+    """
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _cannot_create(destination, error) from None
+
+
+def _cannot_create(destination: Path, error: OSError) -> CheckpointError:
+    reason = error.strerror or str(error)
+    return CheckpointError(f"cannot create the checkpoint at {destination}: {reason}")
 
 
 def _refuse_existing(destination: Path, *, force: bool) -> None:

@@ -32,6 +32,7 @@ from filelock import FileLock
 
 from deployments.checkpoints import (
     CheckpointError,
+    make_parent_folder,
     publish_checkpoint,
     resolve_checkpoint,
     verify_checkpoint,
@@ -228,7 +229,7 @@ def ensure_demo_checkpoint(output: str | os.PathLike[str] | None = None, *,
     """
     gguf = demo_gguf_path()
     output = Path(output or _DEMO_OUTPUTS[checkpoint_format]).absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_folder(output)
     with FileLock(output.parent / f".{output.name}.demo.lock"):
         if os.path.lexists(output):
             try:

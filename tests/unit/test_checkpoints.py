@@ -551,3 +551,21 @@ def test_modules_import_without_the_model_stack() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, cwd=Path(__file__).resolve().parents[2])
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("parent", ["afile", "afile/deeper"])
+def test_cli_convert_output_that_cannot_be_created_is_one_line(
+        tmp_path: Path, no_model_loading: None, parent: str) -> None:
+    (tmp_path / "afile").write_text("x")
+    output = tmp_path / parent / "sub"
+    result = invoke("convert", "--source", str(tmp_path), "--output", str(output))
+    assert_one_line_error(result, "cannot create the checkpoint at", str(output))
+
+
+@pytest.mark.parametrize("output", ["/proc/llm-checkpoint-test", "/proc/llm-checkpoint-test/sub"])
+def test_publish_where_no_folder_can_be_made_is_one_line(output: str) -> None:
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    with pytest.raises(CheckpointError) as error:
+        publish(Path(output))
+    assert_one_line_naming(error, f"cannot create the checkpoint at {output}: ")

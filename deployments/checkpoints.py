@@ -152,6 +152,29 @@ def write_manifest(folder: str | os.PathLike[str], *, source: str, low_bit: str,
     return manifest
 
 
+def gguf_file_type(path: str | os.PathLike[str]) -> str:
+    """The quantization a GGUF file declares (``general.file_type``), e.g. ``q4_1``.
+
+    Raises ValueError, worded for the user, if the file is not a readable GGUF file
+    (truncated, or not GGUF at all) or declares no type. gguf is imported here, not at the
+    top, as it is only needed for GGUF files.
+    """
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(path).fields.get("general.file_type")
+    except (ValueError, IndexError, OSError) as error:
+        # gguf's reader fails with IndexError or ValueError on a truncated file.
+        raise ValueError(f"not a readable GGUF file ({error})") from None
+    if field is None:
+        raise ValueError("declares no general.file_type")
+    value = int(field.parts[field.data[0]][0])
+    try:
+        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").lower()
+    except ValueError:
+        return f"file_type_{value}"
+
+
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """The absolute, symlink-free version folder that ``path`` names.
 

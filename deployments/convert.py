@@ -32,6 +32,7 @@ from filelock import FileLock
 
 from deployments.checkpoints import (
     CheckpointError,
+    gguf_file_type,
     make_parent_folder,
     publish_checkpoint,
     resolve_checkpoint,
@@ -130,7 +131,7 @@ def _publish_gguf(source: str | os.PathLike[str], output: str | os.PathLike[str]
     if path.suffix != ".gguf" or not path.is_file():
         raise ConversionError(f"source {source}: the gguf format takes a .gguf file; make one "
                               "from a Hugging Face model with llama.cpp's convert_hf_to_gguf.py")
-    file_type = gguf_file_type(path)
+    file_type = _source_file_type(path)
     if low_bit is not None and low_bit != file_type:
         raise ConversionError(f"source {source} is {file_type}; gguf checkpoints keep the "
                               f"source's quantization, so --low-bit {low_bit} cannot be made "
@@ -149,21 +150,13 @@ def _publish_gguf(source: str | os.PathLike[str], output: str | os.PathLike[str]
     return version
 
 
-def gguf_file_type(path: Path) -> str:
-    """The quantization a GGUF file declares (``general.file_type``), e.g. ``q4_1``."""
-    import gguf
-
+def _source_file_type(path: Path) -> str:
+    """The GGUF source's quantization; also the check that it is a readable GGUF file, made
+    before any model loads (a truncated one otherwise fails deep inside transformers)."""
     try:
-        field = gguf.GGUFReader(path).fields.get("general.file_type")
-    except (ValueError, OSError) as error:
-        raise ConversionError(f"source {path}: not a readable GGUF file ({error})") from None
-    if field is None:
-        raise ConversionError(f"source {path}: declares no general.file_type")
-    value = int(field.parts[field.data[0]][0])
-    try:
-        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").lower()
-    except ValueError:
-        return f"file_type_{value}"
+        return gguf_file_type(path)
+    except ValueError as error:
+        raise ConversionError(f"source {path}: {error}") from None
 
 
 def _gguf_tokenizer(path: Path) -> Any:
@@ -249,6 +242,7 @@ def _model_location(source: str) -> tuple[str, str | None]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ConversionError(f"source {source}: no such GGUF file")
+        _source_file_type(path)
         return str(path.resolve().parent), path.name
     if path.is_dir():
         return str(path.resolve()), None

@@ -78,6 +78,21 @@ def edit_manifest(folder: Path, **changes: object) -> None:
     file.write_text(json.dumps(document))
 
 
+def write_tiny_gguf(path: Path, file_type: str = "MOSTLY_Q4_1") -> Path:
+    """A GGUF file of a few hundred bytes declaring ``file_type`` (not a loadable model)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_file_type(gguf.LlamaFileType[file_type])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 def leftovers(root: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if ".tmp-" in p.name or ".link-" in p.name)
 
@@ -569,3 +584,15 @@ def test_publish_where_no_folder_can_be_made_is_one_line(output: str) -> None:
     with pytest.raises(CheckpointError) as error:
         publish(Path(output))
     assert_one_line_naming(error, f"cannot create the checkpoint at {output}: ")
+
+
+@pytest.mark.parametrize("length", [40, 200])  # gguf fails with IndexError, ValueError
+@pytest.mark.parametrize("checkpoint_format", ["gguf", "ipex_llm"])
+def test_cli_convert_truncated_gguf_names_the_file(tmp_path: Path, no_model_loading: None,
+                                                   length: int, checkpoint_format: str) -> None:
+    source = tmp_path / "t.gguf"
+    source.write_bytes(write_tiny_gguf(tmp_path / "whole.gguf").read_bytes()[:length])
+    result = invoke("convert", "--format", checkpoint_format, "--source", str(source),
+                    "--output", str(tmp_path / "out"))
+    assert_one_line_error(result, str(source), "not a readable GGUF file")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []

@@ -258,6 +258,7 @@ def _load_low_bit(location: str, gguf_file: str | None, *, low_bit: str,
                   trust_remote_code: bool) -> tuple[Any, Any]:
     """The model quantized by ipex-llm, and its tokenizer."""
     from ipex_llm.transformers import AutoModelForCausalLM
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoTokenizer
 
     options: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -273,7 +274,7 @@ def _load_low_bit(location: str, gguf_file: str | None, *, low_bit: str,
         tokenizer = AutoTokenizer.from_pretrained(location, **options)
         if gguf_file is not None:
             tokenizer = _with_gguf_special_token_flags(tokenizer, Path(location, gguf_file))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: corrupt weights
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise ConversionError(f"cannot load {location}: {first_line}") from None
     return model, tokenizer

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -302,6 +303,24 @@ def _one_line_errors() -> Iterator[None]:
         raise click.ClickException(str(error)) from None
 
 
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Make SIGTERM stop the command the way Ctrl-C does, by raising KeyboardInterrupt.
+
+    By default SIGTERM ends the process without unwinding, so publish_checkpoint cannot remove
+    its temporary build folder (a model's size, left beside the output); KeyboardInterrupt
+    unwinds through that cleanup, and click reports it as "Aborted!" with exit status 1.
+    """
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 @click.group()
 def cli() -> None:
     """Make, publish and verify low-bit checkpoints (ipex-llm or GGUF)."""
@@ -329,7 +348,7 @@ def cli() -> None:
 def convert(source: str, output: Path, checkpoint_format: CheckpointFormat,
             low_bit: str | None, trust_remote_code: bool, force: bool, device: str) -> None:
     """Convert SOURCE to a low-bit checkpoint and publish it atomically as OUTPUT."""
-    with _one_line_errors():
+    with _sigterm_as_interrupt(), _one_line_errors():
         version = convert_checkpoint(source, output, low_bit=low_bit,
                                      trust_remote_code=trust_remote_code, force=force,
                                      device=device, checkpoint_format=checkpoint_format,
@@ -357,7 +376,7 @@ def verify(checkpoint: Path, quick: bool) -> None:
 def demo(checkpoint_format: CheckpointFormat, output: Path | None) -> None:
     """Build the demo checkpoint (SmolLM2-135M-Instruct: ipex-llm sym_int4, or the GGUF's
     q4_1) unless it already verifies."""
-    with _one_line_errors():
+    with _sigterm_as_interrupt(), _one_line_errors():
         version = ensure_demo_checkpoint(output, checkpoint_format=checkpoint_format,
                                          report=_echo_stage)
     click.echo(version)

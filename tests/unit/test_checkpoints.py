@@ -596,3 +596,23 @@ def test_cli_convert_truncated_gguf_names_the_file(tmp_path: Path, no_model_load
                     "--output", str(tmp_path / "out"))
     assert_one_line_error(result, str(source), "not a readable GGUF file")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_cli_convert_terminated_leaves_no_build_folder(tmp_path: Path) -> None:
+    """SIGTERM (what `kill` and job schedulers send) cleans up like Ctrl-C does."""
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    output = tmp_path / "shared" / "out"
+    code = ("import os, signal\n"
+            "from deployments import convert\n"
+            "def terminated(path):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    raise AssertionError('SIGTERM did not interrupt the build')\n"
+            "convert._gguf_tokenizer = terminated\n"
+            "convert.cli()\n")
+    done = subprocess.run([sys.executable, "-c", code, "convert", "--format", "gguf",
+                           "--source", str(source), "--output", str(output)],
+                          capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "Aborted!" in done.stderr
+    assert not output.exists() and leftovers(output.parent) == []

@@ -192,6 +192,20 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """The manifest of the checkpoint ``path`` names, parsed but not checked against the
+    files or this environment (to tell what a checkpoint is before deciding what to do).
+
+    Raises CheckpointError naming the path if it is missing or unreadable.
+    """
+    folder = resolve_checkpoint(path)
+    try:
+        return _read_manifest(folder)
+    except _Defect as defect:
+        raise CheckpointError(f"checkpoint {Path(path).expanduser().absolute()}: "
+                              f"{defect}") from None
+
+
 def verify_checkpoint(path: str | os.PathLike[str], *,
                       supported_low_bits: Iterable[str] | None = None,
                       checkpoint_format: CheckpointFormat | None = None,

@@ -36,6 +36,7 @@ from deployments.checkpoints import (
     gguf_file_type,
     make_parent_folder,
     publish_checkpoint,
+    read_manifest,
     resolve_checkpoint,
     verify_checkpoint,
 )
@@ -211,30 +212,67 @@ def demo_gguf_path() -> Path:
 
 def ensure_demo_checkpoint(output: str | os.PathLike[str] | None = None, *,
                            checkpoint_format: CheckpointFormat = "ipex_llm",
-                           report: Report = logger.info) -> Path:
+                           force: bool = False, report: Report = logger.info) -> Path:
     """The demo checkpoint's verified version folder, converting it first if needed.
 
     ``output`` defaults to the format's demo path (checkpoints/smollm2-135m-instruct-sym_int4
     for ipex_llm, checkpoints/smollm2-135m-instruct-gguf for gguf).
 
-    Idempotent: a checkpoint at ``output`` that verifies is kept; one that does not (made by
-    an older library version, say) is replaced by a new version. A file lock makes concurrent
-    callers (``make``, parallel test sessions) build it once.
+    Idempotent: a checkpoint at ``output`` is kept if it is this format's demo checkpoint
+    (by its manifest: format, low-bit type, source file) and verifies, and replaced by a new
+    version if it is the demo but fails to verify (made by an older library version, say).
+    Anything else at ``output`` is somebody's checkpoint: refused with CheckpointError unless
+    ``force``, which publishes the demo there in any case. An unreadable checkpoint counts as
+    the demo's only under the format's demo name. A file lock makes concurrent callers
+    (``make``, parallel test sessions) build it once.
     """
     gguf = demo_gguf_path()
     output = Path(output or _DEMO_OUTPUTS[checkpoint_format]).absolute()
     make_parent_folder(output)
     with FileLock(output.parent / f".{output.name}.demo.lock"):
-        if os.path.lexists(output):
-            try:
-                version = resolve_checkpoint(output)
-                verify_checkpoint(version, checkpoint_format=checkpoint_format)
-                report(f"demo checkpoint {output} exists and verifies")
+        if os.path.lexists(output) and not force:
+            version = _existing_demo(output, gguf, checkpoint_format, report=report)
+            if version is not None:
                 return version
-            except CheckpointError as error:
-                report(f"rebuilding the demo checkpoint: {error}")
         return convert_checkpoint(gguf, output, force=True,
                                   checkpoint_format=checkpoint_format, report=report)
+
+
+def _existing_demo(output: Path, gguf: Path, checkpoint_format: CheckpointFormat, *,
+                   report: Report) -> Path | None:
+    """The verified version of the demo checkpoint at ``output``, or None to rebuild it.
+
+    Raises CheckpointError if ``output`` holds something that is not the demo: the demo
+    command must not replace a checkpoint it did not make.
+    """
+    try:
+        version = resolve_checkpoint(output)
+        manifest = read_manifest(version)
+    except CheckpointError as error:
+        if output.name != Path(_DEMO_OUTPUTS[checkpoint_format]).name:
+            raise _not_the_demo(output, checkpoint_format, "not a readable checkpoint") from None
+        report(f"rebuilding the demo checkpoint: {error}")
+        return None
+    low_bit = _source_file_type(gguf) if checkpoint_format == "gguf" else DEFAULT_LOW_BIT
+    made = (manifest.format, manifest.low_bit, Path(manifest.source).name)
+    if made != (checkpoint_format, low_bit, gguf.name):
+        raise _not_the_demo(output, checkpoint_format,
+                            f"a {manifest.format} {manifest.low_bit} checkpoint of "
+                            f"{manifest.source}")
+    try:
+        verify_checkpoint(version)
+    except CheckpointError as error:
+        report(f"rebuilding the demo checkpoint: {error}")
+        return None
+    report(f"demo checkpoint {output} exists and verifies")
+    return version
+
+
+def _not_the_demo(output: Path, checkpoint_format: CheckpointFormat,
+                  found: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {output}: exists and is not the {checkpoint_format} "
+                           f"demo checkpoint ({found}); use --force to publish the demo "
+                           "under this name anyway, or choose another --output")
 
 
 def _model_location(source: str) -> tuple[str, str | None]:
@@ -373,12 +411,15 @@ def verify(checkpoint: Path, quick: bool) -> None:
 @click.option("--output", default=None, type=click.Path(path_type=Path),
               help=f"Where to publish it [default: {DEMO_CHECKPOINT_DIR} (ipex_llm), "
                    f"{DEMO_GGUF_CHECKPOINT_DIR} (gguf)].")
-def demo(checkpoint_format: CheckpointFormat, output: Path | None) -> None:
+@click.option("--force", is_flag=True,
+              help="Publish a new demo version even if OUTPUT exists (whatever it holds); "
+                   "the old version stays.")
+def demo(checkpoint_format: CheckpointFormat, output: Path | None, force: bool) -> None:
     """Build the demo checkpoint (SmolLM2-135M-Instruct: ipex-llm sym_int4, or the GGUF's
-    q4_1) unless it already verifies."""
+    q4_1) unless it already verifies. An OUTPUT holding another checkpoint is refused."""
     with _sigterm_as_interrupt(), _one_line_errors():
         version = ensure_demo_checkpoint(output, checkpoint_format=checkpoint_format,
-                                         report=_echo_stage)
+                                         force=force, report=_echo_stage)
     click.echo(version)
 
 

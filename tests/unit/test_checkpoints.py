@@ -29,7 +29,7 @@ from deployments.checkpoints import (
     verify_checkpoint,
     write_manifest,
 )
-from deployments.constants import CPU_LOW_BITS, LOW_BITS, MANIFEST_FILE
+from deployments.constants import CPU_LOW_BITS, DEMO_GGUF_FILE, LOW_BITS, MANIFEST_FILE
 
 WEIGHTS = "pytorch_model.bin"
 NESTED = "tokenizer/tokenizer.json"
@@ -616,3 +616,66 @@ def test_cli_convert_terminated_leaves_no_build_folder(tmp_path: Path) -> None:
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr and "Aborted!" in done.stderr
     assert not output.exists() and leftovers(output.parent) == []
+
+
+class _FakeTokenizer:
+    def save_pretrained(self, folder: str) -> None:
+        Path(folder, "tokenizer.json").write_text('{"model": {}}')
+
+
+@pytest.fixture
+def fake_demo_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tiny q4_1 GGUF standing in for the demo model's, with a fake tokenizer."""
+    (tmp_path / "package").mkdir()
+    path = write_tiny_gguf(tmp_path / "package" / DEMO_GGUF_FILE)
+    monkeypatch.setattr(convert, "demo_gguf_path", lambda: path)
+    monkeypatch.setattr(convert, "_gguf_tokenizer", lambda source: _FakeTokenizer())
+    return path
+
+
+def test_cli_demo_keeps_its_own_checkpoint_and_rebuilds_it_if_broken(
+        tmp_path: Path, fake_demo_gguf: Path) -> None:
+    output = tmp_path / "shared" / "mine"
+    first = invoke("demo", "--format", "gguf", "--output", str(output))
+    assert first.exit_code == 0, first.output
+    again = invoke("demo", "--format", "gguf", "--output", str(output))
+    assert again.exit_code == 0 and "exists and verifies" in again.stderr
+    assert again.stdout == first.stdout
+
+    flip_byte(resolve_checkpoint(output) / "tokenizer.json", 0)
+    rebuilt = invoke("demo", "--format", "gguf", "--output", str(output))
+    assert rebuilt.exit_code == 0 and "rebuilding" in rebuilt.stderr
+    assert rebuilt.stdout != first.stdout and verify_checkpoint(output).format == "gguf"
+
+
+@pytest.mark.parametrize("other", ["ipex_llm", "q8_0", "other source"])
+def test_cli_demo_refuses_another_checkpoint_unless_forced(
+        tmp_path: Path, fake_demo_gguf: Path, other: str) -> None:
+    output = tmp_path / "shared" / "theirs"
+    if other == "ipex_llm":
+        publish(output)
+    else:
+        source = (fake_demo_gguf if other == "q8_0" else
+                  fake_demo_gguf.with_name("mine.gguf"))
+        write_tiny_gguf(source, "MOSTLY_Q8_0" if other == "q8_0" else "MOSTLY_Q4_1")
+        assert invoke("convert", "--format", "gguf", "--source", str(source),
+                      "--output", str(output)).exit_code == 0
+        write_tiny_gguf(fake_demo_gguf)
+    theirs = resolve_checkpoint(output)
+
+    refused = invoke("demo", "--format", "gguf", "--output", str(output))
+    assert_one_line_error(refused, str(output), "not the gguf demo checkpoint", "--force",
+                          "--output")
+    assert resolve_checkpoint(output) == theirs
+
+    forced = invoke("demo", "--format", "gguf", "--output", str(output), "--force")
+    assert forced.exit_code == 0, forced.output
+    assert resolve_checkpoint(output) != theirs
+    assert Path(verify_checkpoint(output).source).name == DEMO_GGUF_FILE
+
+
+def test_cli_demo_refuses_a_folder_that_is_not_a_checkpoint(tmp_path: Path,
+                                                            fake_demo_gguf: Path) -> None:
+    (tmp_path / "notes").mkdir()
+    result = invoke("demo", "--format", "gguf", "--output", str(tmp_path / "notes"))
+    assert_one_line_error(result, "not the gguf demo checkpoint", "not a readable checkpoint")

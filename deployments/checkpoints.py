@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tqdm import tqdm
 
 from deployments.constants import (
+    GGUF_MODEL_FILE,
     LOW_BITS,
     MANIFEST_FILE,
     MANIFEST_FORMAT_VERSION,
@@ -65,6 +66,10 @@ _TRACKED_LIBRARIES: dict[str, dict[str, tuple[str, int]]] = {
     },
 }
 _HASH_CHUNK_BYTES = 4 << 20
+# Files a checkpoint of each format cannot load without, and what the weights end with.
+_REQUIRED_FILES: dict[str, tuple[str, ...]] = {"ipex_llm": ("config.json",),
+                                               "gguf": (GGUF_MODEL_FILE,)}
+_WEIGHT_SUFFIXES = (".bin", ".safetensors", ".gguf")
 
 
 class CheckpointError(Exception):
@@ -184,7 +189,10 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     given = Path(path).expanduser().absolute()
     if not os.path.lexists(given):
         raise CheckpointError(f"checkpoint {given}: does not exist")
-    folder = given.resolve()
+    try:
+        folder = given.resolve()
+    except (RuntimeError, OSError):  # RuntimeError before Python 3.13
+        raise CheckpointError(f"checkpoint {given}: is a symlink loop") from None
     if not folder.exists():
         raise CheckpointError(f"checkpoint {given}: points at {folder}, which does not exist")
     if not folder.is_dir():
@@ -213,11 +221,12 @@ def verify_checkpoint(path: str | os.PathLike[str], *,
     """Check the checkpoint ``path`` names against its manifest and this environment.
 
     Checks, in order: the manifest exists and parses; its format is ``checkpoint_format``
-    (when given: what the loading engine reads); an ipex_llm checkpoint's low-bit type is one
-    of ``supported_low_bits`` (default: every type ``llm-checkpoint`` makes); the libraries that
-    made it are compatible with the installed ones; the folder holds exactly the listed
-    files, each of the listed size and (unless ``quick``) sha256. ``quick`` skips hashing,
-    for callers that re-check a folder they verified before.
+    (when given: what the loading engine reads); it lists the format's model files; an
+    ipex_llm checkpoint's low-bit type is one of ``supported_low_bits`` (default: every type
+    ``llm-checkpoint`` makes); the libraries that made it are compatible with the installed
+    ones; the folder holds exactly the listed files, each of the listed size and (unless
+    ``quick``) sha256; a gguf checkpoint's model.gguf is of the manifest's type. ``quick``
+    skips hashing, for callers that re-check a folder they verified before.
 
     Raises CheckpointError naming the path and the first problem found.
     """
@@ -229,11 +238,14 @@ def verify_checkpoint(path: str | os.PathLike[str], *,
         if checkpoint_format is not None and manifest.format != checkpoint_format:
             raise _Defect(f"has format {manifest.format}, and this engine reads "
                           f"{checkpoint_format} checkpoints (see `engine` in the config)")
+        _check_model_files_listed(manifest)
         if manifest.format == "ipex_llm":
             _check_low_bit(manifest.low_bit, tuple(supported_low_bits or LOW_BITS))
         _check_versions(manifest.versions, installed_versions(manifest.format),
                         _TRACKED_LIBRARIES[manifest.format])
         _check_files(folder, manifest.files, quick=quick)
+        if manifest.format == "gguf":
+            _check_gguf_type(folder / GGUF_MODEL_FILE, manifest.low_bit)
     except _Defect as defect:
         raise CheckpointError(f"checkpoint {label}: {defect}") from None
     return manifest
@@ -334,6 +346,27 @@ def _read_manifest(folder: Path) -> Manifest:
         first = error.errors()[0]
         where = ".".join(str(part) for part in first["loc"])
         raise _Defect(f"{MANIFEST_FILE} is malformed: {where}: {first['msg']}") from None
+
+
+def _check_model_files_listed(manifest: Manifest) -> None:
+    """A manifest without the model's files would verify an empty folder as a checkpoint."""
+    listed = {entry.path for entry in manifest.files}
+    for required in _REQUIRED_FILES[manifest.format]:
+        if required not in listed:
+            raise _Defect(f"{MANIFEST_FILE} lists no {required} (a {manifest.format} "
+                          "checkpoint needs one)")
+    if not any(path.endswith(_WEIGHT_SUFFIXES) for path in listed):
+        raise _Defect(f"{MANIFEST_FILE} lists no weights file")
+
+
+def _check_gguf_type(file: Path, low_bit: str) -> None:
+    """The GGUF's own type must be the one the manifest records (what engines report)."""
+    try:
+        found = gguf_file_type(file)
+    except ValueError as error:
+        raise _Defect(f"file {GGUF_MODEL_FILE}: {error}") from None
+    if found != low_bit:
+        raise _Defect(f"file {GGUF_MODEL_FILE} is {found}, {MANIFEST_FILE} says {low_bit!r}")
 
 
 def _check_low_bit(low_bit: str, supported: tuple[str, ...]) -> None:

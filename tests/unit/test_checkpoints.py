@@ -142,7 +142,7 @@ def test_a_manifest_without_format_is_an_ipex_llm_checkpoint(published: Path) ->
 def test_gguf_checkpoint_is_refused_by_an_engine_reading_the_other_format(
         tmp_path: Path) -> None:
     def build(folder: Path) -> None:
-        (folder / "model.gguf").write_bytes(b"GGUF" + b"\0" * 1000)
+        write_tiny_gguf(folder / "model.gguf")
 
     published = publish_checkpoint(build, tmp_path / "g", source="x.gguf", low_bit="q4_1",
                                    checkpoint_format="gguf")
@@ -679,3 +679,49 @@ def test_cli_demo_refuses_a_folder_that_is_not_a_checkpoint(tmp_path: Path,
     (tmp_path / "notes").mkdir()
     result = invoke("demo", "--format", "gguf", "--output", str(tmp_path / "notes"))
     assert_one_line_error(result, "not the gguf demo checkpoint", "not a readable checkpoint")
+
+
+def publish_tiny_gguf(destination: Path) -> Path:
+    return publish_checkpoint(lambda folder: write_tiny_gguf(folder / "model.gguf"),
+                              destination, source="x.gguf", low_bit="q4_1",
+                              checkpoint_format="gguf")
+
+
+@pytest.mark.parametrize("low_bit", ["banana", "q8_0"])
+def test_cli_verify_gguf_type_must_match_the_manifest(tmp_path: Path, low_bit: str) -> None:
+    published = publish_tiny_gguf(tmp_path / "g")
+    assert invoke("verify", str(published)).exit_code == 0
+    edit_manifest(published, low_bit=low_bit)
+    assert_one_line_error(invoke("verify", str(published)), str(published), "model.gguf",
+                          "q4_1", repr(low_bit))
+
+
+def test_cli_verify_unreadable_gguf_is_one_line(tmp_path: Path) -> None:
+    def build(folder: Path) -> None:
+        (folder / "model.gguf").write_bytes(b"GGUF" + b"\0" * 1000)
+
+    published = publish_checkpoint(build, tmp_path / "g", source="x.gguf", low_bit="q4_1",
+                                   checkpoint_format="gguf")
+    assert_one_line_error(invoke("verify", str(published)), "model.gguf",
+                          "not a readable GGUF file")
+
+
+@pytest.mark.parametrize("checkpoint_format", ["gguf", "ipex_llm"])
+def test_cli_verify_manifest_without_model_files_fails(tmp_path: Path, published: Path,
+                                                       checkpoint_format: str) -> None:
+    folder = (publish_tiny_gguf(tmp_path / "g") if checkpoint_format == "gguf"
+              else resolve_checkpoint(published))
+    for path in _files_under_manifest(folder):
+        (folder / path).unlink()
+    edit_manifest(folder, files=[])
+    assert_one_line_error(invoke("verify", str(folder)), str(folder), "lists no")
+
+
+def _files_under_manifest(folder: Path) -> list[str]:
+    return [entry["path"] for entry in json.loads((folder / MANIFEST_FILE).read_text())["files"]]
+
+
+def test_cli_verify_symlink_loop_is_one_line(tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    assert_one_line_error(invoke("verify", str(loop)), str(loop), "symlink loop")

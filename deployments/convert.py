@@ -101,10 +101,17 @@ def convert_checkpoint(source: str | os.PathLike[str], output: str | os.PathLike
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ConversionError(f"unknown checkpoint format {checkpoint_format!r}; valid: "
                               f"{', '.join(CHECKPOINT_FORMATS)}")
+    # An empty source would load the current folder; an empty type would become the default.
+    if not str(source).strip():
+        raise ConversionError("source is empty; give a model folder, a hub id or a .gguf file")
+    if low_bit is not None:
+        if not low_bit.strip():
+            raise ConversionError("--low-bit is empty; leave it out for the default")
+        low_bit = low_bit.lower()  # type names are lower case in ipex-llm and GGUF alike
     if checkpoint_format == "gguf":
         return _publish_gguf(source, output, low_bit=low_bit, force=force, device=device,
                              report=report)
-    low_bit = low_bit or DEFAULT_LOW_BIT
+    low_bit = low_bit or DEFAULT_LOW_BIT  # None: the default
     check_low_bit(low_bit, device)
     location, gguf_file = _model_location(str(source))
 
@@ -130,9 +137,11 @@ def _publish_gguf(source: str | os.PathLike[str], output: str | os.PathLike[str]
         raise ConversionError("gguf checkpoints run on the CPU (engine llama_cpp); for Intel "
                               "GPUs convert to the ipex_llm format")
     path = Path(source).expanduser()
-    if path.suffix != ".gguf" or not path.is_file():
+    if not _is_gguf_name(path):
         raise ConversionError(f"source {source}: the gguf format takes a .gguf file; make one "
                               "from a Hugging Face model with llama.cpp's convert_hf_to_gguf.py")
+    if not path.is_file():
+        raise ConversionError(f"source {source}: no such GGUF file")
     file_type = _source_file_type(path)
     if low_bit is not None and low_bit != file_type:
         raise ConversionError(f"source {source} is {file_type}; gguf checkpoints keep the "
@@ -278,7 +287,7 @@ def _not_the_demo(output: Path, checkpoint_format: CheckpointFormat,
 def _model_location(source: str) -> tuple[str, str | None]:
     """(what from_pretrained takes, GGUF file name or None) for a source, checked to exist."""
     path = Path(source).expanduser()
-    if path.suffix == ".gguf":
+    if _is_gguf_name(path):
         if not path.is_file():
             raise ConversionError(f"source {source}: no such GGUF file")
         _source_file_type(path)
@@ -291,6 +300,10 @@ def _model_location(source: str) -> tuple[str, str | None]:
     if not _HUB_ID.match(source):
         raise ConversionError(f"source {source}: no such folder or .gguf file, nor a hub id")
     return source, None
+
+
+def _is_gguf_name(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf"  # files copied from Windows may say .GGUF
 
 
 def _load_low_bit(location: str, gguf_file: str | None, *, low_bit: str,

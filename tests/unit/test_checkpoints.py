@@ -725,3 +725,39 @@ def test_cli_verify_symlink_loop_is_one_line(tmp_path: Path) -> None:
     loop = tmp_path / "loop"
     loop.symlink_to("loop")
     assert_one_line_error(invoke("verify", str(loop)), str(loop), "symlink loop")
+
+
+@pytest.mark.parametrize(("option", "problem"), [
+    ("--source", "source is empty"),
+    ("--low-bit", "--low-bit is empty"),
+])
+@pytest.mark.parametrize("checkpoint_format", ["gguf", "ipex_llm"])
+def test_cli_convert_refuses_empty_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             no_model_loading: None, option: str,
+                                             problem: str, checkpoint_format: str) -> None:
+    monkeypatch.chdir(tmp_path)  # an empty source used to load the current folder
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    args = {"--source": "tiny.gguf", "--low-bit": "q4_1", option: ""}
+    result = invoke("convert", "--format", checkpoint_format, "--output", str(tmp_path / "out"),
+                    *[part for pair in args.items() for part in pair])
+    assert_one_line_error(result, problem)
+
+
+def test_cli_convert_gguf_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(convert, "_gguf_tokenizer", lambda source: _FakeTokenizer())
+    assert_one_line_error(invoke("convert", "--format", "gguf", "--source",
+                                 str(tmp_path / "x.gguf"), "--output", str(tmp_path / "o")),
+                          "x.gguf", "no such GGUF file")
+    source = write_tiny_gguf(tmp_path / "UP.GGUF")
+    result = invoke("convert", "--format", "gguf", "--source", str(source), "--low-bit",
+                    "Q4_1", "--output", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    assert verify_checkpoint(tmp_path / "o").low_bit == "q4_1"
+
+
+def test_cli_convert_garbage_gguf_names_the_file(tmp_path: Path,
+                                                 no_model_loading: None) -> None:
+    source = tmp_path / "garbage.gguf"
+    source.write_bytes(b"not a gguf" * 500)
+    result = invoke("convert", "--source", str(source), "--output", str(tmp_path / "o"))
+    assert_one_line_error(result, str(source), "not a readable GGUF file")

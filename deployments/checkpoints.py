@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tqdm import tqdm
 
 from deployments.constants import (
+    GGUF_MODEL_FILE,
     LOW_BITS,
     MANIFEST_FILE,
     MANIFEST_FORMAT_VERSION,
@@ -65,6 +66,10 @@ _TRACKED_LIBRARIES: dict[str, dict[str, tuple[str, int]]] = {
     },
 }
 _HASH_CHUNK_BYTES = 4 << 20
+# Files a checkpoint of each format cannot load without, and what the weights end with.
+_REQUIRED_FILES: dict[str, tuple[str, ...]] = {"ipex_llm": ("config.json",),
+                                               "gguf": (GGUF_MODEL_FILE,)}
+_WEIGHT_SUFFIXES = (".bin", ".safetensors", ".gguf")
 
 
 class CheckpointError(Exception):
@@ -152,6 +157,29 @@ def write_manifest(folder: str | os.PathLike[str], *, source: str, low_bit: str,
     return manifest
 
 
+def gguf_file_type(path: str | os.PathLike[str]) -> str:
+    """The quantization a GGUF file declares (``general.file_type``), e.g. ``q4_1``.
+
+    Raises ValueError, worded for the user, if the file is not a readable GGUF file
+    (truncated, or not GGUF at all) or declares no type. gguf is imported here, not at the
+    top, as it is only needed for GGUF files.
+    """
+    import gguf
+
+    try:
+        field = gguf.GGUFReader(path).fields.get("general.file_type")
+    except (ValueError, IndexError, OSError) as error:
+        # gguf's reader fails with IndexError or ValueError on a truncated file.
+        raise ValueError(f"not a readable GGUF file ({error})") from None
+    if field is None:
+        raise ValueError("declares no general.file_type")
+    value = int(field.parts[field.data[0]][0])
+    try:
+        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").lower()
+    except ValueError:
+        return f"file_type_{value}"
+
+
 def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     """The absolute, symlink-free version folder that ``path`` names.
 
@@ -161,12 +189,29 @@ def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
     given = Path(path).expanduser().absolute()
     if not os.path.lexists(given):
         raise CheckpointError(f"checkpoint {given}: does not exist")
-    folder = given.resolve()
+    try:
+        folder = given.resolve()
+    except (RuntimeError, OSError):  # RuntimeError before Python 3.13
+        raise CheckpointError(f"checkpoint {given}: is a symlink loop") from None
     if not folder.exists():
         raise CheckpointError(f"checkpoint {given}: points at {folder}, which does not exist")
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint {given}: is not a folder")
     return folder
+
+
+def read_manifest(path: str | os.PathLike[str]) -> Manifest:
+    """The manifest of the checkpoint ``path`` names, parsed but not checked against the
+    files or this environment (to tell what a checkpoint is before deciding what to do).
+
+    Raises CheckpointError naming the path if it is missing or unreadable.
+    """
+    folder = resolve_checkpoint(path)
+    try:
+        return _read_manifest(folder)
+    except _Defect as defect:
+        raise CheckpointError(f"checkpoint {Path(path).expanduser().absolute()}: "
+                              f"{defect}") from None
 
 
 def verify_checkpoint(path: str | os.PathLike[str], *,
@@ -176,11 +221,12 @@ def verify_checkpoint(path: str | os.PathLike[str], *,
     """Check the checkpoint ``path`` names against its manifest and this environment.
 
     Checks, in order: the manifest exists and parses; its format is ``checkpoint_format``
-    (when given: what the loading engine reads); an ipex_llm checkpoint's low-bit type is one
-    of ``supported_low_bits`` (default: every type ``llm-checkpoint`` makes); the libraries that
-    made it are compatible with the installed ones; the folder holds exactly the listed
-    files, each of the listed size and (unless ``quick``) sha256. ``quick`` skips hashing,
-    for callers that re-check a folder they verified before.
+    (when given: what the loading engine reads); it lists the format's model files; an
+    ipex_llm checkpoint's low-bit type is one of ``supported_low_bits`` (default: every type
+    ``llm-checkpoint`` makes); the libraries that made it are compatible with the installed
+    ones; the folder holds exactly the listed files, each of the listed size and (unless
+    ``quick``) sha256; a gguf checkpoint's model.gguf is of the manifest's type. ``quick``
+    skips hashing, for callers that re-check a folder they verified before.
 
     Raises CheckpointError naming the path and the first problem found.
     """
@@ -192,11 +238,14 @@ def verify_checkpoint(path: str | os.PathLike[str], *,
         if checkpoint_format is not None and manifest.format != checkpoint_format:
             raise _Defect(f"has format {manifest.format}, and this engine reads "
                           f"{checkpoint_format} checkpoints (see `engine` in the config)")
+        _check_model_files_listed(manifest)
         if manifest.format == "ipex_llm":
             _check_low_bit(manifest.low_bit, tuple(supported_low_bits or LOW_BITS))
         _check_versions(manifest.versions, installed_versions(manifest.format),
                         _TRACKED_LIBRARIES[manifest.format])
         _check_files(folder, manifest.files, quick=quick)
+        if manifest.format == "gguf":
+            _check_gguf_type(folder / GGUF_MODEL_FILE, manifest.low_bit)
     except _Defect as defect:
         raise CheckpointError(f"checkpoint {label}: {defect}") from None
     return manifest
@@ -217,10 +266,13 @@ def publish_checkpoint(build: Callable[[Path], None], destination: str | os.Path
     Returns the new version folder.
     """
     destination = Path(destination).expanduser().absolute()
-    destination.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_folder(destination)
     _refuse_existing(destination, force=force)  # before a build that may take minutes
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-",
-                                    dir=destination.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-",
+                                        dir=destination.parent))
+    except OSError as error:
+        raise _cannot_create(destination, error) from None
     try:
         staging.chmod(0o755)  # mkdtemp makes it 0700; replicas may run as other users
         build(staging)
@@ -296,6 +348,27 @@ def _read_manifest(folder: Path) -> Manifest:
         raise _Defect(f"{MANIFEST_FILE} is malformed: {where}: {first['msg']}") from None
 
 
+def _check_model_files_listed(manifest: Manifest) -> None:
+    """A manifest without the model's files would verify an empty folder as a checkpoint."""
+    listed = {entry.path for entry in manifest.files}
+    for required in _REQUIRED_FILES[manifest.format]:
+        if required not in listed:
+            raise _Defect(f"{MANIFEST_FILE} lists no {required} (a {manifest.format} "
+                          "checkpoint needs one)")
+    if not any(path.endswith(_WEIGHT_SUFFIXES) for path in listed):
+        raise _Defect(f"{MANIFEST_FILE} lists no weights file")
+
+
+def _check_gguf_type(file: Path, low_bit: str) -> None:
+    """The GGUF's own type must be the one the manifest records (what engines report)."""
+    try:
+        found = gguf_file_type(file)
+    except ValueError as error:
+        raise _Defect(f"file {GGUF_MODEL_FILE}: {error}") from None
+    if found != low_bit:
+        raise _Defect(f"file {GGUF_MODEL_FILE} is {found}, {MANIFEST_FILE} says {low_bit!r}")
+
+
 def _check_low_bit(low_bit: str, supported: tuple[str, ...]) -> None:
     if low_bit not in supported:
         raise _Defect(f"low-bit type {low_bit!r} is not supported here "
@@ -369,6 +442,23 @@ def _sha256_files(folder: Path, sizes: dict[str, int], *, desc: str) -> dict[str
 
 
 # ---- publishing ------------------------------------------------------------------------------
+
+
+def make_parent_folder(destination: Path) -> None:
+    """Create the folder ``destination`` will be published in.
+
+    Raises CheckpointError if it cannot be made (a file in the way, no permission, a
+    read-only or virtual file system), so callers report one line instead of an OSError.
+    """
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _cannot_create(destination, error) from None
+
+
+def _cannot_create(destination: Path, error: OSError) -> CheckpointError:
+    reason = error.strerror or str(error)
+    return CheckpointError(f"cannot create the checkpoint at {destination}: {reason}")
 
 
 def _refuse_existing(destination: Path, *, force: bool) -> None:

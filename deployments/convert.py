@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +33,10 @@ from filelock import FileLock
 
 from deployments.checkpoints import (
     CheckpointError,
+    gguf_file_type,
+    make_parent_folder,
     publish_checkpoint,
+    read_manifest,
     resolve_checkpoint,
     verify_checkpoint,
 )
@@ -97,10 +101,17 @@ def convert_checkpoint(source: str | os.PathLike[str], output: str | os.PathLike
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ConversionError(f"unknown checkpoint format {checkpoint_format!r}; valid: "
                               f"{', '.join(CHECKPOINT_FORMATS)}")
+    # An empty source would load the current folder; an empty type would become the default.
+    if not str(source).strip():
+        raise ConversionError("source is empty; give a model folder, a hub id or a .gguf file")
+    if low_bit is not None:
+        if not low_bit.strip():
+            raise ConversionError("--low-bit is empty; leave it out for the default")
+        low_bit = low_bit.lower()  # type names are lower case in ipex-llm and GGUF alike
     if checkpoint_format == "gguf":
         return _publish_gguf(source, output, low_bit=low_bit, force=force, device=device,
                              report=report)
-    low_bit = low_bit or DEFAULT_LOW_BIT
+    low_bit = low_bit or DEFAULT_LOW_BIT  # None: the default
     check_low_bit(low_bit, device)
     location, gguf_file = _model_location(str(source))
 
@@ -126,10 +137,12 @@ def _publish_gguf(source: str | os.PathLike[str], output: str | os.PathLike[str]
         raise ConversionError("gguf checkpoints run on the CPU (engine llama_cpp); for Intel "
                               "GPUs convert to the ipex_llm format")
     path = Path(source).expanduser()
-    if path.suffix != ".gguf" or not path.is_file():
+    if not _is_gguf_name(path):
         raise ConversionError(f"source {source}: the gguf format takes a .gguf file; make one "
                               "from a Hugging Face model with llama.cpp's convert_hf_to_gguf.py")
-    file_type = gguf_file_type(path)
+    if not path.is_file():
+        raise ConversionError(f"source {source}: no such GGUF file")
+    file_type = _source_file_type(path)
     if low_bit is not None and low_bit != file_type:
         raise ConversionError(f"source {source} is {file_type}; gguf checkpoints keep the "
                               f"source's quantization, so --low-bit {low_bit} cannot be made "
@@ -148,21 +161,13 @@ def _publish_gguf(source: str | os.PathLike[str], output: str | os.PathLike[str]
     return version
 
 
-def gguf_file_type(path: Path) -> str:
-    """The quantization a GGUF file declares (``general.file_type``), e.g. ``q4_1``."""
-    import gguf
-
+def _source_file_type(path: Path) -> str:
+    """The GGUF source's quantization; also the check that it is a readable GGUF file, made
+    before any model loads (a truncated one otherwise fails deep inside transformers)."""
     try:
-        field = gguf.GGUFReader(path).fields.get("general.file_type")
-    except (ValueError, OSError) as error:
-        raise ConversionError(f"source {path}: not a readable GGUF file ({error})") from None
-    if field is None:
-        raise ConversionError(f"source {path}: declares no general.file_type")
-    value = int(field.parts[field.data[0]][0])
-    try:
-        return gguf.LlamaFileType(value).name.removeprefix("MOSTLY_").lower()
-    except ValueError:
-        return f"file_type_{value}"
+        return gguf_file_type(path)
+    except ValueError as error:
+        raise ConversionError(f"source {path}: {error}") from None
 
 
 def _gguf_tokenizer(path: Path) -> Any:
@@ -216,38 +221,76 @@ def demo_gguf_path() -> Path:
 
 def ensure_demo_checkpoint(output: str | os.PathLike[str] | None = None, *,
                            checkpoint_format: CheckpointFormat = "ipex_llm",
-                           report: Report = logger.info) -> Path:
+                           force: bool = False, report: Report = logger.info) -> Path:
     """The demo checkpoint's verified version folder, converting it first if needed.
 
     ``output`` defaults to the format's demo path (checkpoints/smollm2-135m-instruct-sym_int4
     for ipex_llm, checkpoints/smollm2-135m-instruct-gguf for gguf).
 
-    Idempotent: a checkpoint at ``output`` that verifies is kept; one that does not (made by
-    an older library version, say) is replaced by a new version. A file lock makes concurrent
-    callers (``make``, parallel test sessions) build it once.
+    Idempotent: a checkpoint at ``output`` is kept if it is this format's demo checkpoint
+    (by its manifest: format, low-bit type, source file) and verifies, and replaced by a new
+    version if it is the demo but fails to verify (made by an older library version, say).
+    Anything else at ``output`` is somebody's checkpoint: refused with CheckpointError unless
+    ``force``, which publishes the demo there in any case. An unreadable checkpoint counts as
+    the demo's only under the format's demo name. A file lock makes concurrent callers
+    (``make``, parallel test sessions) build it once.
     """
     gguf = demo_gguf_path()
     output = Path(output or _DEMO_OUTPUTS[checkpoint_format]).absolute()
-    output.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_folder(output)
     with FileLock(output.parent / f".{output.name}.demo.lock"):
-        if os.path.lexists(output):
-            try:
-                version = resolve_checkpoint(output)
-                verify_checkpoint(version, checkpoint_format=checkpoint_format)
-                report(f"demo checkpoint {output} exists and verifies")
+        if os.path.lexists(output) and not force:
+            version = _existing_demo(output, gguf, checkpoint_format, report=report)
+            if version is not None:
                 return version
-            except CheckpointError as error:
-                report(f"rebuilding the demo checkpoint: {error}")
         return convert_checkpoint(gguf, output, force=True,
                                   checkpoint_format=checkpoint_format, report=report)
+
+
+def _existing_demo(output: Path, gguf: Path, checkpoint_format: CheckpointFormat, *,
+                   report: Report) -> Path | None:
+    """The verified version of the demo checkpoint at ``output``, or None to rebuild it.
+
+    Raises CheckpointError if ``output`` holds something that is not the demo: the demo
+    command must not replace a checkpoint it did not make.
+    """
+    try:
+        version = resolve_checkpoint(output)
+        manifest = read_manifest(version)
+    except CheckpointError as error:
+        if output.name != Path(_DEMO_OUTPUTS[checkpoint_format]).name:
+            raise _not_the_demo(output, checkpoint_format, "not a readable checkpoint") from None
+        report(f"rebuilding the demo checkpoint: {error}")
+        return None
+    low_bit = _source_file_type(gguf) if checkpoint_format == "gguf" else DEFAULT_LOW_BIT
+    made = (manifest.format, manifest.low_bit, Path(manifest.source).name)
+    if made != (checkpoint_format, low_bit, gguf.name):
+        raise _not_the_demo(output, checkpoint_format,
+                            f"a {manifest.format} {manifest.low_bit} checkpoint of "
+                            f"{manifest.source}")
+    try:
+        verify_checkpoint(version)
+    except CheckpointError as error:
+        report(f"rebuilding the demo checkpoint: {error}")
+        return None
+    report(f"demo checkpoint {output} exists and verifies")
+    return version
+
+
+def _not_the_demo(output: Path, checkpoint_format: CheckpointFormat,
+                  found: str) -> CheckpointError:
+    return CheckpointError(f"checkpoint {output}: exists and is not the {checkpoint_format} "
+                           f"demo checkpoint ({found}); use --force to publish the demo "
+                           "under this name anyway, or choose another --output")
 
 
 def _model_location(source: str) -> tuple[str, str | None]:
     """(what from_pretrained takes, GGUF file name or None) for a source, checked to exist."""
     path = Path(source).expanduser()
-    if path.suffix == ".gguf":
+    if _is_gguf_name(path):
         if not path.is_file():
             raise ConversionError(f"source {source}: no such GGUF file")
+        _source_file_type(path)
         return str(path.resolve().parent), path.name
     if path.is_dir():
         return str(path.resolve()), None
@@ -259,10 +302,15 @@ def _model_location(source: str) -> tuple[str, str | None]:
     return source, None
 
 
+def _is_gguf_name(path: Path) -> bool:
+    return path.suffix.lower() == ".gguf"  # files copied from Windows may say .GGUF
+
+
 def _load_low_bit(location: str, gguf_file: str | None, *, low_bit: str,
                   trust_remote_code: bool) -> tuple[Any, Any]:
     """The model quantized by ipex-llm, and its tokenizer."""
     from ipex_llm.transformers import AutoModelForCausalLM
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoTokenizer
 
     options: dict[str, Any] = {"trust_remote_code": trust_remote_code}
@@ -278,7 +326,7 @@ def _load_low_bit(location: str, gguf_file: str | None, *, low_bit: str,
         tokenizer = AutoTokenizer.from_pretrained(location, **options)
         if gguf_file is not None:
             tokenizer = _with_gguf_special_token_flags(tokenizer, Path(location, gguf_file))
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:  # SafetensorError: corrupt weights
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
         raise ConversionError(f"cannot load {location}: {first_line}") from None
     return model, tokenizer
@@ -304,6 +352,24 @@ def _one_line_errors() -> Iterator[None]:
         yield
     except (ConversionError, CheckpointError) as error:
         raise click.ClickException(str(error)) from None
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Make SIGTERM stop the command the way Ctrl-C does, by raising KeyboardInterrupt.
+
+    By default SIGTERM ends the process without unwinding, so publish_checkpoint cannot remove
+    its temporary build folder (a model's size, left beside the output); KeyboardInterrupt
+    unwinds through that cleanup, and click reports it as "Aborted!" with exit status 1.
+    """
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 @click.group()
@@ -333,7 +399,7 @@ def cli() -> None:
 def convert(source: str, output: Path, checkpoint_format: CheckpointFormat,
             low_bit: str | None, trust_remote_code: bool, force: bool, device: str) -> None:
     """Convert SOURCE to a low-bit checkpoint and publish it atomically as OUTPUT."""
-    with _one_line_errors():
+    with _sigterm_as_interrupt(), _one_line_errors():
         version = convert_checkpoint(source, output, low_bit=low_bit,
                                      trust_remote_code=trust_remote_code, force=force,
                                      device=device, checkpoint_format=checkpoint_format,
@@ -358,12 +424,15 @@ def verify(checkpoint: Path, quick: bool) -> None:
 @click.option("--output", default=None, type=click.Path(path_type=Path),
               help=f"Where to publish it [default: {DEMO_CHECKPOINT_DIR} (ipex_llm), "
                    f"{DEMO_GGUF_CHECKPOINT_DIR} (gguf)].")
-def demo(checkpoint_format: CheckpointFormat, output: Path | None) -> None:
+@click.option("--force", is_flag=True,
+              help="Publish a new demo version even if OUTPUT exists (whatever it holds); "
+                   "the old version stays.")
+def demo(checkpoint_format: CheckpointFormat, output: Path | None, force: bool) -> None:
     """Build the demo checkpoint (SmolLM2-135M-Instruct: ipex-llm sym_int4, or the GGUF's
-    q4_1) unless it already verifies."""
-    with _one_line_errors():
+    q4_1) unless it already verifies. An OUTPUT holding another checkpoint is refused."""
+    with _sigterm_as_interrupt(), _one_line_errors():
         version = ensure_demo_checkpoint(output, checkpoint_format=checkpoint_format,
-                                         report=_echo_stage)
+                                         force=force, report=_echo_stage)
     click.echo(version)
 
 

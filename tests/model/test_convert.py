@@ -138,3 +138,32 @@ def test_convert_a_model_folder_and_republish(tiny_llama_folder: Path, tmp_path:
     assert second.exit_code == 0, second.output
     assert resolve_checkpoint(output) == Path(second.stdout.strip()) != version
     verify_checkpoint(version)  # the old version stays for readers that loaded it
+
+
+@pytest.mark.parametrize("weights", ["random", "truncated"])
+def test_convert_a_folder_with_corrupt_safetensors_is_one_line(tmp_path: Path,
+                                                               weights: str) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    folder = tmp_path / "broken-llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64,
+        "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "num_key_value_heads": 1}))
+    model_file = folder / "model.safetensors"
+    if weights == "random":
+        model_file.write_bytes(np.random.default_rng(0).bytes(4096))
+    else:
+        save_file({"model.embed_tokens.weight": np.zeros((64, 16), np.float32)}, model_file)
+        model_file.write_bytes(model_file.read_bytes()[:1000])
+
+    result = invoke("convert", "--source", str(folder), "--output", str(tmp_path / "out"))
+
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"Error: cannot load {folder}: "), result.stderr
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]

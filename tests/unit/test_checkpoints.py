@@ -29,7 +29,7 @@ from deployments.checkpoints import (
     verify_checkpoint,
     write_manifest,
 )
-from deployments.constants import CPU_LOW_BITS, LOW_BITS, MANIFEST_FILE
+from deployments.constants import CPU_LOW_BITS, DEMO_GGUF_FILE, LOW_BITS, MANIFEST_FILE
 
 WEIGHTS = "pytorch_model.bin"
 NESTED = "tokenizer/tokenizer.json"
@@ -76,6 +76,21 @@ def edit_manifest(folder: Path, **changes: object) -> None:
     document = json.loads(file.read_text())
     document.update(changes)
     file.write_text(json.dumps(document))
+
+
+def write_tiny_gguf(path: Path, file_type: str = "MOSTLY_Q4_1") -> Path:
+    """A GGUF file of a few hundred bytes declaring ``file_type`` (not a loadable model)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_file_type(gguf.LlamaFileType[file_type])
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def leftovers(root: Path) -> list[str]:
@@ -127,7 +142,7 @@ def test_a_manifest_without_format_is_an_ipex_llm_checkpoint(published: Path) ->
 def test_gguf_checkpoint_is_refused_by_an_engine_reading_the_other_format(
         tmp_path: Path) -> None:
     def build(folder: Path) -> None:
-        (folder / "model.gguf").write_bytes(b"GGUF" + b"\0" * 1000)
+        write_tiny_gguf(folder / "model.gguf")
 
     published = publish_checkpoint(build, tmp_path / "g", source="x.gguf", low_bit="q4_1",
                                    checkpoint_format="gguf")
@@ -551,3 +566,198 @@ def test_modules_import_without_the_model_stack() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           check=True, cwd=Path(__file__).resolve().parents[2])
     assert done.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("parent", ["afile", "afile/deeper"])
+def test_cli_convert_output_that_cannot_be_created_is_one_line(
+        tmp_path: Path, no_model_loading: None, parent: str) -> None:
+    (tmp_path / "afile").write_text("x")
+    output = tmp_path / parent / "sub"
+    result = invoke("convert", "--source", str(tmp_path), "--output", str(output))
+    assert_one_line_error(result, "cannot create the checkpoint at", str(output))
+
+
+@pytest.mark.parametrize("output", ["/proc/llm-checkpoint-test", "/proc/llm-checkpoint-test/sub"])
+def test_publish_where_no_folder_can_be_made_is_one_line(output: str) -> None:
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs Linux's /proc")
+    with pytest.raises(CheckpointError) as error:
+        publish(Path(output))
+    assert_one_line_naming(error, f"cannot create the checkpoint at {output}: ")
+
+
+@pytest.mark.parametrize("length", [40, 200])  # gguf fails with IndexError, ValueError
+@pytest.mark.parametrize("checkpoint_format", ["gguf", "ipex_llm"])
+def test_cli_convert_truncated_gguf_names_the_file(tmp_path: Path, no_model_loading: None,
+                                                   length: int, checkpoint_format: str) -> None:
+    source = tmp_path / "t.gguf"
+    source.write_bytes(write_tiny_gguf(tmp_path / "whole.gguf").read_bytes()[:length])
+    result = invoke("convert", "--format", checkpoint_format, "--source", str(source),
+                    "--output", str(tmp_path / "out"))
+    assert_one_line_error(result, str(source), "not a readable GGUF file")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_cli_convert_terminated_leaves_no_build_folder(tmp_path: Path) -> None:
+    """SIGTERM (what `kill` and job schedulers send) cleans up like Ctrl-C does."""
+    source = write_tiny_gguf(tmp_path / "tiny.gguf")
+    output = tmp_path / "shared" / "out"
+    code = ("import os, signal\n"
+            "from deployments import convert\n"
+            "def terminated(path):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    raise AssertionError('SIGTERM did not interrupt the build')\n"
+            "convert._gguf_tokenizer = terminated\n"
+            "convert.cli()\n")
+    done = subprocess.run([sys.executable, "-c", code, "convert", "--format", "gguf",
+                           "--source", str(source), "--output", str(output)],
+                          capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr and "Aborted!" in done.stderr
+    assert not output.exists() and leftovers(output.parent) == []
+
+
+class _FakeTokenizer:
+    def save_pretrained(self, folder: str) -> None:
+        Path(folder, "tokenizer.json").write_text('{"model": {}}')
+
+
+@pytest.fixture
+def fake_demo_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A tiny q4_1 GGUF standing in for the demo model's, with a fake tokenizer."""
+    (tmp_path / "package").mkdir()
+    path = write_tiny_gguf(tmp_path / "package" / DEMO_GGUF_FILE)
+    monkeypatch.setattr(convert, "demo_gguf_path", lambda: path)
+    monkeypatch.setattr(convert, "_gguf_tokenizer", lambda source: _FakeTokenizer())
+    return path
+
+
+def test_cli_demo_keeps_its_own_checkpoint_and_rebuilds_it_if_broken(
+        tmp_path: Path, fake_demo_gguf: Path) -> None:
+    output = tmp_path / "shared" / "mine"
+    first = invoke("demo", "--format", "gguf", "--output", str(output))
+    assert first.exit_code == 0, first.output
+    again = invoke("demo", "--format", "gguf", "--output", str(output))
+    assert again.exit_code == 0 and "exists and verifies" in again.stderr
+    assert again.stdout == first.stdout
+
+    flip_byte(resolve_checkpoint(output) / "tokenizer.json", 0)
+    rebuilt = invoke("demo", "--format", "gguf", "--output", str(output))
+    assert rebuilt.exit_code == 0 and "rebuilding" in rebuilt.stderr
+    assert rebuilt.stdout != first.stdout and verify_checkpoint(output).format == "gguf"
+
+
+@pytest.mark.parametrize("other", ["ipex_llm", "q8_0", "other source"])
+def test_cli_demo_refuses_another_checkpoint_unless_forced(
+        tmp_path: Path, fake_demo_gguf: Path, other: str) -> None:
+    output = tmp_path / "shared" / "theirs"
+    if other == "ipex_llm":
+        publish(output)
+    else:
+        source = (fake_demo_gguf if other == "q8_0" else
+                  fake_demo_gguf.with_name("mine.gguf"))
+        write_tiny_gguf(source, "MOSTLY_Q8_0" if other == "q8_0" else "MOSTLY_Q4_1")
+        assert invoke("convert", "--format", "gguf", "--source", str(source),
+                      "--output", str(output)).exit_code == 0
+        write_tiny_gguf(fake_demo_gguf)
+    theirs = resolve_checkpoint(output)
+
+    refused = invoke("demo", "--format", "gguf", "--output", str(output))
+    assert_one_line_error(refused, str(output), "not the gguf demo checkpoint", "--force",
+                          "--output")
+    assert resolve_checkpoint(output) == theirs
+
+    forced = invoke("demo", "--format", "gguf", "--output", str(output), "--force")
+    assert forced.exit_code == 0, forced.output
+    assert resolve_checkpoint(output) != theirs
+    assert Path(verify_checkpoint(output).source).name == DEMO_GGUF_FILE
+
+
+def test_cli_demo_refuses_a_folder_that_is_not_a_checkpoint(tmp_path: Path,
+                                                            fake_demo_gguf: Path) -> None:
+    (tmp_path / "notes").mkdir()
+    result = invoke("demo", "--format", "gguf", "--output", str(tmp_path / "notes"))
+    assert_one_line_error(result, "not the gguf demo checkpoint", "not a readable checkpoint")
+
+
+def publish_tiny_gguf(destination: Path) -> Path:
+    return publish_checkpoint(lambda folder: write_tiny_gguf(folder / "model.gguf"),
+                              destination, source="x.gguf", low_bit="q4_1",
+                              checkpoint_format="gguf")
+
+
+@pytest.mark.parametrize("low_bit", ["banana", "q8_0"])
+def test_cli_verify_gguf_type_must_match_the_manifest(tmp_path: Path, low_bit: str) -> None:
+    published = publish_tiny_gguf(tmp_path / "g")
+    assert invoke("verify", str(published)).exit_code == 0
+    edit_manifest(published, low_bit=low_bit)
+    assert_one_line_error(invoke("verify", str(published)), str(published), "model.gguf",
+                          "q4_1", repr(low_bit))
+
+
+def test_cli_verify_unreadable_gguf_is_one_line(tmp_path: Path) -> None:
+    def build(folder: Path) -> None:
+        (folder / "model.gguf").write_bytes(b"GGUF" + b"\0" * 1000)
+
+    published = publish_checkpoint(build, tmp_path / "g", source="x.gguf", low_bit="q4_1",
+                                   checkpoint_format="gguf")
+    assert_one_line_error(invoke("verify", str(published)), "model.gguf",
+                          "not a readable GGUF file")
+
+
+@pytest.mark.parametrize("checkpoint_format", ["gguf", "ipex_llm"])
+def test_cli_verify_manifest_without_model_files_fails(tmp_path: Path, published: Path,
+                                                       checkpoint_format: str) -> None:
+    folder = (publish_tiny_gguf(tmp_path / "g") if checkpoint_format == "gguf"
+              else resolve_checkpoint(published))
+    for path in _files_under_manifest(folder):
+        (folder / path).unlink()
+    edit_manifest(folder, files=[])
+    assert_one_line_error(invoke("verify", str(folder)), str(folder), "lists no")
+
+
+def _files_under_manifest(folder: Path) -> list[str]:
+    return [entry["path"] for entry in json.loads((folder / MANIFEST_FILE).read_text())["files"]]
+
+
+def test_cli_verify_symlink_loop_is_one_line(tmp_path: Path) -> None:
+    loop = tmp_path / "loop"
+    loop.symlink_to("loop")
+    assert_one_line_error(invoke("verify", str(loop)), str(loop), "symlink loop")
+
+
+@pytest.mark.parametrize(("option", "problem"), [
+    ("--source", "source is empty"),
+    ("--low-bit", "--low-bit is empty"),
+])
+@pytest.mark.parametrize("checkpoint_format", ["gguf", "ipex_llm"])
+def test_cli_convert_refuses_empty_arguments(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             no_model_loading: None, option: str,
+                                             problem: str, checkpoint_format: str) -> None:
+    monkeypatch.chdir(tmp_path)  # an empty source used to load the current folder
+    write_tiny_gguf(tmp_path / "tiny.gguf")
+    args = {"--source": "tiny.gguf", "--low-bit": "q4_1", option: ""}
+    result = invoke("convert", "--format", checkpoint_format, "--output", str(tmp_path / "out"),
+                    *[part for pair in args.items() for part in pair])
+    assert_one_line_error(result, problem)
+
+
+def test_cli_convert_gguf_messages(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(convert, "_gguf_tokenizer", lambda source: _FakeTokenizer())
+    assert_one_line_error(invoke("convert", "--format", "gguf", "--source",
+                                 str(tmp_path / "x.gguf"), "--output", str(tmp_path / "o")),
+                          "x.gguf", "no such GGUF file")
+    source = write_tiny_gguf(tmp_path / "UP.GGUF")
+    result = invoke("convert", "--format", "gguf", "--source", str(source), "--low-bit",
+                    "Q4_1", "--output", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    assert verify_checkpoint(tmp_path / "o").low_bit == "q4_1"
+
+
+def test_cli_convert_garbage_gguf_names_the_file(tmp_path: Path,
+                                                 no_model_loading: None) -> None:
+    source = tmp_path / "garbage.gguf"
+    source.write_bytes(b"not a gguf" * 500)
+    result = invoke("convert", "--source", str(source), "--output", str(tmp_path / "o"))
+    assert_one_line_error(result, str(source), "not a readable GGUF file")

@@ -1,12 +1,13 @@
 """LLMRouter: the OpenAI-compatible front door, over HTTP and over Ray handles.
 
 Every operation is a plain Python method first (``completions``, ``chat_completions``,
-their ``*_stream`` variants, ``models``), used by handle callers such as the LangChain
-adapter; the HTTP routes only parse the body and call them. So validation, limits, auth
-and error mapping are the same for both paths. Errors are ``ServiceError`` (OpenAI error
-JSON over HTTP). Requests go to the LLMServer replicas through a deployment handle;
-Ray's ``BackPressureError`` (the replicas' queues are full) becomes 503 + Retry-After, and a
-replica that dies before sending a token is retried once on another replica.
+their ``*_stream`` variants, ``models``; ``tokenize`` has no HTTP route), used by handle
+callers such as the LangChain adapter; the HTTP routes only parse the body and call them.
+So validation, limits, auth and error mapping are the same for both paths. Errors are
+``ServiceError`` (OpenAI error JSON over HTTP). Requests go to the LLMServer replicas
+through a deployment handle; Ray's ``BackPressureError`` (the replicas' queues are full)
+becomes 503 + Retry-After, and a replica that dies before sending a token is retried once
+on another replica.
 
 This module never imports torch. (No `from __future__ import annotations` here: FastAPI must
 see the real `Request` annotation of the route methods.)

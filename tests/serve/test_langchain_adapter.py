@@ -424,6 +424,12 @@ def test_chat_refuses_messages_the_server_cannot_serve(chat: ChatRayServe) -> No
 # ---- deploying a model, as IpexLLM's constructors load one ------------------------------
 
 
+def write_tiny_model(folder: Path) -> None:
+    """What a checkpoint must list (config and weights; the echo engine reads neither)."""
+    (folder / "config.json").write_text('{"bigdl_transformers_low_bit": "sym_int4"}')
+    (folder / "model.safetensors").write_bytes(b"weights")
+
+
 def test_from_model_id_converts_once_and_deploys_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two clients at once: one conversion, one application; a later client reuses both."""
@@ -433,8 +439,8 @@ def test_from_model_id_converts_once_and_deploys_once(
                 force: bool) -> Path:
         conversions.append(source)
         time.sleep(0.5)  # long enough for the other client to arrive meanwhile
-        return publish_checkpoint(lambda folder: (folder / "config.json").write_text("{}"),
-                                  output, source=source, low_bit=low_bit, force=force)
+        return publish_checkpoint(write_tiny_model, output, source=source, low_bit=low_bit,
+                                  force=force)
 
     monkeypatch.setattr(deploy_module, "convert_checkpoint", convert)
     barrier = threading.Barrier(2)
@@ -467,7 +473,7 @@ def test_from_model_id_converts_once_and_deploys_once(
 def test_from_model_id_low_bit_publishes_a_save_low_bit_folder(tmp_path: Path) -> None:
     saved = tmp_path / "saved"
     saved.mkdir()
-    (saved / "config.json").write_text('{"bigdl_transformers_low_bit": "sym_int4"}')
+    write_tiny_model(saved)
     (saved / "tokenizer.json").write_text("{}")
     root = tmp_path / "root"
     try:
@@ -478,14 +484,15 @@ def test_from_model_id_low_bit_publishes_a_save_low_bit_folder(tmp_path: Path) -
         (published,) = [path for path in root.iterdir() if path.name.startswith("saved-")]
         manifest = verify_checkpoint(published)
         assert (manifest.source, manifest.low_bit) == (str(saved), "sym_int4")
-        assert {file.path for file in manifest.files} == {"config.json", "tokenizer.json"}
+        assert {file.path for file in manifest.files} == {"config.json", "model.safetensors",
+                                                          "tokenizer.json"}
     finally:
         serve.delete("saved")
 
 
 def test_from_model_id_low_bit_serves_a_published_checkpoint_as_it_is(tmp_path: Path) -> None:
-    publish_checkpoint(lambda folder: (folder / "config.json").write_text("{}"),
-                       tmp_path / "tiny-sym_int4", source="tiny", low_bit="sym_int4")
+    publish_checkpoint(write_tiny_model, tmp_path / "tiny-sym_int4", source="tiny",
+                       low_bit="sym_int4")
     root = tmp_path / "root"
     try:
         llm = RayServeLLM.from_model_id_low_bit(tmp_path / "tiny-sym_int4",
@@ -502,7 +509,7 @@ def test_from_model_id_low_bit_serves_a_published_checkpoint_as_it_is(tmp_path: 
 def test_from_model_id_low_bit_needs_a_tokenizer(tmp_path: Path) -> None:
     saved = tmp_path / "saved"
     saved.mkdir()
-    (saved / "config.json").write_text('{"bigdl_transformers_low_bit": "sym_int4"}')
+    write_tiny_model(saved)
     with pytest.raises(Exception, match="no tokenizer files; pass tokenizer_id"):
         RayServeLLM.from_model_id_low_bit(saved, checkpoint_root=tmp_path / "root",
                                           app_args={"engine": "echo"})
@@ -512,7 +519,7 @@ def test_from_model_id_low_bit_needs_a_tokenizer(tmp_path: Path) -> None:
 def test_reusing_an_application_that_serves_another_model_is_refused(tmp_path: Path) -> None:
     saved = tmp_path / "other-model"
     saved.mkdir()
-    (saved / "config.json").write_text('{"bigdl_transformers_low_bit": "sym_int4"}')
+    write_tiny_model(saved)
     (saved / "tokenizer.json").write_text("{}")
     with pytest.raises(ValueError, match=f"serves \\['{DEMO_MODEL_NAME}'\\], not 'other-model'"):
         RayServeLLM.from_model_id_low_bit(saved, checkpoint_root=tmp_path / "root",

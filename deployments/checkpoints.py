@@ -286,7 +286,9 @@ def publish_checkpoint(build: Callable[[Path], None], destination: str | os.Path
             staging = version  # unpublished until the pointer switches: still ours to remove
             _point(destination, version)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        # An interrupt can land just after the pointer switched: then the version is out.
+        if os.path.realpath(destination) != os.path.realpath(staging):
+            shutil.rmtree(staging, ignore_errors=True)
         raise
     return version
 

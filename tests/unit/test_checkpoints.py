@@ -338,6 +338,22 @@ def test_failed_build_leaves_nothing_behind(tmp_path: Path) -> None:
     assert not list(tmp_path.glob(".model.versions/*"))
 
 
+def test_an_interrupt_just_after_the_switch_keeps_the_published_version(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or SIGTERM, made one by the CLI) landing after the name points at the new
+    version must not delete it: the name would dangle."""
+    switch = checkpoints._point
+
+    def switch_then_interrupt(destination: Path, version: Path) -> None:
+        switch(destination, version)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoints, "_point", switch_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        publish(tmp_path / "model")
+    verify_checkpoint(tmp_path / "model")
+
+
 def test_failed_republish_keeps_the_current_version(published: Path) -> None:
     current = resolve_checkpoint(published)
 

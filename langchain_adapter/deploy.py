@@ -28,6 +28,7 @@ from ray.serve.schema import ApplicationStatus
 
 from deployments.checkpoints import (
     CheckpointError,
+    make_parent_folder,
     publish_checkpoint,
     resolve_checkpoint,
     verify_checkpoint,
@@ -122,7 +123,7 @@ def _publish_once(output: Path, *, source: str, low_bit: str,
                   publish: Callable[[bool], Path]) -> Path:
     """The version folder published as ``output`` from ``source``: reused when it verifies
     (sizes only; the replica hashes it again when it loads), else published now."""
-    output.parent.mkdir(parents=True, exist_ok=True)
+    make_parent_folder(output)  # a CheckpointError naming the root if it cannot be made
     with FileLock(output.parent / f".{output.name}.adapter.lock"):
         exists = os.path.lexists(output)
         if exists:

@@ -28,7 +28,7 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 
 from deployments.app import build_app
-from deployments.checkpoints import publish_checkpoint, verify_checkpoint
+from deployments.checkpoints import CheckpointError, publish_checkpoint, verify_checkpoint
 from deployments.constants import DEMO_MODEL_NAME
 from langchain_adapter import AppUnavailableError, ChatRayServe, RayServeLLM, ServiceError
 from langchain_adapter import deploy as deploy_module
@@ -504,6 +504,13 @@ def test_from_model_id_low_bit_serves_a_published_checkpoint_as_it_is(tmp_path: 
         assert not [path for path in root.iterdir() if not path.name.endswith(".lock")]
     finally:
         serve.delete("llm-tiny-sym_int4")
+
+
+def test_a_checkpoint_root_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("in the way")
+    with pytest.raises(CheckpointError, match=r"cannot create the checkpoint at .*file"):
+        RayServeLLM.from_model_id("org/tiny", checkpoint_root=tmp_path / "file" / "root",
+                                  app_args={"engine": "echo"})
 
 
 def test_from_model_id_low_bit_needs_a_tokenizer(tmp_path: Path) -> None:

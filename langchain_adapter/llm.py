@@ -10,8 +10,9 @@ from langchain_core.callbacks import (
     CallbackManagerForLLMRun,
     Callbacks,
 )
-from langchain_core.language_models import LLM
+from langchain_core.language_models import LLM, LanguageModelInput
 from langchain_core.outputs import Generation, GenerationChunk, LLMResult
+from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import Field
 
 from langchain_adapter.base import FORBID_UNKNOWN_FIELDS, RayServeModel, StreamState, total_usage
@@ -78,6 +79,27 @@ class RayServeLLM(RayServeModel, LLM):
         settings, kwargs = _split_settings(kwargs)
         model = self._with_settings(settings) if settings else self
         return await super(RayServeLLM, model).agenerate(prompts, stop, callbacks, **kwargs)
+
+    def batch(self, inputs: list[LanguageModelInput],
+              config: RunnableConfig | list[RunnableConfig] | None = None, *,
+              return_exceptions: bool = False, **kwargs: Any) -> list[str]:
+        """All prompts in one call, so the replicas batch them; with ``return_exceptions``
+        each prompt is its own call (as ChatRayServe's batch), so a bad prompt fails alone.
+
+        LangChain's LLM.batch would give every input the first prompt's error, and the
+        other prompts' requests would be cancelled.
+        """
+        if return_exceptions:
+            return Runnable.batch(self, inputs, config, return_exceptions=True, **kwargs)
+        return super().batch(inputs, config, **kwargs)
+
+    async def abatch(self, inputs: list[LanguageModelInput],
+                     config: RunnableConfig | list[RunnableConfig] | None = None, *,
+                     return_exceptions: bool = False, **kwargs: Any) -> list[str]:
+        if return_exceptions:
+            return await Runnable.abatch(self, inputs, config, return_exceptions=True,
+                                         **kwargs)
+        return await super().abatch(inputs, config, **kwargs)
 
     def _with_settings(self, settings: Mapping[str, Any]) -> RayServeLLM:
         loading = {key: value for key, value in self.model_kwargs.items()

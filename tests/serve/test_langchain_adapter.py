@@ -163,6 +163,14 @@ def test_a_failing_prompt_fails_the_batch_with_its_error(llm: RayServeLLM) -> No
     assert (error.value.status_code, error.value.param) == (400, "stop")
 
 
+def test_return_exceptions_fails_only_the_bad_prompt(llm: RayServeLLM) -> None:
+    answers = llm.batch(["say hello", "", "say hi"], return_exceptions=True)
+    assert answers[0::2] == [echo("hello", 8), echo("hi", 8)]
+    assert isinstance(answers[1], ServiceError) and answers[1].param == "prompt"
+    answers = asyncio.run(llm.abatch(["", "say hi"], return_exceptions=True))
+    assert isinstance(answers[0], ServiceError) and answers[1] == echo("hi", 8)
+
+
 # ---- stream -----------------------------------------------------------------------------
 
 

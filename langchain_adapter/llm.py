@@ -69,15 +69,13 @@ class RayServeLLM(RayServeModel, LLM):
         answer of ``invoke(p)``; a copy of the adapter with those settings in its
         ``model_kwargs`` keys (and sends) them.
         """
-        settings, kwargs = _split_settings(kwargs)
-        model = self._with_settings(settings) if settings else self
+        model, kwargs = self._with_call_settings(kwargs)
         return super(RayServeLLM, model).generate(prompts, stop, callbacks, **kwargs)
 
     async def agenerate(self, prompts: list[str], stop: list[str] | None = None,
                         callbacks: Callbacks | list[Callbacks] | None = None,
                         **kwargs: Any) -> LLMResult:
-        settings, kwargs = _split_settings(kwargs)
-        model = self._with_settings(settings) if settings else self
+        model, kwargs = self._with_call_settings(kwargs)
         return await super(RayServeLLM, model).agenerate(prompts, stop, callbacks, **kwargs)
 
     def batch(self, inputs: list[LanguageModelInput],
@@ -101,11 +99,18 @@ class RayServeLLM(RayServeModel, LLM):
                                          **kwargs)
         return await super().abatch(inputs, config, **kwargs)
 
-    def _with_settings(self, settings: Mapping[str, Any]) -> RayServeLLM:
+    def _with_call_settings(self, kwargs: Mapping[str, Any]
+                            ) -> tuple[RayServeLLM, dict[str, Any]]:
+        """(this adapter, or a copy with the call's generation settings in its
+        ``model_kwargs``; the call's other keyword arguments: tags, metadata...)."""
+        settings = {key: value for key, value in kwargs.items() if key in GENERATION_KWARGS}
+        rest = {key: value for key, value in kwargs.items() if key not in settings}
+        if not settings:
+            return self, rest
         loading = {key: value for key, value in self.model_kwargs.items()
                    if key not in GENERATION_KWARGS}
         return self.model_copy(update={"model_kwargs": {
-            **loading, **generation_fields(self.model_kwargs, settings)}})
+            **loading, **generation_fields(self.model_kwargs, settings)}}), rest
 
     def _call(self, prompt: str, stop: list[str] | None = None,
               run_manager: CallbackManagerForLLMRun | None = None, **kwargs: Any) -> str:
@@ -186,12 +191,6 @@ class RayServeLLM(RayServeModel, LLM):
         return LLMResult(generations=generations, llm_output={
             "token_usage": total_usage([response["usage"] for response in responses]),
             "model_name": self.model})
-
-
-def _split_settings(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """A call's keyword arguments: (generation settings, the rest: tags, metadata...)."""
-    settings = {key: value for key, value in kwargs.items() if key in GENERATION_KWARGS}
-    return settings, {key: value for key, value in kwargs.items() if key not in settings}
 
 
 def _joined(chunks: Iterator[GenerationChunk]) -> GenerationChunk:

@@ -298,33 +298,56 @@ def cached_copy(checkpoint: str | os.PathLike[str], cache_root: str | os.PathLik
 
     The copy lives in ``cache_root/<name>-<first 16 hex of the manifest's sha256>``: one
     folder per distinct version, whatever path it was reached by. The first caller copies
-    (under a file lock, into a temporary folder, verified with hashes, then renamed); callers
-    that find the copy reuse it after a size check, so replicas on one node read the network
-    copy once. A cached folder that fails the size check is copied again.
+    (under a file lock in ``cache_root``, into a temporary folder, every file hashed against
+    the manifest, then renamed); later callers reuse the copy only while its manifest's
+    digest equals the source's and its files have the listed sizes, without hashing again
+    and without a lock, so replicas on one node read and hash the network copy once. A
+    copy that fails that check is made again. Nothing is written next to the source: a
+    read-only checkpoint root is fine.
     """
     folder = resolve_checkpoint(checkpoint)
     manifest = verify_checkpoint(folder, quick=True)
-    manifest_digest = hashlib.sha256((folder / MANIFEST_FILE).read_bytes()).hexdigest()
-    key = f"{manifest.name}-{manifest_digest[:16]}"
+    digest = manifest_digest(folder)
+    key = f"{manifest.name}-{digest[:16]}"
     cache_root = Path(cache_root).expanduser().absolute()
-    cache_root.mkdir(parents=True, exist_ok=True)
     target = cache_root / key
+    if _holds_copy(target, digest):
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
     with FileLock(cache_root / f".{key}.lock"):
-        if target.is_dir():
-            try:
-                verify_checkpoint(target, quick=True)
-                return target
-            except CheckpointError:
-                shutil.rmtree(target)
+        if _holds_copy(target, digest):  # another replica copied while we waited
+            return target
+        shutil.rmtree(target, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.tmp-", dir=cache_root))
         try:
             shutil.copytree(folder, staging, dirs_exist_ok=True)
             verify_checkpoint(staging)
+            if manifest_digest(staging) != digest:
+                raise CheckpointError(f"checkpoint {folder}: its manifest changed while it "
+                                      "was copied; retry")
             staging.rename(target)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return target
+
+
+def manifest_digest(folder: str | os.PathLike[str]) -> str:
+    """sha256 of a checkpoint folder's manifest file: it names the version's every file by
+    hash, so equal digests mean equal checkpoints."""
+    return hashlib.sha256((Path(folder) / MANIFEST_FILE).read_bytes()).hexdigest()
+
+
+def _holds_copy(target: Path, digest: str) -> bool:
+    """Whether ``target`` is a finished cache copy of the checkpoint whose manifest digest
+    is ``digest`` (its files were hashed when it was made; sizes catch a damaged disk)."""
+    try:
+        if manifest_digest(target) != digest:
+            return False
+        verify_checkpoint(target, quick=True)
+    except (OSError, CheckpointError):
+        return False
+    return True
 
 
 # ---- verification steps: each raises _Defect ------------------------------------------------

@@ -59,6 +59,9 @@ GRACEFUL_SHUTDOWN_TIMEOUT_S = 60.0
 
 # A scheduler loop that has work but made no step for this long is reported unhealthy.
 SCHEDULER_STALL_TIMEOUT_S = 120.0
+# How long a replica's constructor waits for its engine thread to start, warm-up included: on
+# an Intel GPU with a cold SYCL kernel cache the first forward passes compile for minutes.
+ENGINE_START_TIMEOUT_S = 1800.0
 
 # ipex-llm 2.2 low-bit types `llm-checkpoint convert` makes, by where they run. All of them
 # quantize on CPU; the XPU-only ones have no CPU matmul kernel (probed on ipex-llm 2.2.0: an

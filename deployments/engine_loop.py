@@ -124,11 +124,20 @@ class EngineLoop:
         self._stopping = threading.Event()
         self._fatal: BaseException | None = None
         self._busy_since: float | None = None
+        self._started = threading.Event()  # on_thread_start has returned (or raised)
         self._thread = threading.Thread(target=self._run, name="llm-engine-loop", daemon=True)
 
     def start(self, event_loop: asyncio.AbstractEventLoop) -> None:
         self._event_loop = event_loop
         self._thread.start()
+
+    def wait_started(self, timeout_s: float) -> None:
+        """Block until the thread's ``on_thread_start`` (the engine's warm-up among it) is
+        done; raise RuntimeError if it failed or took longer than ``timeout_s``."""
+        if not self._started.wait(timeout_s):
+            raise RuntimeError(f"the engine thread did not start within {timeout_s:.0f} s")
+        if self._fatal is not None:
+            raise RuntimeError(f"the engine thread failed to start: {self._fatal!r}")
 
     def stop(self) -> None:
         self._stopping.set()
@@ -174,8 +183,11 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
-            if self._on_thread_start is not None:
-                self._on_thread_start()
+            try:
+                if self._on_thread_start is not None:
+                    self._on_thread_start()
+            finally:
+                self._started.set()
             while not self._stopping.is_set():
                 failures = self._drain_inbox(block=not self._engine.has_unfinished_requests())
                 if failures:

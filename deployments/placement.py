@@ -10,18 +10,24 @@ Ray has no NUMA binding of its own, so scheduling and pinning are split in two:
        placement = resolve_placement(cfg.device, ray.cluster_resources())
        options = replica_ray_options(cfg.device, ray.cluster_resources(), cfg.accelerator_type)
 
-   XPU replicas ask for one Ray ``GPU`` each: Ray's Intel GPU accelerator manager then sets
-   ``ZE_AFFINITY_MASK`` so the replica sees one device, ``xpu:0``. CPU-socket replicas ask for
+   XPU replicas ask for one Ray ``GPU`` each. CPU-socket replicas ask for
    one unit of the custom resource ``cpu_socket`` (:data:`CPU_SOCKET_RESOURCE`), which node
    start scripts advertise (``cluster/start-node.sh``). With neither resource in the cluster,
    ``device: auto`` asks for nothing extra and the replica takes its whole host as one slot,
    so the default config works on a plain ``serve run``.
 
-2. The replica, in its constructor and before it imports torch, claims a slot and pins
-   itself to it::
+2. The replica, in its constructor and before anything touches the XPU runtime, restricts
+   itself to the GPUs Ray assigned it (XPU only), claims a slot and pins itself to it::
 
+       if placement == "xpu":
+           restrict_to_gpus(ray.get_runtime_context().get_accelerator_ids()["GPU"])
        self._claim = claim_slot(placement, node_id=ray.get_runtime_context().get_node_id())
        report = pin_to_slot(self._claim.slot, xmx_disabled=cfg.xmx_disabled)
+
+   Ray sets ``ZE_AFFINITY_MASK`` itself only when it chose its Intel GPU manager, which needs
+   ``dpctl`` to import and find GPUs; otherwise its NVIDIA manager hands out the same ids as
+   ``CUDA_VISIBLE_DEVICES``, which Level Zero ignores. The ids are the replica's either way,
+   so ``restrict_to_gpus`` sets the Level Zero mask from them, whichever manager Ray picked.
 
    The claim holds a file lock per (node, slot) for the replica's lifetime, so two replicas
    on a raylet that advertises two sockets take different sockets.
@@ -33,9 +39,13 @@ Public API
 - ``Slot``: one slot (frozen); ``to_dict()``, ``describe()``, ``labels()`` for metrics.
 - ``discover_cpu_sockets(sysfs_root="/sys") -> list[Slot]``: the host's sockets.
 - ``host_slot(affinity, sysfs_root="/sys") -> Slot``: the given CPUs as one slot.
-- ``discover_xpu_tiles(env=os.environ, xpu_module=None) -> list[Slot]``: the Intel GPU
-  devices this process sees (tiles, when ``ZE_FLAT_DEVICE_HIERARCHY=FLAT``).
+- ``discover_xpu_tiles(env=os.environ, xpu_module=None, sysfs_root="/sys") -> list[Slot]``:
+  the Intel GPU devices this process sees (tiles, when ``ZE_FLAT_DEVICE_HIERARCHY=FLAT``).
 - ``discover_slots(sysfs_root="/sys", env=os.environ, xpu_module=None) -> list[Slot]``.
+- ``sysfs_xpu_tiles(sysfs_root="/sys") -> int``: the host's Intel GPU tiles, from the kernel
+  drivers (i915, xe), for nodes that count their tiles without the GPU stack.
+- ``restrict_to_gpus(gpu_ids, env=os.environ) -> dict``: ``ZE_AFFINITY_MASK`` and
+  ``ONEAPI_DEVICE_SELECTOR`` for the GPU ids Ray assigned this process.
 - ``resolve_placement(device, cluster_resources, cpu_only=False) -> "xpu" | "cpu_socket" |
   "host"``.
 - ``replica_ray_options(device, cluster_resources, accelerator_type=None, cpu_only=False)
@@ -43,7 +53,7 @@ Public API
 - ``claim_slot(placement, *, node_id, lock_dir, sysfs_root, env, affinity, xpu_module)
   -> SlotClaim``; raises ``SlotUnavailableError`` when every candidate slot is taken.
 - ``pin_to_slot(slot, *, xmx_disabled, proc_root, set_affinity, set_membind, torch_module,
-  env) -> PinningReport``.
+  xpu_module, env) -> PinningReport``.
 - ``bind_memory(numa_nodes)``: ``set_mempolicy(MPOL_BIND)`` through libnuma.
 - ``python -m deployments.placement [--sysfs-root DIR] [--count cpu|xpu]``: the host's slots
   as JSON, or how many of one kind (for node start scripts).
@@ -89,6 +99,13 @@ MPOL_BIND = 2
 # A thread can start threads while we pin; each pass pins the ones the previous listing missed.
 _MAX_PIN_PASSES = 10
 _WILDCARD_SELECTORS = frozenset({"*", "gpu"})
+_INTEL_PCI_VENDOR = "0x8086"
+# Data Center GPU Max (Ponte Vecchio) PCI device ids: the only Intel GPUs with several tiles.
+# Under i915 every other card counts as one tile, since i915 lists a Meteor Lake iGPU's
+# media engine as a second GT directory too; the xe driver lists tiles as such.
+_MULTI_TILE_DEVICE_IDS = frozenset({
+    "0x0b69", "0x0b6e", "0x0bd0", "0x0bd4", "0x0bd5", "0x0bd6", "0x0bd7", "0x0bd8", "0x0bd9",
+    "0x0bda", "0x0bdb"})
 
 
 @dataclass(frozen=True)
@@ -340,15 +357,6 @@ def _torch_xpu() -> Any | None:
     return xpu if xpu is not None and xpu.is_available() else None
 
 
-def _ray_intel_gpu_count() -> int:
-    """The count Ray itself would advertise (through dpctl), for hosts without torch XPU."""
-    try:
-        from ray._private.accelerators.intel_gpu import IntelGPUAcceleratorManager
-    except ImportError:
-        return 0
-    return IntelGPUAcceleratorManager.get_current_node_num_accelerators()
-
-
 def _warn_unless_flat(env: Mapping[str, str]) -> None:
     hierarchy = env.get("ZE_FLAT_DEVICE_HIERARCHY", "FLAT")
     if hierarchy != "FLAT":
@@ -360,14 +368,15 @@ def _warn_unless_flat(env: Mapping[str, str]) -> None:
         )
 
 
-def discover_xpu_tiles(env: Mapping[str, str] = os.environ, xpu_module: Any = None) -> list[Slot]:
+def discover_xpu_tiles(env: Mapping[str, str] = os.environ, xpu_module: Any = None,
+                       sysfs_root: str | Path = "/sys") -> list[Slot]:
     """The Intel GPU devices this process sees, one slot each (tiles under FLAT hierarchy).
 
     ``xpu_module`` is ``torch.xpu`` or an object like it (``device_count()``,
-    ``get_device_properties(i).name``). Without one, a process whose devices Ray already
+    ``get_device_properties(i).name``). Without one, a process whose devices are already
     restricted (``ZE_AFFINITY_MASK``) trusts the mask and imports nothing, so a replica can
     set the XPU runtime variables before torch loads; otherwise torch.xpu is probed, then
-    Ray's dpctl-based count.
+    the kernel drivers' sysfs (``sysfs_xpu_tiles``).
     """
     _warn_unless_flat(env)
     ids = visible_xpu_ids(env)
@@ -378,7 +387,7 @@ def discover_xpu_tiles(env: Mapping[str, str] = os.environ, xpu_module: Any = No
     elif ids is not None:
         count = len(ids)
     else:
-        count = _ray_intel_gpu_count()
+        count = sysfs_xpu_tiles(sysfs_root)
     ids = list(range(count)) if ids is None else ids[:count]
     return [
         Slot(
@@ -397,7 +406,66 @@ def discover_slots(
     xpu_module: Any = None,
 ) -> list[Slot]:
     """Every slot of this host: its CPU sockets, then the Intel GPU devices it sees."""
-    return discover_cpu_sockets(sysfs_root) + discover_xpu_tiles(env, xpu_module)
+    return discover_cpu_sockets(sysfs_root) + discover_xpu_tiles(env, xpu_module, sysfs_root)
+
+
+def _sysfs_card_tiles(card: Path) -> int:
+    """Tiles of one DRM card: 0 unless it is an Intel GPU under the i915 or xe driver."""
+    device = card / "device"
+    try:
+        vendor = (device / "vendor").read_text().strip()
+        driver = (device / "driver").resolve().name
+        device_id = (device / "device").read_text().strip().lower()
+    except OSError:
+        return 0
+    if vendor != _INTEL_PCI_VENDOR:
+        return 0
+    if driver == "xe":
+        return max(len(list(device.glob("tile[0-9]*"))), 1)
+    if driver == "i915":
+        if device_id in _MULTI_TILE_DEVICE_IDS:
+            return max(len(list((card / "gt").glob("gt[0-9]*"))), 1)
+        return 1
+    return 0
+
+
+def sysfs_xpu_tiles(sysfs_root: str | Path = "/sys") -> int:
+    """Intel GPU tiles on this host, read from the kernel drivers' sysfs (no GPU runtime).
+
+    One entry per ``class/drm/cardN`` (connectors such as ``card0-DP-1`` are skipped): the
+    xe driver lists a card's tiles as ``device/tileN``; i915 lists GTs as ``gt/gtN``, which
+    are tiles on a Data Center GPU Max only. Under ``ZE_FLAT_DEVICE_HIERARCHY=FLAT`` every
+    tile is a Level Zero device: what one LLM replica owns.
+    """
+    cards = Path(sysfs_root) / "class" / "drm"
+    return sum(_sysfs_card_tiles(card) for card in cards.glob("card[0-9]*")
+               if card.name[4:].isdigit())
+
+
+def restrict_to_gpus(gpu_ids: Sequence[str | int],
+                     env: MutableMapping[str, str] = os.environ) -> dict[str, str]:
+    """Make this process see exactly the Intel GPU devices Ray assigned it; returns what it set.
+
+    Call before anything in the process touches the XPU runtime (ipex-llm's XPU kernels,
+    any ``torch.xpu`` call): Level Zero reads its mask once, when it initialises.
+    ``ZE_AFFINITY_MASK`` names the devices by their node-wide ids (FLAT hierarchy: one tile
+    each); the SYCL runtime then numbers the ones left from 0, so ``ONEAPI_DEVICE_SELECTOR``
+    selects those on the Level Zero backend (not the same GPU again through OpenCL) and the
+    replica's first device is ``xpu:0``. Raises SlotUnavailableError when Ray assigned none.
+    """
+    ids = [str(gpu_id).strip() for gpu_id in gpu_ids]
+    if not ids:
+        raise SlotUnavailableError(
+            "Ray assigned this replica no GPU: an XPU replica must ask for one "
+            "(ray_actor_options num_gpus=1, as build_app sets unless serve_config.yaml "
+            "replaces ray_actor_options)")
+    if not all(gpu_id.isdigit() for gpu_id in ids):
+        raise SlotUnavailableError(f"Ray assigned GPU ids {ids}: expected device numbers")
+    applied = {"ZE_AFFINITY_MASK": ",".join(ids),
+               "ONEAPI_DEVICE_SELECTOR": "level_zero:" + ",".join(map(str, range(len(ids))))}
+    env.update(applied)
+    logger.info("restricted to Intel GPU device(s) %s", applied["ZE_AFFINITY_MASK"])
+    return applied
 
 
 # ---------------------------------------------------------------------------- scheduling
@@ -631,6 +699,21 @@ def _xpu_env(xmx_disabled: bool) -> dict[str, str]:
     return env
 
 
+def _open_xpu(slot: Slot, xpu_module: Any, env: Mapping[str, str]) -> Slot:
+    """Select the slot's device as torch's current one; the slot with the device's name."""
+    xpu = xpu_module
+    if xpu is None:
+        xpu = getattr(importlib.import_module("torch"), "xpu", None)
+    if xpu is None or not xpu.is_available():
+        raise SlotUnavailableError(
+            f"{slot.describe()}: torch sees no Intel GPU (ZE_AFFINITY_MASK="
+            f"{env.get('ZE_AFFINITY_MASK')}); install the XPU environment "
+            "(cluster/install-xpu.sh) and check the node's driver (clinfo -l)")
+    ordinal = int(slot.device.partition(":")[2] or 0)
+    xpu.set_device(ordinal)
+    return dataclasses.replace(slot, name=xpu.get_device_properties(ordinal).name)
+
+
 def pin_to_slot(
     slot: Slot,
     *,
@@ -639,11 +722,15 @@ def pin_to_slot(
     set_affinity: Callable[[int, Iterable[int]], None] = os.sched_setaffinity,
     set_membind: Callable[[Sequence[int]], None] = bind_memory,
     torch_module: Any = None,
+    xpu_module: Any = None,
     env: MutableMapping[str, str] = os.environ,
 ) -> PinningReport:
     """Make this process use its slot; call it in the replica's constructor, before torch.
 
-    XPU: only the runtime variables (Ray's GPU assignment already restricts the devices).
+    XPU: the runtime variables (``_xpu_env``), then the first touch of the XPU runtime:
+    ``xpu:0`` becomes torch's current device and its name goes into the report's slot
+    (``restrict_to_gpus`` must have run: the runtime reads its device mask on this first
+    touch). Raises SlotUnavailableError when torch sees no Intel GPU.
     CPU: every thread's affinity, torch threads = the slot's physical cores (one compute
     thread per core, as Intel's launcher does: hyper-thread siblings share the core's vector
     units), ``OMP_NUM_THREADS`` to match (it only takes effect for a torch imported later,
@@ -658,7 +745,13 @@ def pin_to_slot(
     if slot.kind == "xpu":
         applied = _xpu_env(xmx_disabled)
         env.update(applied)
-        return PinningReport(slot, (), 0, None, False, "not applicable to XPU slots", applied)
+        slot = _open_xpu(slot, xpu_module, env)
+        masks = {key: env[key] for key in ("ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR")
+                 if key in env}
+        report = PinningReport(slot, (), 0, None, False, "not applicable to XPU slots",
+                               {**masks, **applied})
+        logger.info("pinned to %s: %s", slot.describe(), report.to_dict())
+        return report
     threads = max(slot.physical_cores, 1)
     applied = {"OMP_NUM_THREADS": str(threads)}
     env.update(applied)
@@ -729,7 +822,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.count == "cpu":
         print(len(discover_cpu_sockets(args.sysfs_root)))
     elif args.count == "xpu":
-        print(len(discover_xpu_tiles()))
+        print(len(discover_xpu_tiles(sysfs_root=args.sysfs_root)))
     else:
         rows = [json.dumps(slot.to_dict()) for slot in discover_slots(args.sysfs_root)]
         print("[\n  " + ",\n  ".join(rows) + "\n]" if rows else "[]")

@@ -61,25 +61,29 @@ def error_chunk(message: str, status_code: int, param: str | None = None) -> dic
 class LLMServer:
     def __init__(self, config: LLMConfig, slot_placement: placement.Placement = "host",
                  metrics_dir: str | None = None):
-        """Claim and pin a slot first (before torch runs), then load the engine.
+        """Restrict to Ray's GPUs, claim and pin a slot first (before torch runs), then load
+        the engine.
         ``metrics_dir``: where this node's processes share their metrics (build_app's)."""
         self._config = config
         started = time.monotonic()
-        node_id = ray.get_runtime_context().get_node_id()
+        context = ray.get_runtime_context()
+        node_id = context.get_node_id()
+        if slot_placement == "xpu":  # first: the XPU runtime reads its mask when it starts
+            placement.restrict_to_gpus(context.get_accelerator_ids().get("GPU", []))
         self._claim = placement.claim_slot(slot_placement, node_id=node_id)
-        self._slot = self._claim.slot
-        self._labels = metrics.labels_for(config.model_name, self._slot.kind,
-                                          str(self._slot.index))
+        self._labels = metrics.labels_for(config.model_name, self._claim.slot.kind,
+                                          str(self._claim.slot.index))
         metrics.prepare_multiprocess_dir(metrics_dir)
-        self._pinning = placement.pin_to_slot(self._slot, xmx_disabled=config.xmx_disabled)
+        self._pinning = placement.pin_to_slot(self._claim.slot, xmx_disabled=config.xmx_disabled)
+        self._slot = self._pinning.slot  # with the device's name, for an XPU
         checkpoint = config.checkpoint_path
-        if config.local_cache_dir:
+        if config.local_cache_dir:  # hashed once per node, as it is copied there
             checkpoint = str(cached_copy(checkpoint, config.local_cache_dir))
         engine_cls = load_engine_class(config.engine_class_path)
         self._engine = engine_cls.load(
             checkpoint, device=self._slot.device, max_batch_size=config.max_batch_size,
             max_prefill_tokens_per_step=config.max_prefill_tokens_per_step,
-            **config.engine_options)
+            hashes_verified=bool(config.local_cache_dir), **config.engine_options)
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._engine_thread_niceness: int | None = None  # set by the engine thread
         self._streaming = 0  # answers being streamed (their chunks share a budget)
@@ -89,6 +93,7 @@ class LLMServer:
             on_step=self._record_step,
             on_thread_start=self._prepare_engine_thread)
         self._loop.start(asyncio.get_event_loop())
+        self._loop.wait_started(constants.ENGINE_START_TIMEOUT_S)  # warmed up before ready
         metrics.REPLICA_LOADED.record(1, self._labels)
         logger.info("LLMServer ready in %.1f s: model %s from %s on %s (node %s)",
                     time.monotonic() - started, config.model_name, checkpoint,
@@ -169,12 +174,14 @@ class LLMServer:
         return min(self._streaming / budget, constants.MAX_STREAM_INTERVAL_S)
 
     def _prepare_engine_thread(self) -> None:
-        """Runs first on the engine thread: its torch threads and its priority."""
+        """Runs first on the engine thread: its torch threads, its priority, then the
+        engine's warm-up (the model's first forward pass must run on this thread)."""
         placement.apply_torch_threads(self._pinning)
         niceness = self._config.engine_thread_niceness
         self._engine_thread_niceness = (
             os.getpriority(os.PRIO_PROCESS, 0) if niceness is None
             else placement.raise_engine_thread_priority(niceness))
+        self._engine.warm_up()
 
     async def health(self) -> dict[str, Any]:
         """What /health reports for this replica; raises when the engine loop is not alive."""

@@ -47,8 +47,9 @@ class RayServeModel(BaseModel):
                     "names (max_tokens, temperature, top_p, top_k, seed, ignore_eos, min_tokens, "
                     "timeout) or IpexLLM's: max_new_tokens and max_length become max_tokens "
                     "(max_length then caps the answer alone, since the adapter does not "
-                    "tokenize), do_sample=False means temperature 0, trust_remote_code only "
-                    "matters to from_model_id's conversion.")
+                    "tokenize), do_sample=False means temperature 0, trust_remote_code and "
+                    "device ('cpu' or 'xpu': where the replicas run) only matter to "
+                    "from_model_id*, which convert and deploy the model.")
 
     stop: list[str] | None = Field(None, description="Stop strings for every call; a call's "
                                    "own `stop` replaces them.")
@@ -104,7 +105,9 @@ class RayServeModel(BaseModel):
         checkpoint root (``checkpoint_root``, else $LLM_CHECKPOINT_ROOT, else
         ``checkpoints``; a path every node sees) and served by a Serve application on the
         connected cluster (``app_name``, default ``llm-<checkpoint name>``), both reused when
-        they exist. ``app_args`` are further LLMConfig fields (device, max_batch_size...);
+        they exist. ``model_kwargs["device"]`` ("cpu" or "xpu", as IpexLLM takes it) is
+        where the replicas run: one Intel GPU tile or CPU socket each (LLMConfig's
+        ``device``). ``app_args`` are further LLMConfig fields (max_batch_size...);
         ``route_prefix`` also exposes the application over HTTP. ``kwargs`` go to the adapter
         (callbacks, tags...).
         """
@@ -119,8 +122,8 @@ class RayServeModel(BaseModel):
         deployment = deploy_model(
             model_id, low_bit=load_in_low_bit or DEFAULT_LOW_BIT,
             trust_remote_code=bool(model_kwargs.get("trust_remote_code", False)),
-            root=resolve_checkpoint_root(checkpoint_root), app_name=app_name, app_args=app_args,
-            route_prefix=route_prefix)
+            root=resolve_checkpoint_root(checkpoint_root), app_name=app_name,
+            app_args=app_args_with_device(app_args, model_kwargs), route_prefix=route_prefix)
         return cls._for(deployment, model_kwargs, kwargs)
 
     @classmethod
@@ -141,8 +144,8 @@ class RayServeModel(BaseModel):
         deployment = deploy_low_bit(
             model_id, tokenizer_id=tokenizer_id,
             trust_remote_code=bool(model_kwargs.get("trust_remote_code", False)),
-            root=resolve_checkpoint_root(checkpoint_root), app_name=app_name, app_args=app_args,
-            route_prefix=route_prefix)
+            root=resolve_checkpoint_root(checkpoint_root), app_name=app_name,
+            app_args=app_args_with_device(app_args, model_kwargs), route_prefix=route_prefix)
         return cls._for(deployment, model_kwargs, kwargs)
 
     @classmethod
@@ -195,6 +198,28 @@ class RayServeModel(BaseModel):
         if "max_tokens" in generation:
             params["ls_max_tokens"] = generation["max_tokens"]
         return params
+
+
+def app_args_with_device(app_args: Mapping[str, Any] | None,
+                         model_kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``app_args`` with IpexLLM's ``model_kwargs["device"]`` as the application's ``device``.
+
+    "xpu:N" is refused: Ray gives each replica a tile of its own, which it sees as xpu:0.
+    The same setting in both places must agree."""
+    args = dict(app_args or {})
+    device = model_kwargs.get("device")
+    if device is None:
+        return args
+    device = str(device).strip().lower()
+    if device.startswith("xpu:"):
+        raise ValueError(f"device {device!r}: each replica gets an Intel GPU tile of its own "
+                         "from Ray (it sees it as xpu:0); pass device='xpu'")
+    if device not in ("cpu", "xpu", "auto"):
+        raise ValueError(f"device {device!r}: expected 'cpu', 'xpu' or 'auto'")
+    if args.get("device", device) != device:
+        raise ValueError(f"device set to {device!r} in model_kwargs and {args['device']!r} in "
+                         "app_args; set it once")
+    return {**args, "device": device}
 
 
 class StreamState:

@@ -3,11 +3,13 @@
 ``from_model_id`` converts a model once, with the checkpoint CLI's code, into the checkpoint
 root; ``from_model_id_low_bit`` publishes a folder ipex-llm's ``save_low_bit`` wrote (or uses
 a published checkpoint as it is). Both then run ``build_app`` as a Serve application named
-after the checkpoint, unless it already runs. File locks in the checkpoint root keep two
-clients from converting the same model twice or deploying the same application twice.
+after the checkpoint, unless it already runs. A file lock in the checkpoint root keeps two
+clients from converting the same model twice; reusing a published checkpoint takes no lock
+and writes nothing, so a read-only mount of the root serves. A node-local lock keeps two
+clients on one machine from deploying the same application twice.
 
-The checkpoint root must be a path the cluster's nodes read at the same place (the shared
-mount of design.md), since the replicas load the checkpoint from there.
+The checkpoint root must be a path the cluster's nodes read at the same place (a shared
+mount), since the replicas load the checkpoint from there.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +47,8 @@ DEFAULT_CHECKPOINT_ROOT = Path(DEMO_CHECKPOINT_DIR).parent
 _SAVED_LOW_BIT_KEY = "bigdl_transformers_low_bit"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 _REUSABLE = (ApplicationStatus.RUNNING, ApplicationStatus.DEPLOYING)
+# Deploy locks are this machine's business, never the (possibly read-only) checkpoint root's.
+DEPLOY_LOCK_DIR = Path(tempfile.gettempdir()) / "ipex-llm-serve-deploy"
 
 
 @dataclass(frozen=True)
@@ -78,7 +83,7 @@ def deploy_model(model_id: str, *, low_bit: str, trust_remote_code: bool, root: 
                                   trust_remote_code=trust_remote_code, force=force)
 
     version = _publish_once(output, source=source, low_bit=low_bit, publish=convert)
-    return _serve(version, model_name, app_name or f"llm-{name}", app_args, route_prefix, root)
+    return _serve(version, model_name, app_name or f"llm-{name}", app_args, route_prefix)
 
 
 def deploy_low_bit(path: str | os.PathLike[str], *, tokenizer_id: str | None,
@@ -95,7 +100,7 @@ def deploy_low_bit(path: str | os.PathLike[str], *, tokenizer_id: str | None,
         else:  # served under its name without the low-bit suffix, as serve_config.yaml does
             model_name = manifest.name.removesuffix(f"-{manifest.low_bit}")
             return _serve(resolve_checkpoint(given), model_name, app_name or
-                          f"llm-{manifest.name}", app_args, route_prefix, root)
+                          f"llm-{manifest.name}", app_args, route_prefix)
     low_bit = _saved_low_bit(given)
     name = f"{_slug(given.name)}-{_digest(given)}"
     output = root / name
@@ -116,28 +121,42 @@ def deploy_low_bit(path: str | os.PathLike[str], *, tokenizer_id: str | None,
                                   force=force)
 
     version = _publish_once(output, source=str(given), low_bit=low_bit, publish=publish)
-    return _serve(version, given.name, app_name or f"llm-{name}", app_args, route_prefix, root)
+    return _serve(version, given.name, app_name or f"llm-{name}", app_args, route_prefix)
 
 
 def _publish_once(output: Path, *, source: str, low_bit: str,
                   publish: Callable[[bool], Path]) -> Path:
     """The version folder published as ``output`` from ``source``: reused when it verifies
-    (sizes only; the replica hashes it again when it loads), else published now."""
+    (sizes only; replicas hash it when they load or cache it), else published now.
+
+    Reuse is tried first without a lock, so a read-only root serves what it holds; only
+    publishing takes the root's lock (and checks again under it: another client may have
+    published meanwhile)."""
+    reusable = _reusable(output, source=source, low_bit=low_bit)
+    if reusable is not None:
+        return reusable
     make_parent_folder(output)  # a CheckpointError naming the root if it cannot be made
     with FileLock(output.parent / f".{output.name}.adapter.lock"):
-        exists = os.path.lexists(output)
-        if exists:
-            try:
-                manifest = verify_checkpoint(output, quick=True)
-                if manifest.source == source and manifest.low_bit == low_bit:
-                    return resolve_checkpoint(output)
-            except CheckpointError:
-                pass  # incomplete, or made by other library versions: publish a new version
-        return publish(exists)
+        reusable = _reusable(output, source=source, low_bit=low_bit)
+        return reusable or publish(os.path.lexists(output))
+
+
+def _reusable(output: Path, *, source: str, low_bit: str) -> Path | None:
+    """``output``'s version folder if it holds ``source`` at ``low_bit`` and verifies, else
+    None (absent, incomplete, another source, or made by other library versions)."""
+    if not os.path.lexists(output):
+        return None
+    try:
+        manifest = verify_checkpoint(output, quick=True)
+    except CheckpointError:
+        return None
+    if manifest.source != source or manifest.low_bit != low_bit:
+        return None
+    return resolve_checkpoint(output)
 
 
 def _serve(version: Path, model_name: str, app_name: str, app_args: Mapping[str, Any] | None,
-           route_prefix: str | None, lock_dir: Path) -> Deployment:
+           route_prefix: str | None) -> Deployment:
     """Run the application unless it runs (or is starting) already.
 
     It is deployed from the immutable version folder, so publishing a newer version later
@@ -150,7 +169,8 @@ def _serve(version: Path, model_name: str, app_name: str, app_args: Mapping[str,
     if route_prefix is None:
         serve.start(proxy_location="Disabled")  # no-op when Serve runs already
     args = {**(app_args or {}), "model_name": model_name, "checkpoint_path": str(version)}
-    with FileLock(lock_dir / f".{_slug(app_name)}.deploy.lock"):
+    DEPLOY_LOCK_DIR.mkdir(parents=True, exist_ok=True)
+    with FileLock(DEPLOY_LOCK_DIR / f"{_slug(app_name)}.lock"):
         status = serve.status().applications.get(app_name)
         if status is None or status.status not in _REUSABLE:
             serve.run(build_app(args), name=app_name, route_prefix=route_prefix)

@@ -38,8 +38,9 @@ _OPENAI_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore
 # order. max_length counts prompt + answer there; the adapter does not tokenize, so it caps
 # the answer alone: never shorter than IpexLLM's, never longer than max_length tokens.
 _MAX_TOKENS_ALIASES = ("max_new_tokens", "max_length")
-# IpexLLM's model-loading keys: they matter when from_model_id converts a model, not per request.
-LOAD_KWARGS = ("trust_remote_code",)
+# IpexLLM's model-loading keys: they matter when from_model_id* converts and deploys a model
+# (device: where its replicas run, "cpu" or "xpu"), not per request.
+LOAD_KWARGS = ("trust_remote_code", "device")
 # What sets a request's generation: accepted in model_kwargs, as the adapter's own fields
 # (ChatOpenAI's style) and per call.
 GENERATION_KWARGS = frozenset((*_OPENAI_FIELDS, *_MAX_TOKENS_ALIASES, "do_sample"))

@@ -34,7 +34,8 @@ class EchoEngine(ContinuousBatchingEngine):
 
     @classmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
-             max_prefill_tokens_per_step: int, **options: Any) -> EchoEngine:
+             max_prefill_tokens_per_step: int, hashes_verified: bool = False,
+             **options: Any) -> EchoEngine:
         return cls(max_batch_size=max_batch_size,
                    max_prefill_tokens_per_step=max_prefill_tokens_per_step, **options)
 

@@ -36,6 +36,14 @@ position: a hole, as left padding is, so each such step widens them by one posit
 taken only while the KV budget could still run every row to its end (``_rows_decodable``).
 Off by default on an XPU, where a decode step's cost hardly depends on its rows.
 
+On an Intel GPU the model runs in fp16 (``.half()``, as ipex-llm's GPU guides load it), on
+``xpu:0``, the one tile the replica sees. ipex-llm would store the KV cache in FP8 on Arc and
+BMG GPUs once a batch has two rows (and on Core Ultra iGPUs); the joins and row drops here
+copy ``DynamicNormalCache`` tensors, so that switch is held off (``keep_kv_cache_unquantized``)
+on every device, and asking for it is refused. ``warm_up`` (engine option ``warmup``, on by
+default on an XPU) runs the model once before the replica reports ready: a cold SYCL kernel
+cache compiles kernels on first use, which the first request would otherwise wait for.
+
 Attention reads the KV cache as it is, not a copy per query head (ipex_attention).
 Loading merges the meta q/k/v projections without ``torch.cat``, which would import
 ``torch._dynamo`` (ipex_meta_merge): about 2 s less of a replica's start.
@@ -49,7 +57,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from deployments.engine import ipex_attention, ipex_meta_merge
@@ -82,6 +90,11 @@ LINEAR_THRESHOLD_ROWS = "17"
 KV_CACHE_SHARE = {"cpu": 0.3, "xpu": 0.6}
 # The prompt cache's share of the KV budget (positions of finished sequences kept for reuse).
 PROMPT_CACHE_SHARE = 0.1
+# ipex-llm's FP8 KV switches: the current name, and the deprecated one it reads first.
+QUANTIZE_KV_ENV = "IPEX_LLM_QUANTIZE_KV_CACHE"
+DEPRECATED_QUANTIZE_KV_ENV = "BIGDL_QUANTIZE_KV_CACHE"
+# Dummy prompt positions of the warm-up's prefill (any length runs the same kernels).
+WARMUP_PROMPT_TOKENS = 8
 
 
 class _Rows:
@@ -100,7 +113,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
     def __init__(self, model: Any, tokenizer: Any, *, device: str, max_batch_size: int,
                  max_prefill_tokens_per_step: int, max_context_tokens: int | None = None,
                  kv_cache_gb: float | None = None, prompt_cache: bool = True,
-                 short_first: bool | None = None):
+                 short_first: bool | None = None, warmup: bool | None = None):
         from ipex_llm.transformers.kv import DynamicNormalCache
 
         ipex_attention.install()  # attention without copying the KV per query head
@@ -117,6 +130,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         if kv_cache_gb is not None and kv_cache_gb <= 0:
             raise EngineError(f"kv_cache_gb must be > 0, not {kv_cache_gb}", status_code=500)
         kind = "xpu" if device.startswith("xpu") else "cpu"
+        self.warms_up = kind == "xpu" if warmup is None else warmup
         kv_bytes = (int(kv_cache_gb * 2**30) if kv_cache_gb is not None
                     else int(_free_memory_bytes(device) * KV_CACHE_SHARE[kind]))
         kv_positions = max(kv_bytes // self.kv_bytes_per_position, 1)
@@ -147,14 +161,17 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
 
     @classmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
-             max_prefill_tokens_per_step: int, **options: Any) -> IpexLLMEngine:
+             max_prefill_tokens_per_step: int, hashes_verified: bool = False,
+             **options: Any) -> IpexLLMEngine:
         """Verify the checkpoint, then load weights (no pickle code runs) and tokenizer.
         ``options``: ``kv_cache_gb`` (memory for the KV cache; the default is a share of
         what is free once the model is loaded), ``max_context_tokens``, ``prompt_cache``
         (reuse a finished request's KV for a shared prompt prefix; default on),
         ``short_first`` (requests with 4x the smallest running token budget decode every
-        other step while those run; default on for the CPU, off for an XPU)."""
+        other step while those run; default on for the CPU, off for an XPU), ``warmup``
+        (``warm_up`` before serving; default on for an XPU, off for the CPU)."""
         os.environ.setdefault(LINEAR_THRESHOLD_ENV, LINEAR_THRESHOLD_ROWS)
+        keep_kv_cache_unquantized(os.environ)
         import torch
         from ipex_llm.transformers import AutoModelForCausalLM
         from transformers import AutoTokenizer
@@ -162,17 +179,36 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         from deployments.checkpoints import resolve_checkpoint, verify_checkpoint
 
         folder = resolve_checkpoint(checkpoint_path)
-        verify_checkpoint(folder, checkpoint_format="ipex_llm")
+        verify_checkpoint(folder, checkpoint_format="ipex_llm", quick=hashes_verified)
         if device.startswith("xpu") and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
             raise EngineError(f"device {device!r} asked for, but torch.xpu is not available",
                               status_code=500)
         ipex_meta_merge.install()  # spares the replica importing torch._dynamo
         with _weights_only_torch_load():
             model = AutoModelForCausalLM.load_low_bit(str(folder), trust_remote_code=False)
-        model = model.to(device).eval()
+        model = to_device(model, device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         return cls(model, tokenizer, device=device, max_batch_size=max_batch_size,
                    max_prefill_tokens_per_step=max_prefill_tokens_per_step, **options)
+
+    def warm_up(self) -> None:
+        """Run the model on dummy tokens before serving, if engine option ``warmup`` says so:
+        a prefill and a decode step at batch 1 and at batch 2 (ipex-llm picks other kernels
+        for one row than for several), so a cold device compiles its kernels now, not
+        during the first requests. Request state and the prompt cache are not touched; runs
+        on the engine thread, which must make the model's first forward pass."""
+        if not self.warms_up:
+            return
+        import torch
+
+        for rows in (1, 2):
+            ids = torch.full((rows, WARMUP_PROMPT_TOKENS), self._pad_id, dtype=torch.long)
+            mask = torch.ones_like(ids)
+            positions = torch.arange(WARMUP_PROMPT_TOKENS, dtype=torch.long).expand(rows, -1)
+            _, cache = self._forward(ids, mask, positions, None)
+            mask = torch.ones((rows, WARMUP_PROMPT_TOKENS + 1), dtype=torch.long)
+            self._forward(ids[:, -1:], mask, positions[:, -1:] + 1, cache)
+        logger.info("warmed up on %s", self._device)
 
     # ---- text ----------------------------------------------------------------------------
 
@@ -478,6 +514,30 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         import torch
 
         return torch.tensor(self._sample(logits.numpy(), sequences), dtype=torch.long)
+
+
+def keep_kv_cache_unquantized(env: MutableMapping[str, str]) -> None:
+    """Hold off ipex-llm's FP8 KV cache: ``IPEX_LLM_QUANTIZE_KV_CACHE=0``, which its
+    ``use_quantize_kv_cache`` reads before it looks at the device (it would turn FP8 on for
+    Arc and BMG GPUs at batch > 1, and for Core Ultra iGPUs). Continuous batching here joins
+    and drops rows by copying ``DynamicNormalCache`` tensors; an FP8 cache keeps other
+    tensors, which those copies would scramble. Raises EngineError when the environment
+    asks for FP8 (either name set to 1)."""
+    for name in (QUANTIZE_KV_ENV, DEPRECATED_QUANTIZE_KV_ENV):
+        if env.get(name) == "1":
+            raise EngineError(f"{name}=1 asks for ipex-llm's FP8 KV cache, which engine "
+                              "ipex_llm does not support (its continuous batching copies KV "
+                              "rows between caches): unset it", status_code=500)
+    env.pop(DEPRECATED_QUANTIZE_KV_ENV, None)
+    env[QUANTIZE_KV_ENV] = "0"
+
+
+def to_device(model: Any, device: str) -> Any:
+    """The loaded model on ``device``: in fp16 on an Intel GPU (ipex-llm's GPU guides load
+    models so; its XPU kernels take fp16 activations), as it is on the CPU."""
+    if device.startswith("xpu"):
+        model = model.half()
+    return model.to(device)
 
 
 def _free_memory_bytes(device: str) -> int:

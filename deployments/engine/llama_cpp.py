@@ -124,7 +124,8 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
 
     @classmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
-             max_prefill_tokens_per_step: int, **options: Any) -> LlamaCppEngine:
+             max_prefill_tokens_per_step: int, hashes_verified: bool = False,
+             **options: Any) -> LlamaCppEngine:
         """Verify a ``gguf`` checkpoint, then load its GGUF file (memory-mapped: replicas on
         one node share the page cache) and tokenizer. ``options``: ``context_tokens``
         (KV cells per request), ``threads`` (default: the CPUs this replica is pinned to),
@@ -140,7 +141,7 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         from deployments.checkpoints import resolve_checkpoint, verify_checkpoint
 
         folder = resolve_checkpoint(checkpoint_path)
-        verify_checkpoint(folder, checkpoint_format="gguf")
+        verify_checkpoint(folder, checkpoint_format="gguf", quick=hashes_verified)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         return cls(folder / GGUF_MODEL_FILE, tokenizer, max_batch_size=max_batch_size,
                    max_prefill_tokens_per_step=max_prefill_tokens_per_step, **options)

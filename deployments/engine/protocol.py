@@ -102,8 +102,14 @@ class LLMEngine(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
-             max_prefill_tokens_per_step: int, **options: Any) -> LLMEngine:
-        """Load the checkpoint at ``checkpoint_path`` onto ``device`` ("cpu" or "xpu")."""
+             max_prefill_tokens_per_step: int, hashes_verified: bool = False,
+             **options: Any) -> LLMEngine:
+        """Load the checkpoint at ``checkpoint_path`` onto ``device`` ("cpu" or "xpu:N").
+
+        The checkpoint is verified against its manifest first; ``hashes_verified`` says the
+        caller already hashed every file of this very folder (the node-local cache does
+        while copying), so the engine checks the manifest and sizes only: a node hashes a
+        checkpoint once, not once per replica."""
 
     @property
     @abc.abstractmethod
@@ -122,6 +128,11 @@ class LLMEngine(abc.ABC):
     @abc.abstractmethod
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         """The prompt text for a chat, ending where the assistant's answer begins."""
+
+    def warm_up(self) -> None:
+        """Prepare the device before the first request (e.g. compile its kernels); called
+        once, on the engine thread, before the replica serves. Nothing by default."""
+        return
 
     @abc.abstractmethod
     def add_request(self, request: GenerationRequest) -> None: ...

@@ -95,16 +95,38 @@ def two_socket_sysfs(tmp_path: Path) -> Path:
 
 
 class FakeXpu:
-    """torch.xpu as seen by a process that has `count` Intel GPU devices."""
+    """torch.xpu as seen by a process that has `count` Intel GPU devices; records the
+    device mask in ``env`` when it is first called (when Level Zero would read it)."""
 
-    def __init__(self, count: int, name: str = "Intel(R) Data Center GPU Max 1550") -> None:
+    def __init__(self, count: int, name: str = "Intel(R) Data Center GPU Max 1550",
+                 env: dict[str, str] | None = None) -> None:
         self._count = count
         self._name = name
+        self._env = env if env is not None else {}
+        self.mask_at_first_call: str | None = None
+        self.called = False
+        self.current: int | None = None
+
+    def _touch(self) -> None:
+        if not self.called:
+            self.called = True
+            self.mask_at_first_call = self._env.get("ZE_AFFINITY_MASK")
+
+    def is_available(self) -> bool:
+        self._touch()
+        return self._count > 0
 
     def device_count(self) -> int:
+        self._touch()
         return self._count
 
+    def set_device(self, ordinal: int) -> None:
+        self._touch()
+        assert 0 <= ordinal < self._count
+        self.current = ordinal
+
     def get_device_properties(self, ordinal: int) -> SimpleNamespace:
+        self._touch()
         assert 0 <= ordinal < self._count
         return SimpleNamespace(name=self._name, total_memory=64 << 30)
 
@@ -239,32 +261,33 @@ def test_mask_names_device_ids_while_torch_counts_from_zero() -> None:
 def test_each_replica_of_a_four_tile_node_sees_one_tile_and_sets_its_env(
     tmp_path: Path,
 ) -> None:
-    """What each of 4 replicas does after Ray assigned it one GPU (ZE_AFFINITY_MASK=i)."""
+    """What each of 4 replicas does after Ray assigned it GPU i (whichever accelerator
+    manager Ray picked): the mask is in place before the XPU runtime is first touched."""
     claims = []
     for device_id in range(4):
-        env = {**FLAT, "ZE_AFFINITY_MASK": str(device_id)}
-        claim = claim_slot(
-            "xpu", node_id="gpu-node", lock_dir=tmp_path, env=env, xpu_module=FakeXpu(1)
-        )
+        env = dict(FLAT)
+        xpu = FakeXpu(1, env=env)
+        placement.restrict_to_gpus([str(device_id)], env)
+        claim = claim_slot("xpu", node_id="gpu-node", lock_dir=tmp_path, env=env)
         claims.append(claim)
         affinity, torch = AffinityRecorder(), FakeTorch()
 
-        report = pin_to_slot(
-            claim.slot, xmx_disabled=True, env=env, set_affinity=affinity, torch_module=torch
-        )
+        report = pin_to_slot(claim.slot, xmx_disabled=True, env=env, set_affinity=affinity,
+                             torch_module=torch, xpu_module=xpu)
 
         assert (claim.slot.index, claim.slot.device, claim.slot.node_id) == (
             device_id,
             "xpu:0",
             "gpu-node",
         )
-        assert env == {
-            **FLAT,
-            "ZE_AFFINITY_MASK": str(device_id),
-            "SYCL_CACHE_PERSISTENT": "1",
-            "BIGDL_LLM_XMX_DISABLED": "1",
-        }
-        assert report.env == {"SYCL_CACHE_PERSISTENT": "1", "BIGDL_LLM_XMX_DISABLED": "1"}
+        masks = {"ZE_AFFINITY_MASK": str(device_id), "ONEAPI_DEVICE_SELECTOR": "level_zero:0"}
+        assert env == {**FLAT, **masks, "SYCL_CACHE_PERSISTENT": "1",
+                       "BIGDL_LLM_XMX_DISABLED": "1"}
+        assert report.env == {**masks, "SYCL_CACHE_PERSISTENT": "1",
+                              "BIGDL_LLM_XMX_DISABLED": "1"}
+        assert xpu.mask_at_first_call == str(device_id) and xpu.current == 0
+        assert report.slot.name == "Intel(R) Data Center GPU Max 1550"
+        assert report.to_dict()["slot"]["index"] == device_id
         assert affinity.calls == {} and torch.num_threads == []
     for claim in claims:
         claim.release()
@@ -272,9 +295,77 @@ def test_each_replica_of_a_four_tile_node_sees_one_tile_and_sets_its_env(
 
 def test_xmx_is_disabled_only_when_the_config_says_so() -> None:
     env: dict[str, str] = {}
-    pin_to_slot(Slot(kind="xpu", index=0, device="xpu:0"), env=env)
+    pin_to_slot(Slot(kind="xpu", index=0, device="xpu:0"), env=env, xpu_module=FakeXpu(1))
 
     assert env == {"SYCL_CACHE_PERSISTENT": "1"}
+
+
+def test_an_xpu_slot_without_a_visible_gpu_fails_the_replica_in_one_line() -> None:
+    env = {"ZE_AFFINITY_MASK": "1"}
+    with pytest.raises(SlotUnavailableError, match=r"torch sees no Intel GPU \(ZE_AFFINITY_MASK=1"):
+        pin_to_slot(Slot(kind="xpu", index=1, device="xpu:0"), env=env, xpu_module=FakeXpu(0))
+
+
+@pytest.mark.parametrize(
+    ("ids", "mask", "selector"),
+    [(["3"], "3", "level_zero:0"), ([0, 2], "0,2", "level_zero:0,1")],
+)
+def test_ray_gpu_ids_become_the_level_zero_mask(ids: list[Any], mask: str, selector: str
+                                                ) -> None:
+    env = {"CUDA_VISIBLE_DEVICES": "3"}  # what Ray's NVIDIA manager sets without dpctl
+    applied = placement.restrict_to_gpus(ids, env)
+
+    assert applied == {"ZE_AFFINITY_MASK": mask, "ONEAPI_DEVICE_SELECTOR": selector}
+    assert visible_xpu_ids(env) == [int(i) for i in ids]
+    assert [tile.index for tile in discover_xpu_tiles(env)] == [int(i) for i in ids]
+
+
+@pytest.mark.parametrize(("ids", "message"), [([], "no GPU"), (["GPU-0"], "device numbers")])
+def test_gpu_ids_that_name_no_device_are_refused(ids: list[str], message: str) -> None:
+    env: dict[str, str] = {}
+    with pytest.raises(SlotUnavailableError, match=message):
+        placement.restrict_to_gpus(ids, env)
+    assert env == {}
+
+
+def write_drm_card(sysfs: Path, card: str, *, vendor: str, device: str, driver: str,
+                   tiles: int = 0, gts: int = 0) -> None:
+    """One ``class/drm/<card>`` entry as the i915 or xe kernel driver lays it out."""
+    pci = sysfs / "devices" / "pci0000:00" / card.replace("card", "0000:0") / "device"
+    pci.mkdir(parents=True)
+    (pci / "vendor").write_text(vendor + "\n")
+    (pci / "device").write_text(device + "\n")
+    drivers = sysfs / "bus" / "pci" / "drivers" / driver
+    drivers.mkdir(parents=True, exist_ok=True)
+    (pci / "driver").symlink_to(drivers)
+    for tile in range(tiles):
+        (pci / f"tile{tile}" / "gt0").mkdir(parents=True)
+    entry = sysfs / "class" / "drm" / card
+    entry.mkdir(parents=True)
+    (entry / "device").symlink_to(pci)
+    for gt in range(gts):
+        (entry / "gt" / f"gt{gt}").mkdir(parents=True)
+
+
+def test_tiles_are_counted_from_the_kernel_drivers_sysfs(tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]
+                                                          ) -> None:
+    sysfs = tmp_path / "sys"
+    write_drm_card(sysfs, "card0", vendor="0x8086", device="0x0bd5", driver="i915", gts=2)
+    write_drm_card(sysfs, "card1", vendor="0x8086", device="0x0bd5", driver="xe", tiles=2)
+    write_drm_card(sysfs, "card2", vendor="0x8086", device="0x56a0", driver="i915", gts=1)
+    # A Meteor Lake iGPU: i915 lists its media engine as a second GT, not a tile.
+    write_drm_card(sysfs, "card3", vendor="0x8086", device="0x7d55", driver="i915", gts=2)
+    write_drm_card(sysfs, "card4", vendor="0x1a03", device="0x2000", driver="ast")  # BMC
+    (sysfs / "class" / "drm" / "card0-DP-1").mkdir()  # a connector, not a card
+
+    assert placement.sysfs_xpu_tiles(sysfs) == 2 + 2 + 1 + 1
+    monkeypatch.setattr(placement, "_torch_xpu", lambda: None)  # no XPU torch on this host
+    assert len(discover_xpu_tiles(FLAT, sysfs_root=sysfs)) == 6
+    placement.main(["--sysfs-root", str(sysfs), "--count", "xpu"])
+    assert capsys.readouterr().out == "6\n"
+    assert placement.sysfs_xpu_tiles(tmp_path / "empty") == 0
 
 
 def test_replica_trusts_ray_mask_without_importing_torch(monkeypatch: pytest.MonkeyPatch) -> None:

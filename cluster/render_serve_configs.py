@@ -11,15 +11,19 @@ Writes:
 
 - ``cluster/serve_config.cluster.yaml``: for bare metal and the cluster launcher
   (``serve deploy cluster/serve_config.cluster.yaml``);
-- the ``serveConfigV2`` block of ``cluster/rayservice.yaml``: for KubeRay (the rest of that
-  manifest is written by hand and left as it is);
+- the ``serveConfigV2`` block of ``cluster/rayservice.yaml``: for KubeRay on GPU nodes of the
+  i915 kernel driver (the rest of that manifest is written by hand and left as it is);
+- ``cluster/rayservice.xe.yaml``: that manifest, whole, for GPU nodes of the ``xe`` kernel
+  driver, whose device plugin advertises ``gpu.intel.com/xe`` instead of
+  ``gpu.intel.com/i915`` (``xe_manifest``), so the two manifests cannot drift;
 - ``serve_config.llama_cpp.yaml``: the same single-machine service on engine llama_cpp and
   the GGUF demo checkpoint (``make serve-llama-cpp``; ``LLAMA_CPP_ARGS``).
 
 Usage, from anywhere::
 
-    python cluster/render_serve_configs.py           # rewrite both after editing serve_config.yaml
-    python cluster/render_serve_configs.py --check   # exit 1 if either is stale (the tests run it)
+    python cluster/render_serve_configs.py           # rewrite them after editing serve_config.yaml
+                                                     # or cluster/rayservice.yaml
+    python cluster/render_serve_configs.py --check   # exit 1 if one is stale (the tests run it)
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO / "serve_config.yaml"
 CLUSTER_CONFIG = REPO / "cluster" / "serve_config.cluster.yaml"
 RAYSERVICE = REPO / "cluster" / "rayservice.yaml"
+RAYSERVICE_XE = REPO / "cluster" / "rayservice.xe.yaml"
 LLAMA_CPP_CONFIG = REPO / "serve_config.llama_cpp.yaml"
 APP_NAME = "llm"
 
@@ -52,6 +57,31 @@ LLAMA_CPP_ARGS = {"engine": "llama_cpp",
 HEADER = ("# Generated from serve_config.yaml by cluster/render_serve_configs.py: edit those, not "
           "this.\n")
 RAYSERVICE_KEY = "serveConfigV2: |"
+
+# The xe manifest: rayservice.yaml with the other device plugin resource, and these renames
+# (each must match: an edit of rayservice.yaml that breaks one fails the render).
+I915_RESOURCE = "gpu.intel.com/i915"
+XE_RESOURCE = "gpu.intel.com/xe"
+XE_RENAMES = (("groupName: xpu-max1550\n", "groupName: xpu-max1550-xe\n"),)
+XE_HEADER = """\
+# Generated from cluster/rayservice.yaml by cluster/render_serve_configs.py: edit that, not this.
+#
+# KubeRay (ray.io/v1): cluster/rayservice.yaml for GPU nodes on the `xe` kernel driver, where
+# Intel's GPU device plugin advertises `gpu.intel.com/xe` rather than `gpu.intel.com/i915`.
+# Otherwise the same objects: apply this file or rayservice.yaml, not both.
+#
+#   kubectl apply -f cluster/rayservice.xe.yaml -l app.kubernetes.io/component=checkpoints
+#   kubectl apply -f cluster/convert-job.yaml      # once: publishes the checkpoint
+#   kubectl wait --for=condition=complete --timeout=30m job/ipex-llm-checkpoint-convert
+#   kubectl apply -f cluster/rayservice.xe.yaml
+#   kubectl port-forward svc/ipex-llm-serve-serve-svc 8000   # KubeRay's Serve service
+#
+# The worker group keeps rayservice.yaml's two tiles per card (num-gpus "2", a Data Center GPU
+# Max 1550). xe is the driver Intel supports for newer GPUs (Battlemage, Lunar Lake and
+# later), which show one device per unit of gpu.intel.com/xe: for those, set num-gpus to the
+# devices per pod ("1") in the copy you apply, as you set the image, the NFS server and the
+# render group id there. Prerequisites and steps: rayservice.yaml's header, cluster/README.md.
+"""
 
 
 def _llm_args(config: dict[str, Any]) -> dict[str, Any]:
@@ -107,13 +137,46 @@ def with_block(manifest: str, key: str, body: str) -> str:
     raise ValueError(f"no line `{key}` in the manifest")
 
 
+def without_header(manifest: str) -> str:
+    """``manifest`` from its first line that is neither a comment nor blank."""
+    lines = manifest.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines)
+                  if line.strip() and not line.lstrip().startswith("#")), len(lines))
+    return "".join(lines[start:])
+
+
+def xe_manifest(i915_manifest: str) -> str:
+    """The xe manifest: ``i915_manifest`` (rayservice.yaml's text) for nodes on the xe driver.
+
+    Its header comment gives way to ``XE_HEADER``; below it every ``I915_RESOURCE`` becomes
+    ``XE_RESOURCE`` and each of ``XE_RENAMES`` is applied. Raises ValueError when a rename
+    matches nothing or "i915" is left below the header, so that an edit of rayservice.yaml the
+    mapping does not cover stops the render instead of yielding pods that ask for the wrong
+    driver's resource.
+    """
+    body = without_header(i915_manifest)
+    if I915_RESOURCE not in body:
+        raise ValueError(f"{RAYSERVICE.name} requests no {I915_RESOURCE}")
+    body = body.replace(I915_RESOURCE, XE_RESOURCE)
+    for old, new in XE_RENAMES:
+        if old not in body:
+            raise ValueError(f"no {old.strip()!r} in {RAYSERVICE.name}: update XE_RENAMES")
+        body = body.replace(old, new)
+    left = [line.strip() for line in body.splitlines() if "i915" in line]
+    if left:
+        raise ValueError(f"{RAYSERVICE.name} names i915 where XE_RENAMES does not reach: {left}")
+    return XE_HEADER + body
+
+
 def rendered() -> dict[Path, str]:
     """The up-to-date text of every file this script owns (in part)."""
     source = yaml.safe_load(SOURCE.read_text())
     body = render_yaml(cluster_serve_config(source))
+    rayservice = with_block(RAYSERVICE.read_text(), RAYSERVICE_KEY, body)
     return {
         CLUSTER_CONFIG: HEADER + body,
-        RAYSERVICE: with_block(RAYSERVICE.read_text(), RAYSERVICE_KEY, body),
+        RAYSERVICE: rayservice,
+        RAYSERVICE_XE: xe_manifest(rayservice),
         LLAMA_CPP_CONFIG: HEADER.replace("those", "that") + "# `make serve-llama-cpp` runs it.\n"
         + render_yaml(llama_cpp_serve_config(source)),
     }

@@ -183,11 +183,9 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
-            try:
-                if self._on_thread_start is not None:
-                    self._on_thread_start()
-            finally:
-                self._started.set()
+            if self._on_thread_start is not None:
+                self._on_thread_start()
+            self._started.set()
             while not self._stopping.is_set():
                 failures = self._drain_inbox(block=not self._engine.has_unfinished_requests())
                 if failures:
@@ -208,6 +206,7 @@ class EngineLoop:
         except BaseException as error:  # the replica must report it, not hang requests
             logger.exception("engine loop failed")
             self._fatal = error
+            self._started.set()  # after _fatal: a waiting constructor must see the failure
             self._fail_everyone(error)
 
     def _drain_inbox(self, *, block: bool) -> list[GenerationOutput | EngineFailure]:

@@ -8,7 +8,8 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -108,11 +109,26 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen, timeout_s: floa
     raise TimeoutError(f"{base_url}/health not ready after {timeout_s} s")
 
 
+def write_tiny_model(folder: Path) -> None:
+    """What an ipex_llm checkpoint must list (config and weights; the echo engine reads
+    neither): a publish_checkpoint build for tests that serve the echo engine."""
+    (folder / "config.json").write_text('{"bigdl_transformers_low_bit": "sym_int4"}')
+    (folder / "model.safetensors").write_bytes(b"weights")
+
+
+def socket_nodes(cpus: int) -> list[dict[str, Any]]:
+    """Two worker nodes that advertise one CPU socket each, as start-node.sh does."""
+    return [{"num_cpus": cpus, "resources": {CPU_SOCKET_RESOURCE: 1}} for _ in range(2)]
+
+
 @contextlib.contextmanager
-def socket_cluster(worker_cpus: int) -> Iterator[tuple[Any, list[Any]]]:
-    """A one-machine Ray cluster: a head without sockets (2 CPUs) and two worker nodes that
-    advertise one CPU socket each, connected, with Serve started (no HTTP); always shut down.
-    Yields the cluster and its worker nodes."""
+def local_cluster(workers: Sequence[dict[str, Any]], *,
+                  runtime_env: dict[str, Any] | None = None
+                  ) -> Iterator[tuple[Any, list[Any]]]:
+    """A one-machine Ray cluster: a head with 2 CPUs and no slot (no GPU, no socket) and one
+    worker node per entry of ``workers`` (``Cluster.add_node`` arguments), connected with
+    ``runtime_env``, with Serve started (no HTTP); always shut down. Yields the cluster and
+    its worker nodes."""
     from ray.cluster_utils import Cluster
 
     with pytest.MonkeyPatch.context() as patch:
@@ -121,14 +137,13 @@ def socket_cluster(worker_cpus: int) -> Iterator[tuple[Any, list[Any]]]:
         # shutdown even when it names someone else's cluster: keep out of the shared file.
         patch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
         patch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
-        cluster = Cluster(
-            initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+        cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
         try:
-            workers = [cluster.add_node(num_cpus=worker_cpus,
-                                        resources={CPU_SOCKET_RESOURCE: 1}) for _ in range(2)]
-            ray.init(address=cluster.address)
+            nodes = [cluster.add_node(**node) for node in workers]
+            ray.init(address=cluster.address, runtime_env=runtime_env)
             serve.start(proxy_location="Disabled")
-            yield cluster, workers
+            yield cluster, nodes
         finally:
             if ray.is_initialized():
                 serve.shutdown()

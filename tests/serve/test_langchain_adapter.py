@@ -33,6 +33,7 @@ from deployments.constants import DEMO_MODEL_NAME
 from langchain_adapter import AppUnavailableError, ChatRayServe, RayServeLLM, ServiceError
 from langchain_adapter import deploy as deploy_module
 from langchain_adapter.router_client import generation_fields, service_errors
+from tests.helpers import write_tiny_model
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -430,12 +431,6 @@ def test_chat_refuses_messages_the_server_cannot_serve(chat: ChatRayServe) -> No
 
 
 # ---- deploying a model, as IpexLLM's constructors load one ------------------------------
-
-
-def write_tiny_model(folder: Path) -> None:
-    """What a checkpoint must list (config and weights; the echo engine reads neither)."""
-    (folder / "config.json").write_text('{"bigdl_transformers_low_bit": "sym_int4"}')
-    (folder / "model.safetensors").write_bytes(b"weights")
 
 
 def test_from_model_id_converts_once_and_deploys_once(

@@ -33,7 +33,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments.checkpoints import publish_checkpoint, verify_checkpoint
 from deployments.placement import CPU_SOCKET_RESOURCE
-from tests.helpers import socket_cluster
+from tests.helpers import local_cluster, socket_nodes
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -51,7 +51,7 @@ POLL_S = 0.25
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
     """A head without sockets and two worker nodes with one socket each; always shut down."""
-    with socket_cluster(worker_cpus=1) as (cluster, _):
+    with local_cluster(socket_nodes(1)) as (cluster, _):
         yield cluster
 
 

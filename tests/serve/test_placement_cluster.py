@@ -18,7 +18,7 @@ from ray import serve
 from ray.serve.api import RunTarget
 
 from deployments.placement import CPU_SOCKET_RESOURCE, claim_slot, replica_ray_options
-from tests.helpers import socket_cluster
+from tests.helpers import local_cluster, socket_nodes
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -43,7 +43,7 @@ class SlotReporter:
 @pytest.fixture(scope="module")
 def worker_node_ids() -> Iterator[list[str]]:
     """A head without sockets (but with CPUs to spare) and two one-socket worker nodes."""
-    with socket_cluster(worker_cpus=2) as (_, workers):
+    with local_cluster(socket_nodes(2)) as (_, workers):
         yield [node.node_id for node in workers]
 
 

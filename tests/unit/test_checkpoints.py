@@ -25,6 +25,7 @@ from deployments.checkpoints import (
     CheckpointError,
     cached_copy,
     publish_checkpoint,
+    read_manifest,
     resolve_checkpoint,
     verify_checkpoint,
     write_manifest,
@@ -474,6 +475,32 @@ def test_cached_copy_replaces_a_damaged_copy(published: Path, tmp_path: Path,
     assert cached_copy(published, tmp_path / "cache") == copy
     verify_checkpoint(copy)
     assert len(copy_counter) == 2
+
+
+def test_cached_copy_is_reused_by_manifest_digest_without_hashing_again(
+        published: Path, tmp_path: Path, copy_counter: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashed once per node, while copying; a copy whose manifest differs from the source's
+    (same sizes: a size check alone would take it) is made again."""
+    copy = cached_copy(published, tmp_path / "cache")
+    source_before = sorted(path.name for path in published.parent.iterdir())
+
+    def no_hashing(*_: object, **__: object) -> dict[str, str]:
+        raise AssertionError("hashed a copy this node already verified")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoints, "_sha256_files", no_hashing)
+        assert cached_copy(published, tmp_path / "cache") == copy
+
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    manifest["source"] = "someone-else"  # another checkpoint's manifest, same file sizes
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    verify_checkpoint(copy, quick=True)  # what a size check would accept
+    assert cached_copy(published, tmp_path / "cache") == copy
+    assert read_manifest(copy).source == read_manifest(published).source
+    assert len(copy_counter) == 2
+    # Nothing was written beside the source: its root may be a read-only mount.
+    assert sorted(path.name for path in published.parent.iterdir()) == source_before
 
 
 def test_cached_copy_refuses_a_broken_source(published: Path, tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ Ray's schemas are lenient in places (a misspelt deployment option or autoscaling
 accepted and ignored), so the tests also check field names against Ray's models, the app
 args against LLMConfig, and the files against each other: the cluster Serve configs are
 generated from serve_config.yaml, the launcher uses the node start script, the Kubernetes
-manifest mounts the paths its Serve config names, the install pins meet pyproject's extra.
+manifests (i915 and xe drivers) mount the paths their Serve config names.
+tests/unit/test_kuberay_manifests.py checks the manifests against KubeRay's CRD schema.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import copy
 import importlib.util
 import json
 import os
-import re
 import shlex
 import subprocess
 import sys
-import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -25,8 +24,6 @@ import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
-from packaging.requirements import Requirement
-from packaging.version import Version
 from ray.autoscaler._private.util import prepare_config, validate_config
 from ray.serve.config import AutoscalingConfig
 from ray.serve.schema import DeploymentSchema, ServeDeploySchema
@@ -42,10 +39,14 @@ CLUSTER_SERVE_CONFIG = CLUSTER / "serve_config.cluster.yaml"
 MULTI_MODEL_CONFIG = CLUSTER / "serve_config.multi_model.yaml"
 LAUNCHER = CLUSTER / "ray-cluster.yaml"
 RAYSERVICE = CLUSTER / "rayservice.yaml"
-DOCKERFILE = CLUSTER / "Dockerfile.xpu"
+RAYSERVICE_XE = CLUSTER / "rayservice.xe.yaml"  # generated from RAYSERVICE
+# The KubeRay manifests by the kernel driver of their GPU nodes (tests parametrize over them).
+RAYSERVICES = {"i915": RAYSERVICE, "xe": RAYSERVICE_XE}
 RENDER_SCRIPT = CLUSTER / "render_serve_configs.py"
 START_NODE = CLUSTER / "start-node.sh"
-INTEL_GPU = "gpu.intel.com/i915"
+# What Intel's GPU device plugin advertises per GPU device, by kernel driver.
+INTEL_GPUS = {driver: f"gpu.intel.com/{driver}" for driver in RAYSERVICES}
+CONTAINER_UID = 1000  # the image's user `ray` (cluster/Dockerfile.xpu)
 # The deployments build_app binds (names as in server.py and ingress.py, which these tests do
 # not import: a config check should not need the serving stack to import).
 LLM_SERVER = "LLMServer"
@@ -60,12 +61,12 @@ def load_render_module() -> Any:
     return module
 
 
-def manifest_documents() -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(RAYSERVICE.read_text()) if doc]
+def manifest_documents(path: Path = RAYSERVICE) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc]
 
 
-def rayservice() -> dict[str, Any]:
-    services = [doc for doc in manifest_documents() if doc.get("kind") == "RayService"]
+def rayservice(path: Path = RAYSERVICE) -> dict[str, Any]:
+    services = [doc for doc in manifest_documents(path) if doc.get("kind") == "RayService"]
     assert len(services) == 1
     return services[0]
 
@@ -77,7 +78,8 @@ def serve_configs() -> dict[str, dict[str, Any]]:
         "serve_config.llama_cpp.yaml": yaml.safe_load(LLAMA_CPP_SERVE_CONFIG.read_text()),
         "cluster/serve_config.cluster.yaml": yaml.safe_load(CLUSTER_SERVE_CONFIG.read_text()),
         "cluster/serve_config.multi_model.yaml": yaml.safe_load(MULTI_MODEL_CONFIG.read_text()),
-        "rayservice.yaml serveConfigV2": yaml.safe_load(rayservice()["spec"]["serveConfigV2"]),
+        **{f"{path.name} serveConfigV2": yaml.safe_load(rayservice(path)["spec"]["serveConfigV2"])
+           for path in RAYSERVICES.values()},
     }
 
 
@@ -242,24 +244,37 @@ def test_launcher_syncs_and_installs_the_project() -> None:
     config = launcher()
     (remote,) = [path for path, local in config["file_mounts"].items() if local == "."]
     assert "**/.venv" in config["rsync_exclude"]
-    for key in ("head_setup_commands", "worker_setup_commands"):
-        installs = [shlex.split(c) for c in config[key] if " install -e " in c]
-        assert installs, key
-        assert any(os.path.expandvars(arg.replace("~", "$HOME")).startswith(
-            os.path.expandvars(remote.replace("~", "$HOME"))) for arg in installs[-1])
+    def synced(arg: str) -> bool:
+        return os.path.expandvars(arg.replace("~", "$HOME")).startswith(
+            os.path.expandvars(remote.replace("~", "$HOME")))
+
+    installs = [shlex.split(c) for c in config["head_setup_commands"] if " install -e " in c]
+    assert installs and any(synced(arg) for arg in installs[-1])
+    # GPU workers install through the one XPU install script (tests/unit/test_xpu_stack.py
+    # checks the script), given the synced project.
+    (install,) = [shlex.split(c) for c in config["worker_setup_commands"]
+                  if "cluster/install-xpu.sh" in c]
+    assert synced(install[-1]) and install[-2].endswith("cluster/install-xpu.sh")
 
 
 # ---- KubeRay ---------------------------------------------------------------------------
 
 
-def gpu_groups() -> list[dict[str, Any]]:
-    groups = rayservice()["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-    return [g for g in groups if any(INTEL_GPU in c.get("resources", {}).get("limits", {})
-                                     for c in g["template"]["spec"]["containers"])]
+def intel_gpus(container: dict[str, Any]) -> list[str]:
+    """The Intel GPU resources (of either driver) that ``container`` limits."""
+    limits = container.get("resources", {}).get("limits", {})
+    return [name for name in limits if name in INTEL_GPUS.values()]
 
 
-def test_rayservice_manifest_is_well_formed() -> None:
-    kinds = {doc["kind"]: doc for doc in manifest_documents()}
+def gpu_groups(path: Path = RAYSERVICE) -> list[dict[str, Any]]:
+    """The worker groups of the manifest at ``path`` whose pods get Intel GPUs."""
+    groups = rayservice(path)["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    return [g for g in groups if any(intel_gpus(c) for c in g["template"]["spec"]["containers"])]
+
+
+@pytest.mark.parametrize("driver", list(RAYSERVICES))
+def test_rayservice_manifest_is_well_formed(driver: str) -> None:
+    kinds = {doc["kind"]: doc for doc in manifest_documents(RAYSERVICES[driver])}
     service = kinds["RayService"]
     assert service["apiVersion"] == "ray.io/v1"
     assert service["metadata"]["name"]
@@ -273,20 +288,41 @@ def test_rayservice_manifest_is_well_formed() -> None:
     assert "ReadWriteMany" in kinds["PersistentVolume"]["spec"]["accessModes"]
 
 
-def test_rayservice_gpu_workers_request_intel_gpus_and_advertise_tiles() -> None:
-    groups = gpu_groups()
+@pytest.mark.parametrize("driver", list(RAYSERVICES))
+def test_rayservice_gpu_workers_request_intel_gpus_and_advertise_tiles(driver: str) -> None:
+    groups = gpu_groups(RAYSERVICES[driver])
     assert groups
     for group in groups:
         (container,) = group["template"]["spec"]["containers"]
+        assert intel_gpus(container) == [INTEL_GPUS[driver]]  # this driver's nodes only
         resources = container["resources"]
-        cards = resources["limits"][INTEL_GPU]
-        assert cards >= 1 and resources["requests"][INTEL_GPU] == cards  # extended resource
-        # KubeRay does not derive num-gpus from gpu.intel.com/i915; tiles are whole multiples.
+        cards = resources["limits"][INTEL_GPUS[driver]]
+        assert cards >= 1 and resources["requests"][INTEL_GPUS[driver]] == cards  # extended
+        # KubeRay makes Ray GPUs only of resource names ending in "gpu" (IsGPUResourceKey):
+        # not of these, so num-gpus is explicit. Tiles are whole multiples of cards.
+        assert not INTEL_GPUS[driver].endswith("gpu")
         tiles = int(group["rayStartParams"]["num-gpus"])
         assert tiles >= cards and tiles % cards == 0
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         assert env.get("ZE_FLAT_DEVICE_HIERARCHY") == "FLAT"
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+
+
+@pytest.mark.parametrize("driver", list(RAYSERVICES))
+def test_rayservice_gpu_pods_run_as_the_image_user_with_the_render_group(driver: str) -> None:
+    """uid 1000 opens /dev/dri/renderD* (mode 0660, group render) only as a member of the
+    host's render group: its id, one number, goes in supplementalGroups. No fsGroup."""
+    for group in gpu_groups(RAYSERVICES[driver]):
+        pod = group["template"]["spec"]
+        context = pod["securityContext"]
+        assert (context["runAsUser"], context["runAsGroup"]) == (CONTAINER_UID, CONTAINER_UID)
+        assert "fsGroup" not in context
+        (render_gid,) = context["supplementalGroups"]
+        assert isinstance(render_gid, int) and render_gid > 0  # not root's group
+        for container in pod["containers"]:  # no container overrides the pod's user
+            assert container.get("securityContext", {}).get("runAsUser", CONTAINER_UID) == (
+                CONTAINER_UID)
+    assert "getent group render | cut -d: -f3" in RAYSERVICES[driver].read_text()
 
 
 def volume_holding(mounts: dict[str, dict[str, Any]], path: str) -> dict[str, Any]:
@@ -296,11 +332,13 @@ def volume_holding(mounts: dict[str, dict[str, Any]], path: str) -> dict[str, An
     return mounts[max(matches, key=len)]
 
 
-def test_rayservice_mounts_what_its_serve_config_names() -> None:
-    served = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+@pytest.mark.parametrize("driver", list(RAYSERVICES))
+def test_rayservice_mounts_what_its_serve_config_names(driver: str) -> None:
+    path = RAYSERVICES[driver]
+    served = yaml.safe_load(rayservice(path)["spec"]["serveConfigV2"])
     (app,) = served["applications"]
-    claim = next(d for d in manifest_documents() if d["kind"] == "PersistentVolumeClaim")
-    for group in gpu_groups():
+    claim = next(d for d in manifest_documents(path) if d["kind"] == "PersistentVolumeClaim")
+    for group in gpu_groups(path):
         pod = group["template"]["spec"]
         (container,) = pod["containers"]
         volumes = {v["name"]: v for v in pod["volumes"]}
@@ -310,43 +348,13 @@ def test_rayservice_mounts_what_its_serve_config_names() -> None:
         assert "emptyDir" in volume_holding(mounts, app["args"]["local_cache_dir"])  # node-local
 
 
-def test_rayservice_can_grow_to_max_replicas() -> None:
-    served = yaml.safe_load(rayservice()["spec"]["serveConfigV2"])
+@pytest.mark.parametrize("driver", list(RAYSERVICES))
+def test_rayservice_can_grow_to_max_replicas(driver: str) -> None:
+    path = RAYSERVICES[driver]
+    served = yaml.safe_load(rayservice(path)["spec"]["serveConfigV2"])
     scaling = llm_server_options(served["applications"][0])["autoscaling_config"]
-    slots = sum(int(g["rayStartParams"]["num-gpus"]) * g["maxReplicas"] for g in gpu_groups())
-    min_slots = sum(int(g["rayStartParams"]["num-gpus"]) * g["minReplicas"]
-                    for g in gpu_groups())
+    groups = gpu_groups(path)
+    slots = sum(int(g["rayStartParams"]["num-gpus"]) * g["maxReplicas"] for g in groups)
+    min_slots = sum(int(g["rayStartParams"]["num-gpus"]) * g["minReplicas"] for g in groups)
     assert scaling["max_replicas"] <= slots
     assert scaling["min_replicas"] <= min_slots  # min_replicas never waits for a new pod
-
-
-# ---- Intel GPU install pins ------------------------------------------------------------
-
-
-def xpu_extra() -> dict[str, Requirement]:
-    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    requirements = [Requirement(r) for r in project["optional-dependencies"]["xpu"]]
-    return {r.name: r for r in requirements}
-
-
-def pinned_versions(text: str) -> dict[str, list[Version]]:
-    found: dict[str, list[Version]] = {}
-    for name, version in re.findall(r"\b([A-Za-z][\w.-]*)==([0-9][\w.+]*)", text):
-        found.setdefault(name.lower().replace("_", "-"), []).append(Version(version))
-    return found
-
-
-def xpu_installs() -> dict[str, str]:
-    """The text of each place that installs the Intel GPU stack."""
-    return {"Dockerfile.xpu": DOCKERFILE.read_text(),
-            "ray-cluster.yaml workers": "\n".join(launcher()["worker_setup_commands"])}
-
-
-@pytest.mark.parametrize("where", list(xpu_installs()))
-def test_xpu_install_pins_meet_the_projects_xpu_extra(where: str) -> None:
-    pins = pinned_versions(xpu_installs()[where])
-    for name, requirement in xpu_extra().items():
-        assert pins.get(name), f"{where} does not pin {name}"
-        for version in pins[name]:
-            assert requirement.specifier.contains(version, prereleases=True), (name, version)
-    assert any(v.local == "xpu" for v in pins["intel-extension-for-pytorch"])  # not the CPU build

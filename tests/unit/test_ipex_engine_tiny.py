@@ -359,3 +359,84 @@ def test_short_first_is_exact_when_the_cache_does_not_append_in_place(tiny, monk
     steps = _record_decodes(engine)
     assert run(engine, requests, join_at=join_at) == expected
     assert (2, 3) in steps
+
+
+# ---- the Intel GPU load path, on the CPU: the same code, only the device differs ---------
+
+
+def test_warm_up_runs_the_model_before_serving_and_leaves_no_state(tiny):
+    model, _ = tiny
+    forwards: list[int] = []
+    hook = model.register_forward_hook(lambda _m, args, _out: forwards.append(1))
+    try:
+        cold = make_engine(tiny)
+        cold.warm_up()  # off by default on the CPU
+        assert forwards == []
+        warm = make_engine(tiny, warmup=True)
+        warm.warm_up()
+        assert len(forwards) == 4  # prefill and decode, at batch 1 and at batch 2
+    finally:
+        hook.remove()
+    assert not warm.has_unfinished_requests() and warm._running_rows is None
+    assert warm._prefixes is not None and not warm._prefixes._entries
+    request = greedy("a", prompt(3, 7), 6)
+    assert run(warm, [request]) == run(cold, [request])
+
+
+def test_warm_up_is_on_by_default_on_an_xpu_only():
+    assert IpexLLMEngine.__init__.__kwdefaults__["warmup"] is None  # decided by the device
+    from deployments.engine import ipex_llm
+
+    class Model:
+        """Records what to_device does to a loaded model, as a real module would do it."""
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[str, ...]] = []
+
+        def half(self) -> Model:
+            self.calls.append(("half",))
+            return self
+
+        def to(self, device: str) -> Model:
+            self.calls.append(("to", device))
+            return self
+
+    on_xpu, on_cpu = Model(), Model()
+    assert ipex_llm.to_device(on_xpu, "xpu:0") is on_xpu
+    assert ipex_llm.to_device(on_cpu, "cpu") is on_cpu
+    assert on_xpu.calls == [("half",), ("to", "xpu:0")]  # fp16 on the tile, as ipex-llm does
+    assert on_cpu.calls == [("to", "cpu")]
+
+
+def test_fp8_kv_cache_is_held_off_where_ipex_llm_would_turn_it_on(monkeypatch):
+    """ipex-llm turns an FP8 KV cache on for Arc GPUs at batch > 1; the engine's KV joins copy
+    DynamicNormalCache tensors, so its environment setting must win over that decision."""
+    from ipex_llm.transformers.low_bit_linear import LowBitLinear
+    from ipex_llm.transformers.models import utils as ipex_utils
+
+    from deployments.engine.ipex_llm import keep_kv_cache_unquantized
+
+    monkeypatch.setattr(ipex_utils, "get_xpu_device_name", lambda device: "arc")
+    env: dict[str, str] = {}
+    for name in ("IPEX_LLM_QUANTIZE_KV_CACHE", "BIGDL_QUANTIZE_KV_CACHE", "IPEX_LLM_LOW_MEM"):
+        monkeypatch.delenv(name, raising=False)
+    linear = LowBitLinear(64, 64, qtype=2, bias=False)  # sym_int4: uint8 weights
+    linear.weight = torch.nn.Parameter(torch.zeros(64, dtype=torch.uint8), requires_grad=False)
+    batch_of_two = torch.zeros(2, 1, 64)
+    assert ipex_utils.use_quantize_kv_cache(linear, batch_of_two, 32, 8)  # ipex-llm's choice
+
+    keep_kv_cache_unquantized(env)
+    monkeypatch.setattr(ipex_utils.os, "environ", env)
+    assert env == {"IPEX_LLM_QUANTIZE_KV_CACHE": "0"}
+    assert not ipex_utils.use_quantize_kv_cache(linear, batch_of_two, 32, 8)
+
+
+@pytest.mark.parametrize("name", ["IPEX_LLM_QUANTIZE_KV_CACHE", "BIGDL_QUANTIZE_KV_CACHE"])
+def test_asking_for_an_fp8_kv_cache_is_refused(name):
+    from deployments.engine.ipex_llm import keep_kv_cache_unquantized
+
+    with pytest.raises(EngineError, match=f"{name}=1"):
+        keep_kv_cache_unquantized({name: "1"})
+    env = {"BIGDL_QUANTIZE_KV_CACHE": "0"}
+    keep_kv_cache_unquantized(env)
+    assert env == {"IPEX_LLM_QUANTIZE_KV_CACHE": "0"}

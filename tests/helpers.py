@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -107,6 +108,22 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen, timeout_s: floa
                 return
         time.sleep(1)
     raise TimeoutError(f"{base_url}/health not ready after {timeout_s} s")
+
+
+@contextlib.contextmanager
+def read_only_view(source: Path, mount_point: Path) -> Iterator[Path]:
+    """``source`` bind-mounted read-only at ``mount_point`` (as a replica's NFS mount is):
+    every write under it fails with EROFS, for root too, so chmod cannot fake it. Needs
+    root (CI and the development machines run tests as root); unmounted on exit."""
+    if os.geteuid() != 0:
+        pytest.skip("a read-only bind mount needs root")
+    mount_point.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "--bind", str(source), str(mount_point)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mount_point)], check=True)
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True)
 
 
 def write_tiny_model(folder: Path) -> None:

@@ -33,7 +33,7 @@ from deployments.constants import DEMO_MODEL_NAME
 from langchain_adapter import AppUnavailableError, ChatRayServe, RayServeLLM, ServiceError
 from langchain_adapter import deploy as deploy_module
 from langchain_adapter.router_client import generation_fields, service_errors
-from tests.helpers import write_tiny_model
+from tests.helpers import read_only_view, write_tiny_model
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -503,10 +503,36 @@ def test_from_model_id_low_bit_serves_a_published_checkpoint_as_it_is(tmp_path: 
                                                 app_args={"engine": "echo"})
         assert (llm.app_name, llm.model) == ("llm-tiny-sym_int4", "tiny")
         assert llm.invoke("say hello", max_tokens=3) == "hel"
-        # No copy: only the deploy lock is in the checkpoint root.
-        assert not [path for path in root.iterdir() if not path.name.endswith(".lock")]
+        # No copy, no lock: nothing is written to the checkpoint root.
+        assert not root.exists() or not list(root.iterdir())
     finally:
         serve.delete("llm-tiny-sym_int4")
+
+
+def test_a_read_only_checkpoint_root_is_reused_without_a_lock_or_a_write(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shared mount is read-only on serving nodes: a client there reuses what the
+    conversion published (from_model_id and from_model_id_low_bit), and never writes."""
+    monkeypatch.setattr(deploy_module, "convert_checkpoint", lambda source, output, **_: (
+        publish_checkpoint(write_tiny_model, output, source=source, low_bit="sym_int4")))
+    root = tmp_path / "root"
+    apps = ["llm-org--tiny-sym_int4", "read-only-reuse", "read-only-low-bit"]
+    try:
+        RayServeLLM.from_model_id("org/tiny", checkpoint_root=root, app_args={"engine": "echo"})
+        monkeypatch.setattr(deploy_module, "convert_checkpoint", None)  # no second conversion
+        with read_only_view(root, tmp_path / "ro") as read_only:
+            reused = RayServeLLM.from_model_id("org/tiny", checkpoint_root=read_only,
+                                               app_name=apps[1], app_args={"engine": "echo"})
+            low_bit = RayServeLLM.from_model_id_low_bit(
+                read_only / "org--tiny-sym_int4", checkpoint_root=read_only,
+                app_name=apps[2], app_args={"engine": "echo"})
+            assert reused.invoke("say hello", max_tokens=3) == "hel"
+            assert low_bit.invoke("say hi", max_tokens=2) == "hi"
+            with pytest.raises(OSError, match="Read-only"):
+                (read_only / "probe").write_text("x")
+    finally:
+        for app in apps:
+            serve.delete(app)
 
 
 def test_a_checkpoint_root_that_cannot_be_made_is_a_clear_error(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ LLAMA_CPP_CMAKE_ARGS := -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=O
 # `serve run` starts.
 RAY_TUNING := $(shell grep -v '^\#' cluster/ray_tuning.env)
 
-.PHONY: serve serve-llama-cpp test bench lint demo-checkpoint demo-checkpoint-gguf install
+.PHONY: serve serve-llama-cpp test bench lint docs demo-checkpoint demo-checkpoint-gguf install
 
 serve: $(INSTALLED) demo-checkpoint
 	env $(RAY_TUNING) $(VENV)/bin/serve run serve_config.yaml
@@ -32,6 +32,10 @@ bench: $(INSTALLED) $(LLAMA_CPP) demo-checkpoint
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .
+
+# docs/configuration.md from the configuration models (a test fails while it is stale).
+docs: $(INSTALLED)
+	$(PY) -m deployments.config_docs
 
 install: $(INSTALLED) $(LLAMA_CPP)
 

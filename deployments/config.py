@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments import constants
+from deployments.engine.options import OPTIONS_BY_ENGINE, EngineOptions, IpexLLMOptions
 
 EngineName = Literal["ipex_llm", "llama_cpp", "echo"]
 ENGINE_CLASSES: dict[str, str] = {
@@ -43,8 +44,11 @@ class LLMConfig(BaseModel):
         "low-bit checkpoints, CPU or Intel GPU. llama_cpp: gguf checkpoints "
         "(`llm-checkpoint convert --format gguf`), CPU only, the faster CPU path; needs the "
         "`llama-cpp` extra. echo: model-free, for tests and overhead benchmarks.")
-    engine_options: dict[str, Any] = Field(
-        default_factory=dict, description="Extra keyword arguments of the engine's `load`.")
+    engine_options: EngineOptions = Field(
+        default_factory=IpexLLMOptions,
+        description="Options of the chosen engine, checked against that engine's own model: "
+        "a misspelt option fails when the application is built (the engine options tables "
+        "below).")
     device: Literal["auto", "cpu", "xpu"] = Field(
         "auto", description="xpu: one Intel GPU tile per replica; cpu: one CPU socket per "
                             "replica; auto: whatever the cluster advertises, else the host.")
@@ -65,7 +69,8 @@ class LLMConfig(BaseModel):
                     "do not stall everyone's decoding.")
     default_max_tokens: int = Field(constants.DEFAULT_MAX_TOKENS, ge=1,
                                     description="max_tokens of a request that names none.")
-    max_stop_strings: int = Field(constants.MAX_STOP_STRINGS, ge=0)
+    max_stop_strings: int = Field(constants.MAX_STOP_STRINGS, ge=0,
+                                  description="Stop strings one request may give.")
     max_prompts_per_request: int = Field(
         constants.MAX_PROMPTS_PER_REQUEST, ge=1,
         description="Prompts one /v1/completions request may carry (each is a sequence).")
@@ -74,7 +79,9 @@ class LLMConfig(BaseModel):
         description="Deadline of a request that names none (field `timeout`).")
     max_request_timeout_s: float = Field(constants.MAX_REQUEST_TIMEOUT_S, gt=0,
                                          description="Cap on a request's own `timeout`.")
-    max_request_body_bytes: int = Field(constants.MAX_REQUEST_BODY_BYTES, ge=1024)
+    max_request_body_bytes: int = Field(
+        constants.MAX_REQUEST_BODY_BYTES, ge=1024,
+        description="Largest request body the router reads; a larger one is a 413.")
     max_stream_chunks_per_s: float | None = Field(
         constants.MAX_STREAM_CHUNKS_PER_S, gt=0,
         description="Chunks a replica streams per second, all answers together: with N "
@@ -82,8 +89,8 @@ class LLMConfig(BaseModel):
                     f"(at most {constants.MAX_STREAM_INTERVAL_S:g} s), carrying every "
                     "token made since; first and last chunks go at once. Each chunk costs "
                     "two Ray messages (replica to router to proxy), CPU that a small host "
-                    "takes from the model: with per-token chunks (null) engine llama_cpp "
-                    "served 6-27% fewer tokens/s on 2 cores (bench/RESULTS.md).")
+                    "takes from the model (bench/RESULTS.md measures it). null: one chunk "
+                    "per token.")
     api_key_env: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
         description="Name of the environment variable holding the API key(s), "
@@ -95,9 +102,28 @@ class LLMConfig(BaseModel):
         None, ge=-20, le=19,
         description="Run the engine thread (and the OpenMP threads it starts) at this "
                     "niceness instead of Ray's worker niceness (15); needs CAP_SYS_NICE to "
-                    "go lower. 0 gave llama.cpp ~10% more decode throughput on 2 cores, "
-                    "but the replica then starves Ray Serve's proxy and routers on the "
-                    "same node under load; off by default.")
+                    "go lower. 0 speeds decoding where Ray's processes share the model's "
+                    "cores, but the replica then starves Ray Serve's proxy and routers on "
+                    "the same node under load; off by default.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options_of_the_engine(cls, data: Any) -> Any:
+        """Tag ``engine_options`` with ``engine``, so that engine's option model checks them."""
+        if not isinstance(data, dict):
+            return data
+        engine = data.get("engine", "ipex_llm")
+        options = data.get("engine_options")
+        if engine in OPTIONS_BY_ENGINE and (options is None or isinstance(options, dict)):
+            data = {**data, "engine_options": {"engine": engine, **(options or {})}}
+        return data
+
+    @model_validator(mode="after")
+    def _options_match_the_engine(self) -> LLMConfig:
+        if self.engine_options.engine != self.engine:
+            raise ValueError(f"engine_options are engine {self.engine_options.engine}'s, and "
+                             f"engine is {self.engine}")
+        return self
 
     @field_validator("checkpoint_path")
     @classmethod

@@ -70,3 +70,17 @@ CPU_LOW_BITS = ("sym_int4", "asym_int4", "sym_int5", "asym_int5", "sym_int8", "w
 XPU_ONLY_LOW_BITS = ("nf3", "nf4", "fp4", "fp6", "fp6_k", "fp8_e4m3", "fp8_e5m2", "fp16",
                      "mixed_fp4", "mixed_fp8", "q4_k", "q6_k")
 LOW_BITS = CPU_LOW_BITS + XPU_ONLY_LOW_BITS
+
+# ---- engine option defaults (the option models: deployments/engine/options.py) ----------
+# Engine ipex_llm: the KV cache's default share of the memory free when the engine loads. On
+# a CPU host that memory is shared (other replicas, Ray's object store, the OS); an XPU tile
+# is the replica's own. The rest is headroom for what the budget does not count: a
+# prefill's activations and the allocator's slack.
+IPEX_KV_CACHE_SHARE = {"cpu": 0.3, "xpu": 0.6}
+# Engine ipex_llm: the prompt cache's share of the KV budget.
+IPEX_PROMPT_CACHE_SHARE = 0.1
+# Engine llama_cpp: KV cells each slot holds (prompt + answer), allocated up front for every
+# slot (max_batch_size x this).
+LLAMA_CPP_CONTEXT_TOKENS = 2048
+# Engine echo: the context it pretends to have.
+ECHO_CONTEXT_TOKENS = 4096

@@ -83,7 +83,7 @@ class LLMServer:
         self._engine = engine_cls.load(
             checkpoint, device=self._slot.device, max_batch_size=config.max_batch_size,
             max_prefill_tokens_per_step=config.max_prefill_tokens_per_step,
-            hashes_verified=bool(config.local_cache_dir), **config.engine_options)
+            options=config.engine_options, hashes_verified=bool(config.local_cache_dir))
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._engine_thread_niceness: int | None = None  # set by the engine thread
         self._streaming = 0  # answers being streamed (their chunks share a budget)

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
 from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
+from deployments.engine.options import EchoOptions
 
 ECHO_EOS_TOKEN = 0  # never produced: answers end by max_tokens or stop strings
-ECHO_CONTEXT_TOKENS = 4096
 ECHO_VOCAB_SIZE = 0xD800  # code points below the surrogates: every id decodes to text
 
 
@@ -24,20 +23,21 @@ class EchoEngine(ContinuousBatchingEngine):
     decodes_row_subsets = True  # no tensors: any rows will do
 
     def __init__(self, *, max_batch_size: int, max_prefill_tokens_per_step: int,
-                 step_delay_s: float = 0.0, max_context_tokens: int = ECHO_CONTEXT_TOKENS,
-                 max_kv_tokens: int | None = None, short_first: bool = False):
+                 options: EchoOptions | None = None):
+        options = options or EchoOptions()
         super().__init__(max_batch_size=max_batch_size,
                          max_prefill_tokens_per_step=max_prefill_tokens_per_step,
-                         max_context_tokens=max_context_tokens, eos_token_ids=[ECHO_EOS_TOKEN],
-                         max_kv_tokens=max_kv_tokens, short_first=short_first)
-        self.step_delay_s = step_delay_s
+                         max_context_tokens=options.max_context_tokens,
+                         eos_token_ids=[ECHO_EOS_TOKEN], max_kv_tokens=options.max_kv_tokens,
+                         short_first=options.short_first)
+        self.step_delay_s = options.step_delay_s
 
     @classmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
-             max_prefill_tokens_per_step: int, hashes_verified: bool = False,
-             **options: Any) -> EchoEngine:
+             max_prefill_tokens_per_step: int, options: EchoOptions | None = None,
+             hashes_verified: bool = False) -> EchoEngine:
         return cls(max_batch_size=max_batch_size,
-                   max_prefill_tokens_per_step=max_prefill_tokens_per_step, **options)
+                   max_prefill_tokens_per_step=max_prefill_tokens_per_step, options=options)
 
     @property
     def vocab_size(self) -> int:

@@ -12,12 +12,12 @@ A join or a row drop builds the new cache layer by layer and lets go of each old
 copied, so it holds about one batch's KV plus a layer, not two or three.
 
 KV memory bounds admission (``ContinuousBatchingEngine.max_kv_tokens``): engine option
-``kv_cache_gb``, by default a share of the memory free when the engine loads (KV_CACHE_SHARE).
+``kv_cache_gb``, by default a share of the memory free when the engine loads.
 Left-padded rows make a batch's KV rows x its widest row, so ``_kv_positions`` bounds that.
 
 Prompt cache (engine option ``prompt_cache``, on by default, as engine llama_cpp's): a row
 leaving the batch leaves a copy of its KV (prompt and answer) in a ``PrefixStore``, which
-holds PROMPT_CACHE_SHARE of the KV budget (taken out of what admission may use, so the two
+holds a share of the KV budget (taken out of what admission may use, so the two
 together stay within ``kv_cache_gb``). A new prompt that starts with a stored entry's tokens
 starts from a cache holding that prefix and prefills only the rest: a chat's next turn
 skips its history, requests sharing a system prompt skip that. On the demo model on CPU a
@@ -60,9 +60,11 @@ import os
 from collections.abc import Iterator, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from deployments.constants import IPEX_KV_CACHE_SHARE, IPEX_PROMPT_CACHE_SHARE
 from deployments.engine import ipex_attention, ipex_meta_merge
 from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
 from deployments.engine.hf_text import HFTokenizerText
+from deployments.engine.options import IpexLLMOptions
 from deployments.engine.prefix_store import PrefixEntry, PrefixStore
 from deployments.engine.protocol import EngineError
 
@@ -81,15 +83,6 @@ _KV = list[tuple["torch.Tensor", "torch.Tensor"]]
 # value wins.
 LINEAR_THRESHOLD_ENV = "BIGDL_LLM_LINEAR_THRESHOLD"
 LINEAR_THRESHOLD_ROWS = "17"
-# The KV cache's default share of the memory free when the engine loads: on a CPU host that
-# memory is shared (other replicas, Ray's object store, the OS); an XPU tile is the
-# replica's own. The rest is headroom for what the budget does not count: a prefill's
-# activations and the allocator's slack (12 rows of 1000-token prompts joined one by one
-# on the demo model: 683 MB of KV, peak RSS 1.3 GB above the loaded model). Engine option
-# ``kv_cache_gb`` sets the budget instead.
-KV_CACHE_SHARE = {"cpu": 0.3, "xpu": 0.6}
-# The prompt cache's share of the KV budget (positions of finished sequences kept for reuse).
-PROMPT_CACHE_SHARE = 0.1
 # ipex-llm's FP8 KV switches: the current name, and the deprecated one it reads first.
 QUANTIZE_KV_ENV = "IPEX_LLM_QUANTIZE_KV_CACHE"
 DEPRECATED_QUANTIZE_KV_ENV = "BIGDL_QUANTIZE_KV_CACHE"
@@ -111,15 +104,17 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
     joins_in_front = True  # so rows that came later, short ones among them, lead
 
     def __init__(self, model: Any, tokenizer: Any, *, device: str, max_batch_size: int,
-                 max_prefill_tokens_per_step: int, max_context_tokens: int | None = None,
-                 kv_cache_gb: float | None = None, prompt_cache: bool = True,
-                 short_first: bool | None = None, warmup: bool | None = None):
+                 max_prefill_tokens_per_step: int, options: IpexLLMOptions | None = None):
         from ipex_llm.transformers.kv import DynamicNormalCache
+
+        options = options or IpexLLMOptions()
+        kv_cache_gb = options.kv_cache_gb
 
         ipex_attention.install()  # attention without copying the KV per query head
         eos = model.generation_config.eos_token_id
         eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
-        context = max_context_tokens or getattr(model.config, "max_position_embeddings", 2048)
+        context = options.max_context_tokens or getattr(model.config, "max_position_embeddings",
+                                                        2048)
         self._model = model
         self._tokenizer = tokenizer
         self._device = device
@@ -127,20 +122,20 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         # Positions the cache allocates past a row's width.
         self._spare = DynamicNormalCache.KV_ALLOC_BLOCK_LENGTH
         self.kv_bytes_per_position = self._kv_bytes_per_position()
-        if kv_cache_gb is not None and kv_cache_gb <= 0:
-            raise EngineError(f"kv_cache_gb must be > 0, not {kv_cache_gb}", status_code=500)
         kind = "xpu" if device.startswith("xpu") else "cpu"
-        self.warms_up = kind == "xpu" if warmup is None else warmup
+        self.warms_up = kind == "xpu" if options.warmup is None else options.warmup
         kv_bytes = (int(kv_cache_gb * 2**30) if kv_cache_gb is not None
-                    else int(_free_memory_bytes(device) * KV_CACHE_SHARE[kind]))
+                    else int(_free_memory_bytes(device) * IPEX_KV_CACHE_SHARE[kind]))
         kv_positions = max(kv_bytes // self.kv_bytes_per_position, 1)
-        prompt_cache_positions = int(kv_positions * PROMPT_CACHE_SHARE) if prompt_cache else 0
+        prompt_cache_positions = (int(kv_positions * IPEX_PROMPT_CACHE_SHARE)
+                                  if options.prompt_cache else 0)
         super().__init__(max_batch_size=max_batch_size,
                          max_prefill_tokens_per_step=max_prefill_tokens_per_step,
                          max_context_tokens=context,
                          eos_token_ids={i for i in eos_ids if i is not None},
                          max_kv_tokens=max(kv_positions - prompt_cache_positions, 1),
-                         short_first=kind == "cpu" if short_first is None else short_first)
+                         short_first=(kind == "cpu" if options.short_first is None
+                                      else options.short_first))
         # Finished rows' KV for prompts that start alike (None: the prompt cache is off).
         self._prefixes: PrefixStore[_KV] | None = \
             PrefixStore(prompt_cache_positions) if prompt_cache_positions else None
@@ -156,20 +151,14 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
                     "prompt cache holds %d", kv_bytes / 2**30, kv_positions,
                     self.kv_bytes_per_position,
                     "engine option kv_cache_gb" if kv_cache_gb is not None else
-                    f"{KV_CACHE_SHARE[kind]:.0%} of the memory free at load",
+                    f"{IPEX_KV_CACHE_SHARE[kind]:.0%} of the memory free at load",
                     prompt_cache_positions)
 
     @classmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
-             max_prefill_tokens_per_step: int, hashes_verified: bool = False,
-             **options: Any) -> IpexLLMEngine:
-        """Verify the checkpoint, then load weights (no pickle code runs) and tokenizer.
-        ``options``: ``kv_cache_gb`` (memory for the KV cache; the default is a share of
-        what is free once the model is loaded), ``max_context_tokens``, ``prompt_cache``
-        (reuse a finished request's KV for a shared prompt prefix; default on),
-        ``short_first`` (requests with 4x the smallest running token budget decode every
-        other step while those run; default on for the CPU, off for an XPU), ``warmup``
-        (``warm_up`` before serving; default on for an XPU, off for the CPU)."""
+             max_prefill_tokens_per_step: int, options: IpexLLMOptions | None = None,
+             hashes_verified: bool = False) -> IpexLLMEngine:
+        """Verify the checkpoint, then load weights (no pickle code runs) and tokenizer."""
         os.environ.setdefault(LINEAR_THRESHOLD_ENV, LINEAR_THRESHOLD_ROWS)
         keep_kv_cache_unquantized(os.environ)
         import torch
@@ -189,7 +178,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         model = to_device(model, device).eval()
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         return cls(model, tokenizer, device=device, max_batch_size=max_batch_size,
-                   max_prefill_tokens_per_step=max_prefill_tokens_per_step, **options)
+                   max_prefill_tokens_per_step=max_prefill_tokens_per_step, options=options)
 
     def warm_up(self) -> None:
         """Run the model on dummy tokens before serving, if engine option ``warmup`` says so:

@@ -44,6 +44,7 @@ import numpy as np
 from deployments.constants import GGUF_MODEL_FILE
 from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
 from deployments.engine.hf_text import HFTokenizerText
+from deployments.engine.options import LlamaCppOptions
 from deployments.engine.prefix_store import shared_prefix
 from deployments.engine.protocol import EngineError
 
@@ -52,10 +53,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# KV cells each slot holds (prompt + answer) unless the engine option `context_tokens` says
-# otherwise. KV memory is allocated up front: max_batch_size x context_tokens cells (the
-# demo model: 23 KB per cell, so 16 x 2048 cells = 755 MB).
-DEFAULT_CONTEXT_TOKENS = 2048
 # Text whose tokens the HF tokenizer and llama.cpp's must agree on before serving.
 _TOKENIZER_PROBE = ("<|im_start|>user\nHello, world! The capital of France is Paris.\n  1234 "
                     "naïve café 🙂<|im_end|>\n")
@@ -69,9 +66,10 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
     decodes_row_subsets = True  # a batch lists (token, position, slot): any slots will do
 
     def __init__(self, model_path: Path, tokenizer: Any, *, max_batch_size: int,
-                 max_prefill_tokens_per_step: int,
-                 context_tokens: int = DEFAULT_CONTEXT_TOKENS, threads: int | None = None,
-                 prompt_cache: bool = True, short_first: bool = True):
+                 max_prefill_tokens_per_step: int, options: LlamaCppOptions | None = None):
+        options = options or LlamaCppOptions()
+        threads, prompt_cache, short_first = \
+            options.threads, options.prompt_cache, options.short_first
         llama = _import_llama_cpp()
         llama.llama_backend_init()
         model_params = llama.llama_model_default_params()
@@ -80,7 +78,7 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         if not model:
             raise EngineError(f"llama.cpp could not load {model_path}", status_code=500)
         vocab = llama.llama_model_get_vocab(model)
-        context = min(context_tokens, llama.llama_model_n_ctx_train(model))
+        context = min(options.context_tokens, llama.llama_model_n_ctx_train(model))
         threads = threads or len(os.sched_getaffinity(0))
         batch_tokens = max(max_prefill_tokens_per_step, max_batch_size)
         params = llama.llama_context_default_params()
@@ -124,14 +122,10 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
 
     @classmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
-             max_prefill_tokens_per_step: int, hashes_verified: bool = False,
-             **options: Any) -> LlamaCppEngine:
+             max_prefill_tokens_per_step: int, options: LlamaCppOptions | None = None,
+             hashes_verified: bool = False) -> LlamaCppEngine:
         """Verify a ``gguf`` checkpoint, then load its GGUF file (memory-mapped: replicas on
-        one node share the page cache) and tokenizer. ``options``: ``context_tokens``
-        (KV cells per request), ``threads`` (default: the CPUs this replica is pinned to),
-        ``prompt_cache`` (reuse a finished request's KV for a shared prompt prefix; default
-        on), ``short_first`` (requests with 4x the smallest running token budget decode
-        every other step while those run, ContinuousBatchingEngine; default on)."""
+        one node share the page cache) and tokenizer."""
         if device not in ("cpu", "auto"):
             raise EngineError(f"engine llama_cpp runs on the CPU; device {device!r} needs "
                               "engine ipex_llm", status_code=500)
@@ -144,7 +138,7 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         verify_checkpoint(folder, checkpoint_format="gguf", quick=hashes_verified)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         return cls(folder / GGUF_MODEL_FILE, tokenizer, max_batch_size=max_batch_size,
-                   max_prefill_tokens_per_step=max_prefill_tokens_per_step, **options)
+                   max_prefill_tokens_per_step=max_prefill_tokens_per_step, options=options)
 
     # ---- text ----------------------------------------------------------------------------
 

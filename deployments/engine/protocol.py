@@ -102,9 +102,12 @@ class LLMEngine(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
-             max_prefill_tokens_per_step: int, hashes_verified: bool = False,
-             **options: Any) -> LLMEngine:
+             max_prefill_tokens_per_step: int, options: Any = None,
+             hashes_verified: bool = False) -> LLMEngine:
         """Load the checkpoint at ``checkpoint_path`` onto ``device`` ("cpu" or "xpu:N").
+
+        ``options`` is the engine's own options model (deployments/engine/options.py), as
+        the config validated it; None means its defaults.
 
         The checkpoint is verified against its manifest first; ``hashes_verified`` says the
         caller already hashed every file of this very folder (the node-local cache does

@@ -15,6 +15,7 @@ from deployments.checkpoints import CheckpointError, write_manifest
 from deployments.config import LLMConfig
 from deployments.engine.ipex_llm import IpexLLMEngine
 from deployments.engine.llama_cpp import LlamaCppEngine
+from deployments.engine.options import LlamaCppOptions
 from deployments.engine.protocol import EngineError, GenerationRequest, SamplingParams
 from tests.model.engine_driver import (
     assert_batched_requests_keep_their_words,
@@ -29,10 +30,12 @@ CONTEXT = 512  # KV cells per slot: small, these tests hold several engines at o
 WORDS = ["banana", "cherry", "guitar", "pencil", "window", "rocket"]
 
 
-def load(checkpoint: Path, **options) -> LlamaCppEngine:
-    settings = {"max_batch_size": 8, "max_prefill_tokens_per_step": 512,
-                "context_tokens": CONTEXT, **options}
-    return LlamaCppEngine.load(str(checkpoint), device="cpu", **settings)
+def load(checkpoint: Path, *, max_batch_size: int = 8, max_prefill_tokens_per_step: int = 512,
+         **options) -> LlamaCppEngine:
+    """The engine on ``checkpoint``; ``options``: LlamaCppOptions fields."""
+    return LlamaCppEngine.load(str(checkpoint), device="cpu", max_batch_size=max_batch_size,
+                               max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+                               options=LlamaCppOptions(**{"context_tokens": CONTEXT, **options}))
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 
 from deployments.engine.echo import ECHO_EOS_TOKEN, EchoEngine
+from deployments.engine.options import EchoOptions
 from deployments.engine.protocol import EngineError, GenerationRequest, SamplingParams
 
 
-def make_engine(**kwargs) -> EchoEngine:
-    options = {"max_batch_size": 4, "max_prefill_tokens_per_step": 64, **kwargs}
-    return EchoEngine(**options)
+def make_engine(*, max_batch_size: int = 4, max_prefill_tokens_per_step: int = 64,
+                **options) -> EchoEngine:
+    """An echo engine; ``options``: EchoOptions fields."""
+    return EchoEngine(max_batch_size=max_batch_size,
+                      max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+                      options=EchoOptions(**options))
 
 
 def request(engine: EchoEngine, rid: str, prompt: str, **params) -> GenerationRequest:
@@ -334,7 +338,8 @@ def test_short_first_is_refused_for_a_backend_that_decodes_its_whole_batch():
         decodes_row_subsets = False
 
     with pytest.raises(EngineError, match="short_first"):
-        WholeBatch(max_batch_size=2, max_prefill_tokens_per_step=8, short_first=True)
+        WholeBatch(max_batch_size=2, max_prefill_tokens_per_step=8,
+                   options=EchoOptions(short_first=True))
     assert WholeBatch(max_batch_size=2, max_prefill_tokens_per_step=8).short_first is False
 
 

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from deployments.engine.ipex_llm import IpexLLMEngine  # noqa: E402
+from deployments.engine.options import IpexLLMOptions  # noqa: E402
 from deployments.engine.protocol import EngineError, GenerationRequest, SamplingParams  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(120)]
@@ -39,11 +40,13 @@ def tiny():
     return model, tokenizer
 
 
-def make_engine(tiny, **kwargs) -> IpexLLMEngine:
+def make_engine(tiny, *, max_batch_size: int = 8, max_prefill_tokens_per_step: int = 64,
+                **options) -> IpexLLMEngine:
+    """An engine on the tiny model; ``options``: IpexLLMOptions fields."""
     model, tokenizer = tiny
-    options = {"device": "cpu", "max_batch_size": 8, "max_prefill_tokens_per_step": 64,
-               **kwargs}
-    return IpexLLMEngine(model, tokenizer, **options)
+    return IpexLLMEngine(model, tokenizer, device="cpu", max_batch_size=max_batch_size,
+                         max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+                         options=IpexLLMOptions(**options))
 
 
 def prompt(i: int, length: int) -> tuple[int, ...]:
@@ -384,7 +387,7 @@ def test_warm_up_runs_the_model_before_serving_and_leaves_no_state(tiny):
 
 
 def test_warm_up_is_on_by_default_on_an_xpu_only():
-    assert IpexLLMEngine.__init__.__kwdefaults__["warmup"] is None  # decided by the device
+    assert IpexLLMOptions().warmup is None  # decided by the device
     from deployments.engine import ipex_llm
 
     class Model:

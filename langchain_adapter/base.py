@@ -8,10 +8,12 @@ constructors (``from_model_id``, ``from_model_id_low_bit``), which deploy the mo
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
-from typing import Any, Self
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Any, Self, TypeVar
 
+from langchain_core.callbacks import AsyncCallbackManagerForLLMRun, CallbackManagerForLLMRun
 from langchain_core.language_models import LangSmithParams
+from langchain_core.outputs import ChatGenerationChunk, GenerationChunk
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from deployments.constants import DEFAULT_LOW_BIT
@@ -27,6 +29,7 @@ LS_PROVIDER = "ray_serve"
 # Both adapters' pydantic config, set in each class: LangChain's bases, later in their MRO,
 # would override the mixin's with extra="ignore", which drops unknown constructor fields.
 FORBID_UNKNOWN_FIELDS = ConfigDict(extra="forbid")
+Piece = TypeVar("Piece", GenerationChunk, ChatGenerationChunk)
 
 
 class RayServeModel(BaseModel):
@@ -178,6 +181,46 @@ class RayServeModel(BaseModel):
         if self.custom_get_token_ids is not None:  # type: ignore[attr-defined]
             return self.custom_get_token_ids(text)  # type: ignore[attr-defined]
         return self._router.tokenize(text)
+
+    # ---- streaming (both adapters) -------------------------------------------------------
+
+    def _stream_pieces(self, method: str, body: Mapping[str, Any],
+                       run_manager: CallbackManagerForLLMRun | None,
+                       piece: Callable[[str], Piece],
+                       last: Callable[[StreamState], Piece]) -> Iterator[Piece]:
+        """The router's stream ``method`` as LangChain chunks: ``piece(text)`` for each text
+        as it arrives, then ``last(state)`` carrying the ending and the usage; each one is
+        also a ``on_llm_new_token`` callback."""
+        state = StreamState()
+        for chunk in self._router.stream(method, body):
+            if text := state.text_of(chunk):
+                out = piece(text)
+                if run_manager:
+                    run_manager.on_llm_new_token(text, chunk=out)
+                yield out
+        if state.ended:
+            out = last(state)
+            if run_manager:
+                run_manager.on_llm_new_token(out.text, chunk=out)
+            yield out
+
+    async def _astream_pieces(self, method: str, body: Mapping[str, Any],
+                              run_manager: AsyncCallbackManagerForLLMRun | None,
+                              piece: Callable[[str], Piece],
+                              last: Callable[[StreamState], Piece]) -> AsyncIterator[Piece]:
+        """``_stream_pieces`` for asyncio callers."""
+        state = StreamState()
+        async for chunk in self._router.astream(method, body):
+            if text := state.text_of(chunk):
+                out = piece(text)
+                if run_manager:
+                    await run_manager.on_llm_new_token(text, chunk=out)
+                yield out
+        if state.ended:
+            out = last(state)
+            if run_manager:
+                await run_manager.on_llm_new_token(out.text, chunk=out)
+            yield out
 
     # ---- tracing -------------------------------------------------------------------------
 

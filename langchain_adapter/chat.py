@@ -54,36 +54,17 @@ class ChatRayServe(RayServeModel, BaseChatModel):
     def _stream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[ChatGenerationChunk]:
-        state = StreamState()
-        body = self._chat_body(messages, stop, kwargs, True)
-        for chunk in self._router.stream("chat_completions_stream", body):
-            if text := state.text_of(chunk):
-                piece = ChatGenerationChunk(message=AIMessageChunk(content=text))
-                if run_manager:
-                    run_manager.on_llm_new_token(text, chunk=piece)
-                yield piece
-        if state.ended:
-            last = self._last_chunk(state)
-            if run_manager:
-                run_manager.on_llm_new_token(last.text, chunk=last)
-            yield last
+        yield from self._stream_pieces("chat_completions_stream",
+                                       self._chat_body(messages, stop, kwargs, True),
+                                       run_manager, _piece, self._last_chunk)
 
     async def _astream(self, messages: list[BaseMessage], stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[ChatGenerationChunk]:
-        state = StreamState()
-        body = self._chat_body(messages, stop, kwargs, True)
-        async for chunk in self._router.astream("chat_completions_stream", body):
-            if text := state.text_of(chunk):
-                piece = ChatGenerationChunk(message=AIMessageChunk(content=text))
-                if run_manager:
-                    await run_manager.on_llm_new_token(text, chunk=piece)
-                yield piece
-        if state.ended:
-            last = self._last_chunk(state)
-            if run_manager:
-                await run_manager.on_llm_new_token(last.text, chunk=last)
-            yield last
+        async for piece in self._astream_pieces("chat_completions_stream",
+                                                self._chat_body(messages, stop, kwargs, True),
+                                                run_manager, _piece, self._last_chunk):
+            yield piece
 
     def _chat_body(self, messages: Sequence[BaseMessage], stop: list[str] | None,
                    kwargs: Mapping[str, Any], stream: bool) -> dict[str, Any]:
@@ -110,6 +91,10 @@ class ChatRayServe(RayServeModel, BaseChatModel):
             usage_metadata=_usage_metadata(state.usage) if state.usage else None)
         return ChatGenerationChunk(message=message,
                                    generation_info={"finish_reason": state.finish_reason})
+
+
+def _piece(text: str) -> ChatGenerationChunk:
+    return ChatGenerationChunk(message=AIMessageChunk(content=text))
 
 
 def _openai_message(message: BaseMessage) -> dict[str, Any]:

@@ -141,36 +141,15 @@ class RayServeLLM(RayServeModel, LLM):
     def _stream(self, prompt: str, stop: list[str] | None = None,
                 run_manager: CallbackManagerForLLMRun | None = None,
                 **kwargs: Any) -> Iterator[GenerationChunk]:
-        state = StreamState()
         method, (body,) = self._requests([prompt], stop, kwargs, stream=True)
-        for chunk in self._router.stream(method, body):
-            if text := state.text_of(chunk):
-                piece = GenerationChunk(text=text)
-                if run_manager:
-                    run_manager.on_llm_new_token(text, chunk=piece)
-                yield piece
-        if state.ended:
-            last = _last_chunk(state)
-            if run_manager:
-                run_manager.on_llm_new_token(last.text, chunk=last)
-            yield last
+        yield from self._stream_pieces(method, body, run_manager, _piece, _last_chunk)
 
     async def _astream(self, prompt: str, stop: list[str] | None = None,
                        run_manager: AsyncCallbackManagerForLLMRun | None = None,
                        **kwargs: Any) -> AsyncIterator[GenerationChunk]:
-        state = StreamState()
         method, (body,) = self._requests([prompt], stop, kwargs, stream=True)
-        async for chunk in self._router.astream(method, body):
-            if text := state.text_of(chunk):
-                piece = GenerationChunk(text=text)
-                if run_manager:
-                    await run_manager.on_llm_new_token(text, chunk=piece)
-                yield piece
-        if state.ended:
-            last = _last_chunk(state)
-            if run_manager:
-                await run_manager.on_llm_new_token(last.text, chunk=last)
-            yield last
+        async for piece in self._astream_pieces(method, body, run_manager, _piece, _last_chunk):
+            yield piece
 
     def _requests(self, prompts: list[str], stop: list[str] | None, kwargs: Mapping[str, Any],
                   *, stream: bool) -> tuple[str, list[dict[str, Any]]]:
@@ -220,6 +199,10 @@ def _text(choice: Mapping[str, Any]) -> str:
 
 def _info(finish_reason: str | None, usage: Mapping[str, int] | None) -> dict[str, Any]:
     return {"finish_reason": finish_reason, "token_usage": dict(usage or {})}
+
+
+def _piece(text: str) -> GenerationChunk:
+    return GenerationChunk(text=text)
 
 
 def _last_chunk(state: StreamState) -> GenerationChunk:

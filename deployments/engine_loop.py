@@ -1,7 +1,7 @@
 """EngineLoop: runs an engine's steps on a thread of its own and routes outputs back.
 
 The replica's asyncio event loop must stay free to accept, batch and cancel requests while
-the model computes (design.md, "Pitfalls"), so one thread owns the engine: it takes new
+the model computes (docs/architecture.md, "Threading"), so one thread owns the engine: it takes new
 requests and aborts from an inbox between steps (continuous batching) and hands each
 step's outputs to the event loop in one call, where they land in per-request queues.
 

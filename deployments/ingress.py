@@ -158,6 +158,34 @@ async def _merge(streams: list[AsyncIterator[dict[str, Any]]]
             task.cancel()
 
 
+async def _primed(streams: list[AsyncIterator[dict[str, Any]]]
+                  ) -> list[AsyncIterator[dict[str, Any]]]:
+    """The streams, each with its first chunk awaited, all together, before any is returned:
+    a prompt the replica refuses (its first chunk is the error) then fails the whole request
+    before the response starts, as an OpenAI 4xx, not as an error event after the other
+    prompts' text. On a failure every stream is closed, which cancels its generation."""
+    if len(streams) == 1:
+        return streams
+    firsts = [asyncio.ensure_future(anext(stream)) for stream in streams]
+    try:
+        chunks = await asyncio.gather(*firsts)
+    except BaseException:
+        for first in firsts:
+            first.cancel()
+        await asyncio.gather(*firsts, return_exceptions=True)
+        for stream in streams:
+            await stream.aclose()  # type: ignore[attr-defined]
+        raise
+    return [_starting_with(chunk, stream) for chunk, stream in zip(chunks, streams, strict=True)]
+
+
+async def _starting_with(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]
+                         ) -> AsyncIterator[dict[str, Any]]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
 def _peek_stream_flag(body: bytes) -> bool:
     """Whether the body asks to stream; full validation happens in the operation."""
     try:
@@ -251,8 +279,8 @@ class LLMRouter:
                                  ) -> AsyncIterator[dict[str, Any]]:
         request = self._parse(CompletionRequest, body)
         response_id = new_id("cmpl")
-        streams = [self._stream(self._payload(request, prompt=prompt))
-                   for prompt in request.prompts]
+        streams = await _primed([self._stream(self._payload(request, prompt=prompt))
+                                 for prompt in request.prompts])
         last_chunks = []
         async for index, chunk in _merge(streams):
             if chunk["text"] or chunk["finish_reason"]:

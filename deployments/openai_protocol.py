@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterable, Mapping
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -202,16 +203,27 @@ def new_id(prefix: str) -> str:
 
 
 def usage(*results: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's usage object, summed over replica results (the last chunk of each answer:
-    ``prompt_tokens``, ``cached_tokens``, ``completion_tokens``).
+    """OpenAI's usage object of replica results (the last chunk of each answer:
+    ``prompt_tokens``, ``cached_tokens``, ``completion_tokens``), summed.
     ``prompt_tokens_details.cached_tokens`` counts the prompt tokens the engine's prompt
     cache supplied, as OpenAI reports its prompt caching."""
-    prompt = sum(r["prompt_tokens"] for r in results)
-    completion = sum(r["completion_tokens"] for r in results)
-    return {"prompt_tokens": prompt, "completion_tokens": completion,
-            "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": sum(r.get("cached_tokens", 0)
-                                                           for r in results)}}
+    return sum_usage({"prompt_tokens": r["prompt_tokens"],
+                      "completion_tokens": r["completion_tokens"],
+                      "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
+                      "prompt_tokens_details": {"cached_tokens": r.get("cached_tokens", 0)}}
+                     for r in results)
+
+
+def sum_usage(usages: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """OpenAI usage objects added up, ``prompt_tokens_details.cached_tokens`` included (0
+    from a server that does not report it): the router sums a request's answers with it,
+    the LangChain adapter a batch's responses."""
+    usages = list(usages)
+    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
+    cached = sum(int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
+                 for u in usages)
+    return {**{key: sum(u[key] for u in usages) for key in keys},
+            "prompt_tokens_details": {"cached_tokens": cached}}
 
 
 def completion_response(request_id: str, model: str, choices: list[dict[str, Any]],

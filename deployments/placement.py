@@ -784,9 +784,9 @@ def raise_engine_thread_priority(niceness: int) -> int:
     Ray starts workers at niceness 15 (its ``worker_niceness``), so that its daemons stay
     responsive. For a model replica that costs throughput: the model's OpenMP threads meet
     at a barrier after every op, and whenever any niceness-0 process (Ray's daemons, the
-    proxy's clients) preempts one of them, the others wait. Measured with llama.cpp in a
-    Ray actor on 2 cores, batch 8: 45 ms per decode step at niceness 15, 39.6 ms at 0
-    (38 ms outside Ray). The price: the replica then takes CPU from Ray Serve's proxy and
+    proxy's clients) preempts one of them, the others wait: at niceness 0 a llama.cpp
+    replica's decode steps come close to its steps outside Ray. The price: the replica
+    then takes CPU from Ray Serve's proxy and
     routers on the same node (at 15), so it is opt-in (``engine_thread_niceness``).
     Threads inherit niceness at creation, so the engine thread calls this before its first
     forward pass starts the OpenMP threads. Lowering niceness needs CAP_SYS_NICE (or

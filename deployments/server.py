@@ -5,8 +5,8 @@ into engine tokens, hands it to the engine loop, and streams the answer back in 
 chunks: the first as soon as it exists, then paced (``max_stream_chunks_per_s``, shared by
 every answer the replica streams) with everything produced since, and the last as soon as
 the answer ends. Each chunk costs a Ray message to the router and one on to the HTTP
-proxy, CPU that on a small host comes out of the model's cores (measured: with per-token
-chunks engine llama_cpp served 6-27% fewer tokens/s on 2 cores). Cancelling the call (a client
+proxy, CPU that on a small host comes out of the model's cores (bench/RESULTS.md
+measures it). Cancelling the call (a client
 that hung up, a cancelled handle call) aborts the sequence and frees its batch slot.
 Errors travel as data (``{"error": {...}}`` chunks): the router maps them to HTTP.
 
@@ -100,17 +100,6 @@ class LLMServer:
                     self._slot.describe(), node_id)
 
     # ---- handle API ----------------------------------------------------------------------
-
-    async def generate(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """The whole answer as one object (same fields as the last streamed chunk)."""
-        text: list[str] = []
-        last: dict[str, Any] = {}
-        async for chunk in self.generate_stream(payload):
-            if "error" in chunk:
-                return chunk
-            text.append(chunk["text"])
-            last = chunk
-        return {**last, "text": "".join(text)}
 
     async def generate_stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Chunks ``{"text", "finish_reason", "prompt_tokens", "cached_tokens",

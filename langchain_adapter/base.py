@@ -291,13 +291,6 @@ class StreamState:
         return self.finish_reason is not None
 
 
-def total_usage(usages: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """OpenAI usage objects summed (prompt_tokens_details.cached_tokens included)."""
-    keys = ("prompt_tokens", "completion_tokens", "total_tokens")
-    return {**{key: sum(usage[key] for usage in usages) for key in keys},
-            "prompt_tokens_details": {"cached_tokens": sum(cached_tokens(u) for u in usages)}}
-
-
 def cached_tokens(usage: Mapping[str, Any]) -> int:
     """Prompt tokens the server's prompt cache supplied (0 from a server that does not say)."""
     return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)

@@ -15,7 +15,8 @@ from langchain_core.outputs import Generation, GenerationChunk, LLMResult
 from langchain_core.runnables import Runnable, RunnableConfig
 from pydantic import Field
 
-from langchain_adapter.base import FORBID_UNKNOWN_FIELDS, RayServeModel, StreamState, total_usage
+from deployments.openai_protocol import sum_usage
+from langchain_adapter.base import FORBID_UNKNOWN_FIELDS, RayServeModel, StreamState
 from langchain_adapter.router_client import GENERATION_KWARGS, generation_fields
 
 
@@ -168,7 +169,7 @@ class RayServeLLM(RayServeModel, LLM):
             choice["finish_reason"], response["usage"]))]
             for response in responses for choice in response["choices"]]
         return LLMResult(generations=generations, llm_output={
-            "token_usage": total_usage([response["usage"] for response in responses]),
+            "token_usage": sum_usage([response["usage"] for response in responses]),
             "model_name": self.model})
 
 
@@ -190,7 +191,7 @@ def _streamed_result(answers: list[GenerationChunk], model: str | None) -> LLMRe
     """``streaming=True``'s result: each prompt's chunks joined; usage as in _result."""
     usages = [(answer.generation_info or {}).get("token_usage") or {} for answer in answers]
     return LLMResult(generations=[[answer] for answer in answers], llm_output={
-        "token_usage": total_usage(usages) if all(usages) else {}, "model_name": model})
+        "token_usage": sum_usage(usages) if all(usages) else {}, "model_name": model})
 
 
 def _text(choice: Mapping[str, Any]) -> str:

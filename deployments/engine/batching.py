@@ -18,7 +18,7 @@ admission either way.
 
 Short-first decoding (``short_first``, for backends that can decode any subset of their
 rows: ``decodes_row_subsets``): on a CPU a decode step's time grows almost linearly with its
-rows (engine llama_cpp on the demo model: 24 ms for 4 rows, 40 ms for 8), so a batch is
+rows (bench/RESULTS.md), so a batch is
 close to processor sharing, and a 16-token answer next to 256-token ones takes as long per
 token as they do. Then, as in FastServe's skip-join scheduling, a long row (``_is_long_row``:
 a request whose token budget, max_tokens or the context, is LONG_ROW_FACTOR times the

@@ -5,11 +5,9 @@ common``, called by its Llama, Mistral, Qwen2 and other forwards) first expands 
 grouped-query model's keys and values to every query head (``repeat_kv``): each layer of
 each step copies its whole KV cache ``heads / kv_heads`` times, and torch's flash-attention
 kernel then reads the copy. That kernel can read the KV heads where they are
-(``enable_gqa``) and computes the same numbers, bit for bit. On the demo model (9 query heads
-over 3 KV heads) at batch 8 with ~130 cached positions, attention took ~25 ms of a 194 ms
-decode step (copy 13 ms, kernel 12 ms; 2 cores, AVX2), bound by memory traffic that the copy
-tripled; without the copy a step took 7% less (bench/RESULTS.md), more as the cache
-grows.
+(``enable_gqa``) and computes the same numbers, bit for bit. Attention is bound by memory
+traffic, which the copy multiplies, so skipping it shortens decode steps, more as the cache
+grows (bench/RESULTS.md measures it).
 
 ``install()`` puts ``grouped_query_attention`` in the place of ipex-llm's function. Calls it
 does not cover (an XPU, which has kernels of its own; a model without grouped heads) go to

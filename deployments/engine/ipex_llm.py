@@ -4,7 +4,7 @@ The decode loop is our own, over the model's forward pass and its KV cache, rath
 opaque ``generate()`` call: each sequence streams, stops and is aborted on its own, and
 new sequences join the running batch between decode steps. Rows are left-padded: a zero in
 the attention mask hides padded cache positions, and position ids come from the mask's
-cumulative sum, which reproduces ipex-llm's ``generate()`` token for token (design.md).
+cumulative sum, which reproduces ipex-llm's ``generate()`` token for token (a test shows it).
 
 Joining copies the batch's KV into a new cache (ipex-llm's ``DynamicNormalCache``, whose
 tensors are views into preallocated buffers), so joins are batched: one per step at most.
@@ -20,15 +20,14 @@ leaving the batch leaves a copy of its KV (prompt and answer) in a ``PrefixStore
 holds a share of the KV budget (taken out of what admission may use, so the two
 together stay within ``kv_cache_gb``). A new prompt that starts with a stored entry's tokens
 starts from a cache holding that prefix and prefills only the rest: a chat's next turn
-skips its history, requests sharing a system prompt skip that. On the demo model on CPU a
-60-token prefill costs 135 ms, the one token a repeated prompt leaves 24 ms. An entry also
+skips its history, requests sharing a system prompt skip that. An entry also
 keeps the logits its prompt's prefill ended with, so the same prompt again takes its first
 token from them and computes nothing: it repeats the uncached answer, where computing the
 last prompt token alone on the stored KV rounds differently from the prefill (low-bit
 kernels quantize activations per row) and flipped greedy answers of most short prompts.
 
 Short-first decoding (engine option ``short_first``; ContinuousBatchingEngine), on by default
-on the CPU, where a decode step's time grows with its rows (demo model: ~11 ms a row): joining
+on the CPU, where a decode step's time grows with its rows: joining
 rows go in front of the running ones, so requests that arrived while long ones ran lead the
 batch, and a step that may leave long rows out decodes the leading run of rows holding every
 short one, on views of the batch's cache (no copy). The rows left out get a masked, zeroed
@@ -77,10 +76,9 @@ _KV = list[tuple["torch.Tensor", "torch.Tensor"]]
 
 # ipex-llm multiplies sym_int4 weights with ggml's kernel below this many activation rows and
 # dequantizes to fp32 + sgemm at or above it; its default (512) puts every prefill on the
-# ggml path, which costs ~7.8 ms per row on our CPUs. At 17, decode steps (batch <= 16) keep
-# ggml and prefills take sgemm: TTFT p50 at 8 clients 2178 -> 949 ms, 16 clients 40.5 ->
-# 63.8 tok/s (bench/RESULTS.md). Read once, when ipex_llm is imported; an operator's own
-# value wins.
+# ggml path, which is slow per row. At 17, decode steps (batch <= 16) keep ggml and
+# prefills take sgemm, which shortens time to first token (bench/RESULTS.md). Read once,
+# when ipex_llm is imported; an operator's own value wins.
 LINEAR_THRESHOLD_ENV = "BIGDL_LLM_LINEAR_THRESHOLD"
 LINEAR_THRESHOLD_ROWS = "17"
 # ipex-llm's FP8 KV switches: the current name, and the deprecated one it reads first.
@@ -463,8 +461,8 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         """Bytes one position of one row takes in the KV cache, every layer: keys and values
         of each KV head, in the dtype of the hidden states (the embeddings'; fp32 on CPU).
         From the config, not measured on a forward pass: the first forward pass must run on
-        the engine thread (one in the replica's constructor cut its decode throughput by
-        25%: 60 -> 45 tok/s at 8 clients, the replica using 1.4 cores of 2, not 1.8)."""
+        the engine thread (one in the replica's constructor left the OpenMP pool of the
+        wrong thread warm and cut decode throughput)."""
         config = self._model.config
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or \

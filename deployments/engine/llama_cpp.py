@@ -1,8 +1,8 @@
 """LlamaCppEngine: a GGUF model run by llama.cpp, with our continuous batching on top.
 
 The second backend behind the engine protocol, for CPUs: on the demo model llama.cpp's CPU
-kernels (compiled for the host, one C++ graph per step) decode 3-5x faster than ipex-llm's
-CPU path (bench/RESULTS.md). ipex-llm stays the default and the Intel GPU path.
+kernels (compiled for the host, one C++ graph per step) decode several times faster than
+ipex-llm's CPU path (bench/RESULTS.md). ipex-llm stays the default and the Intel GPU path.
 
 Only the tensor work is llama.cpp's (through llama-cpp-python's ctypes bindings of
 ``llama.h``): scheduling, admission, chunked prefill, stop strings and streaming are the
@@ -231,8 +231,8 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         the items that want them, one row each, in item order.
 
         Items go to llama.cpp sorted by slot: with one KV stream per slot, llama.cpp splits a
-        batch whose sequence ids are out of order into several passes (measured: a batch of
-        8 decode tokens in descending slot order took 67 ms instead of 35 ms).
+        batch whose sequence ids are out of order into several passes (measured: about twice
+        the time for a batch in descending slot order).
         """
         order = sorted(range(len(items)), key=lambda i: items[i][2])  # stable: positions stay
         batch = self._batch

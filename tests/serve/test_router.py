@@ -204,6 +204,22 @@ def test_handle_streaming_yields_chunks(base_url):
     assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == "abc\n"
 
 
+def test_a_streamed_batch_with_one_refused_prompt_is_a_400_before_any_text(client):
+    """The replica refuses the second prompt's token ids: nothing of the first answer may be
+    sent under a 200 before that (found by the fuzzer: an error event mid-stream; the order
+    in which replies arrive is forced in tests/unit/test_ingress_streams.py)."""
+    r = client.post("/v1/completions", json={
+        "model": MODEL, "prompt": [[32, 65, 66], [65, 0x10FFFF]], "max_tokens": 8,
+        "stream": True})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt"
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": [[32, 65], [32, 66]],
+                                              "max_tokens": 2, "stream": True})
+    texts = {e["choices"][0]["index"]: e["choices"][0]["text"]
+             for e in sse_events(r.text)[:-1] if e["choices"]}
+    assert r.status_code == 200 and sorted(texts) == [0, 1]
+
+
 def test_token_ids_outside_the_vocabulary_are_400_and_the_replica_survives(client):
     r = client.post("/v1/completions", json={"model": MODEL, "prompt": [65, 0x10FFFF],
                                               "max_tokens": 2})

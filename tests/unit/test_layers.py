@@ -1,4 +1,4 @@
-"""The layering rules of design.md, checked by parsing imports (no code runs)."""
+"""The layering rules of docs/architecture.md, checked by parsing imports (no code runs)."""
 
 from __future__ import annotations
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from deployments.contract import ErrorKind
 from deployments.engine.protocol import (
     EngineError,
     GenerationOutput,
@@ -48,8 +49,8 @@ class EngineFailure:
 
     request_id: str
     message: str
-    status_code: int
-    param: str | None = None
+    kind: ErrorKind
+    field: str | None = None
 
 
 class OutputStream:
@@ -223,7 +224,7 @@ class EngineLoop:
                     self._engine.add_request(value)
                 except EngineError as error:
                     failures.append(EngineFailure(value.request_id, error.message,
-                                                  error.status_code, error.param))
+                                                  error.kind, error.field))
             else:
                 self._engine.abort(str(value))
             try:
@@ -241,4 +242,5 @@ class EngineLoop:
             return
         message = f"the model replica failed: {type(error).__name__}: {error}"
         now = time.monotonic()
-        self._send([EngineFailure(rid, message, 503) for rid in list(self._streams)], now, now)
+        self._send([EngineFailure(rid, message, ErrorKind.UNAVAILABLE)
+                    for rid in list(self._streams)], now, now)

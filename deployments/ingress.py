@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import constants, metrics
 from deployments.config import LLMConfig
+from deployments.contract import ErrorKind
 from deployments.errors import ServiceError
 from deployments.openai_protocol import (
     ChatCompletionRequest,
@@ -184,6 +185,19 @@ async def _starting_with(first: dict[str, Any], rest: AsyncIterator[dict[str, An
     yield first
     async for chunk in rest:
         yield chunk
+
+
+# The one place an engine's ErrorKind becomes an HTTP status.
+_STATUS_OF_KIND = {ErrorKind.INVALID_REQUEST: 400, ErrorKind.MISCONFIGURED: 500,
+                   ErrorKind.UNAVAILABLE: 503, ErrorKind.TIMEOUT: 504}
+
+
+def _service_error(error: dict[str, Any]) -> ServiceError:
+    """A replica's error chunk as the ServiceError the caller gets (OpenAI's ``param``
+    names the request field at fault); an engine failure may be retried shortly."""
+    status = _STATUS_OF_KIND[ErrorKind(error["kind"])]
+    return ServiceError(error["message"], status, error.get("field"),
+                        retry_after_s=constants.RETRY_AFTER_S if status == 503 else None)
 
 
 def _peek_stream_flag(body: bytes) -> bool:
@@ -478,11 +492,7 @@ class LLMRouter:
                 async for chunk in _with_deadline(stream, deadline):
                     self._last_replica_chunk = time.monotonic()
                     if "error" in chunk:
-                        error = chunk["error"]
-                        raise ServiceError(error["message"], error["status_code"],
-                                           error.get("param"),
-                                           retry_after_s=constants.RETRY_AFTER_S
-                                           if error["status_code"] == 503 else None)
+                        raise _service_error(chunk["error"])
                     sent_any = True
                     yield chunk
                 return

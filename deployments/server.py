@@ -31,6 +31,7 @@ from ray import serve
 from deployments import constants, metrics, placement
 from deployments.checkpoints import cached_copy
 from deployments.config import LLMConfig
+from deployments.contract import ErrorKind
 from deployments.engine.protocol import (
     EngineError,
     GenerationOutput,
@@ -50,8 +51,9 @@ def load_engine_class(path: str) -> type[LLMEngine]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def error_chunk(message: str, status_code: int, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "status_code": status_code, "param": param}}
+def error_chunk(message: str, kind: ErrorKind, field: str | None = None) -> dict[str, Any]:
+    """The chunk that ends a request without an answer: the router maps ``kind`` to HTTP."""
+    return {"error": {"message": message, "kind": str(kind), "field": field}}
 
 
 @serve.deployment(name="LLMServer", max_ongoing_requests=64,
@@ -116,7 +118,7 @@ class LLMServer:
             request = self._make_request(payload, request_id)
         except EngineError as error:
             trace.end("error", error.message)
-            yield error_chunk(error.message, error.status_code, error.param)
+            yield error_chunk(error.message, error.kind, error.field)
             return
         deadline = time.monotonic() + float(payload.get("timeout_s")
                                             or self._config.request_timeout_s)
@@ -124,7 +126,7 @@ class LLMServer:
             outputs = self._loop.submit(request)
         except RuntimeError as error:  # the engine loop died; check_health gets us replaced
             trace.end("error", str(error))
-            yield error_chunk(f"{error}; retry shortly", 503)
+            yield error_chunk(f"{error}; retry shortly", ErrorKind.UNAVAILABLE)
             return
         status = "cancelled"
         not_before = 0.0  # the first chunk goes as soon as it exists
@@ -226,13 +228,13 @@ class LLMServer:
             token_ids = list(payload["prompt_token_ids"])
             if any(not 0 <= t < engine.vocab_size for t in token_ids):
                 raise EngineError(f"token ids must lie in [0, {engine.vocab_size}) for this "
-                                  "model", param="prompt")
+                                  "model", field="prompt")
         else:
             token_ids = engine.encode(str(payload.get("prompt", "")))
         fields = dict(payload.get("params", {}))
         context = engine.max_context_tokens
         if not token_ids:
-            raise EngineError("the prompt is empty", param="prompt")
+            raise EngineError("the prompt is empty", field="prompt")
         if fields.get("max_tokens") is None:  # not asked for: the default, within the context
             fields["max_tokens"] = max(min(self._config.default_max_tokens,
                                            context - len(token_ids)), 1)
@@ -241,7 +243,7 @@ class LLMServer:
             raise EngineError(
                 f"this model's context is {context} tokens; the prompt has {len(token_ids)} "
                 f"and max_tokens asks for {params.max_tokens}: shorten the prompt or lower "
-                "max_tokens", param="max_tokens" if len(token_ids) < context else "prompt")
+                "max_tokens", field="max_tokens" if len(token_ids) < context else "prompt")
         return GenerationRequest(request_id, tuple(token_ids), params)
 
     @staticmethod
@@ -251,7 +253,7 @@ class LLMServer:
                     "cached_tokens": trace.cached_prompt_tokens,
                     "completion_tokens": trace.generated_tokens, "timed_out": True}
         return error_chunk("the request's deadline passed before the model answered; "
-                           "retry later or raise `timeout`", 504)
+                           "retry later or raise `timeout`", ErrorKind.TIMEOUT)
 
     def _record_step(self, result: StepResult, seconds: float) -> None:
         if result.batch_size:
@@ -270,7 +272,7 @@ def _coalesce(items: list[GenerationOutput | EngineFailure]) -> dict[str, Any]:
     """One chunk out of everything a request produced since its last chunk."""
     for item in items:
         if isinstance(item, EngineFailure):
-            return error_chunk(item.message, item.status_code, item.param)
+            return error_chunk(item.message, item.kind, item.field)
     last = items[-1]
     assert isinstance(last, GenerationOutput)
     return {"text": "".join(i.text for i in items if isinstance(i, GenerationOutput)),

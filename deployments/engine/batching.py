@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from deployments.contract import ErrorKind
 from deployments.engine.detokenizer import StopStringTextStream
 from deployments.engine.protocol import (
     EngineError,
@@ -112,7 +113,7 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         if short_first and not self.decodes_row_subsets:
             raise EngineError(f"{type(self).__name__} decodes its whole batch every step: "
                               "short_first needs a backend that can skip rows",
-                              status_code=500)
+                              kind=ErrorKind.MISCONFIGURED)
         self.short_first = short_first
         self._decode_steps = 0  # steps that decoded rows; long rows' turns (short_first)
         self.max_batch_size = max_batch_size
@@ -189,18 +190,18 @@ class ContinuousBatchingEngine(LLMEngine, abc.ABC):
         if request.request_id in self._known:
             raise EngineError(f"request id {request.request_id!r} is already running")
         if not request.prompt_token_ids:
-            raise EngineError("the prompt is empty", param="prompt")
+            raise EngineError("the prompt is empty", field="prompt")
         if len(request.prompt_token_ids) >= self._max_context_tokens:
             raise EngineError(
                 f"the prompt has {len(request.prompt_token_ids)} tokens; this model's context "
-                f"holds {self._max_context_tokens} tokens including the answer", param="prompt")
+                f"holds {self._max_context_tokens} tokens including the answer", field="prompt")
         seq = Sequence_(request, StopStringTextStream(request.params.stop))
         if self.max_kv_tokens is not None and self._kv_positions((), (seq,)) > self.max_kv_tokens:
             raise EngineError(
                 f"the prompt ({len(request.prompt_token_ids)} tokens) plus max_tokens "
                 f"({request.params.max_tokens}) need {self._kv_positions((), (seq,))} positions "
                 f"of this replica's KV cache, which holds {self.max_kv_tokens}; lower "
-                "max_tokens or shorten the prompt", param="max_tokens")
+                "max_tokens or shorten the prompt", field="max_tokens")
         self._known.add(request.request_id)
         self._waiting.append(seq)
 

@@ -23,7 +23,7 @@ class HFTokenizerText:
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         if not getattr(self._tokenizer, "chat_template", None):
             raise EngineError("this model has no chat template; use /v1/completions",
-                              param="messages")
+                              field="messages")
         return self._tokenizer.apply_chat_template(list(messages), tokenize=False,
                                                    add_generation_prompt=True)
 

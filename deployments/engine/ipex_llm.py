@@ -60,6 +60,7 @@ from collections.abc import Iterator, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from deployments.constants import IPEX_KV_CACHE_SHARE, IPEX_PROMPT_CACHE_SHARE
+from deployments.contract import ErrorKind
 from deployments.engine import ipex_attention, ipex_meta_merge
 from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
 from deployments.engine.hf_text import HFTokenizerText
@@ -169,7 +170,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         verify_checkpoint(folder, checkpoint_format="ipex_llm", quick=hashes_verified)
         if device.startswith("xpu") and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
             raise EngineError(f"device {device!r} asked for, but torch.xpu is not available",
-                              status_code=500)
+                              kind=ErrorKind.MISCONFIGURED)
         ipex_meta_merge.install()  # spares the replica importing torch._dynamo
         with _weights_only_torch_load():
             model = AutoModelForCausalLM.load_low_bit(str(folder), trust_remote_code=False)
@@ -514,7 +515,7 @@ def keep_kv_cache_unquantized(env: MutableMapping[str, str]) -> None:
         if env.get(name) == "1":
             raise EngineError(f"{name}=1 asks for ipex-llm's FP8 KV cache, which engine "
                               "ipex_llm does not support (its continuous batching copies KV "
-                              "rows between caches): unset it", status_code=500)
+                              "rows between caches): unset it", kind=ErrorKind.MISCONFIGURED)
     env.pop(DEPRECATED_QUANTIZE_KV_ENV, None)
     env[QUANTIZE_KV_ENV] = "0"
 

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from deployments.constants import GGUF_MODEL_FILE
+from deployments.contract import ErrorKind
 from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
 from deployments.engine.hf_text import HFTokenizerText
 from deployments.engine.options import LlamaCppOptions
@@ -76,7 +77,8 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         model_params.n_gpu_layers = 0
         model = llama.llama_model_load_from_file(str(model_path).encode(), model_params)
         if not model:
-            raise EngineError(f"llama.cpp could not load {model_path}", status_code=500)
+            raise EngineError(f"llama.cpp could not load {model_path}",
+                              kind=ErrorKind.MISCONFIGURED)
         vocab = llama.llama_model_get_vocab(model)
         context = min(options.context_tokens, llama.llama_model_n_ctx_train(model))
         threads = threads or len(os.sched_getaffinity(0))
@@ -92,7 +94,7 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         if not ctx:
             llama.llama_model_free(model)
             raise EngineError(f"llama.cpp could not make a context of {params.n_ctx} tokens "
-                              f"for {model_path}", status_code=500)
+                              f"for {model_path}", kind=ErrorKind.MISCONFIGURED)
         batch = llama.llama_batch_init(batch_tokens, 0, 1)
         weakref.finalize(self, _free, llama, model, ctx, batch)
 
@@ -128,7 +130,7 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         one node share the page cache) and tokenizer."""
         if device not in ("cpu", "auto"):
             raise EngineError(f"engine llama_cpp runs on the CPU; device {device!r} needs "
-                              "engine ipex_llm", status_code=500)
+                              "engine ipex_llm", kind=ErrorKind.MISCONFIGURED)
         _import_llama_cpp()  # a missing extra fails before the checkpoint is hashed
         from transformers import AutoTokenizer
 
@@ -247,7 +249,7 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         status = self._llama.llama_decode(self._ctx, batch)
         if status != 0:
             raise EngineError(f"llama_decode failed with status {status} on a batch of "
-                              f"{len(items)} tokens", status_code=500)
+                              f"{len(items)} tokens", kind=ErrorKind.MISCONFIGURED)
         wanted_in_batch_order = [i for i in order if items[i][3]]
         pointer = self._llama.llama_get_logits(self._ctx)
         logits = np.ctypeslib.as_array(pointer, shape=(len(wanted_in_batch_order),
@@ -264,7 +266,7 @@ def _check_tokenizer(llama: Any, vocab: Any, tokenizer: Any, n_vocab: int) -> No
     model reads the tokenizer's ids, so only their meaning has to agree.)"""
     if len(tokenizer) > n_vocab:
         raise EngineError(f"the tokenizer has {len(tokenizer)} tokens, the GGUF model "
-                          f"{n_vocab}", status_code=500)
+                          f"{n_vocab}", kind=ErrorKind.MISCONFIGURED)
     ids = tokenizer.encode(_TOKENIZER_PROBE, add_special_tokens=False)
     buffer = ctypes.create_string_buffer(256)
 
@@ -275,7 +277,8 @@ def _check_tokenizer(llama: Any, vocab: Any, tokenizer: Any, n_vocab: int) -> No
     spelled = b"".join(piece(token) for token in ids)
     if spelled != _TOKENIZER_PROBE.encode():
         raise EngineError("the checkpoint's tokenizer and its GGUF vocabulary disagree: "
-                          f"{_TOKENIZER_PROBE!r} reads back as {spelled!r}", status_code=500)
+                          f"{_TOKENIZER_PROBE!r} reads back as {spelled!r}",
+                          kind=ErrorKind.MISCONFIGURED)
 
 
 def _import_llama_cpp() -> Any:
@@ -283,7 +286,7 @@ def _import_llama_cpp() -> Any:
         import llama_cpp
         from llama_cpp import _logger
     except ImportError:
-        raise EngineError(_INSTALL_HINT, status_code=500) from None
+        raise EngineError(_INSTALL_HINT, kind=ErrorKind.MISCONFIGURED) from None
     if _logger.logger.level == logging.NOTSET:  # llama.cpp's load chatter: errors only
         _logger.set_verbose(False)
     return llama_cpp

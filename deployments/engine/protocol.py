@@ -17,17 +17,21 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from deployments.contract import ErrorKind
+
 FinishReason = Literal["stop", "length", "abort"]
 
 
 class EngineError(Exception):
-    """A request the engine cannot serve, with the HTTP status that describes why."""
+    """A request the engine cannot serve: the message, its kind, and the request field at
+    fault (``field``: "prompt", "max_tokens", ...) when one is."""
 
-    def __init__(self, message: str, *, status_code: int = 400, param: str | None = None):
+    def __init__(self, message: str, *, kind: ErrorKind = ErrorKind.INVALID_REQUEST,
+                 field: str | None = None):
         super().__init__(message)
         self.message = message
-        self.status_code = status_code
-        self.param = param
+        self.kind = kind
+        self.field = field
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
+from deployments.contract import ErrorKind
 from deployments.engine.echo import ECHO_EOS_TOKEN, EchoEngine
 from deployments.engine.options import EchoOptions
 from deployments.engine.protocol import EngineError, GenerationRequest, SamplingParams
@@ -276,7 +277,7 @@ def test_a_request_that_cannot_fit_the_kv_budget_alone_is_refused():
     engine = make_engine(max_kv_tokens=12)
     with pytest.raises(EngineError) as refused:
         engine.add_request(request(engine, "r", "p aaaa", max_tokens=10))
-    assert refused.value.status_code == 400 and refused.value.param == "max_tokens"
+    assert refused.value.kind == ErrorKind.INVALID_REQUEST and refused.value.field == "max_tokens"
     assert "need 16 positions of this replica's KV cache" in refused.value.message
     engine.add_request(request(engine, "r", "p aaaa", max_tokens=6))  # 12 cells: fits
     texts, reasons, _ = run(engine)

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
+from deployments.contract import ErrorKind
 from deployments.errors import ServiceError
-from deployments.ingress import _primed
+from deployments.ingress import _primed, _service_error
 
 
 class Stream:
@@ -47,3 +48,13 @@ async def test_primed_streams_keep_every_chunk_in_order() -> None:
         ["a", "b"], ["c"]]
     (single,) = await _primed([Stream(["x"]).run()])
     assert [chunk["text"] async for chunk in single] == ["x"]
+
+
+@pytest.mark.parametrize(("kind", "status", "retry_after_s"), [
+    (ErrorKind.INVALID_REQUEST, 400, None), (ErrorKind.MISCONFIGURED, 500, None),
+    (ErrorKind.UNAVAILABLE, 503, 1), (ErrorKind.TIMEOUT, 504, None)])
+def test_the_router_maps_each_error_kind_to_its_status(kind: ErrorKind, status: int,
+                                                       retry_after_s: int | None) -> None:
+    error = _service_error({"message": "m", "kind": str(kind), "field": "prompt"})
+    assert (error.status_code, error.param, error.retry_after_s) == (status, "prompt",
+                                                                     retry_after_s)

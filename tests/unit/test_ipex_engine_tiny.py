@@ -171,7 +171,7 @@ def test_kv_budget_refuses_a_request_larger_than_the_whole_budget(tiny):
     engine = make_engine(tiny, kv_cache_gb=100 * make_engine(tiny).kv_bytes_per_position / 2**30)
     with pytest.raises(EngineError) as refused:
         engine.add_request(greedy("big", prompt(1, 9), 12))  # 9 + 12 + 256 spare > 100
-    assert refused.value.param == "max_tokens"
+    assert refused.value.field == "max_tokens"
 
 
 def test_constructing_the_engine_runs_no_forward_pass(tiny, monkeypatch):

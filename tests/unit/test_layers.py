@@ -68,3 +68,17 @@ def test_the_adapter_never_imports_engines_or_torch(path):
     lazily, on the client that converts."""
     assert not roots(top_level_imports(path)) & HEAVY
     assert not any(name.startswith("deployments.engine") for name in all_imports(path))
+
+
+BELOW_THE_ROUTER = sorted([*(ROOT / "deployments" / "engine").glob("*.py"),
+                           ROOT / "deployments" / "engine_loop.py",
+                           ROOT / "deployments" / "server.py"])
+
+
+@pytest.mark.parametrize("path", BELOW_THE_ROUTER, ids=str)
+def test_below_the_router_nothing_knows_http_statuses(path):
+    """Engines and the replica say why a request failed with an ErrorKind; the router alone
+    maps kinds to HTTP statuses and OpenAI's error JSON."""
+    text = path.read_text()
+    assert "status_code" not in text and "HTTPException" not in text
+    assert not roots(all_imports(path)) & {"starlette", "fastapi", "http"}

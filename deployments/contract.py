@@ -1,6 +1,8 @@
-"""What crosses the handles between the router, the model replicas and the engines, defined
-once for all of them. Today: why a request got no answer (``ErrorKind``); typed request and
-output messages are to follow.
+"""What crosses the handle between the router and the model replicas, defined once for both
+(pydantic models, never dicts re-read by key): the request (``GenerateRequest``: one prompt
+form, the answer's length, ``Sampling``, the deadline, the request id) and what comes back,
+``OutputChunk`` pieces of the answer or one ``ErrorChunk`` that ends it with an
+``ErrorKind``. The router alone turns an ErrorKind into an HTTP status.
 
 Imports neither ray nor torch nor anything of HTTP.
 """
@@ -8,6 +10,9 @@ Imports neither ray nor torch nor anything of HTTP.
 from __future__ import annotations
 
 import enum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class ErrorKind(enum.StrEnum):
@@ -18,3 +23,73 @@ class ErrorKind(enum.StrEnum):
     MISCONFIGURED = "misconfigured"  # the engine, its options or its checkpoint are wrong
     UNAVAILABLE = "unavailable"  # the engine failed or is gone: retry, another replica may serve
     TIMEOUT = "timeout"  # the request's deadline passed before the model answered
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ChatTurn(_Message):
+    role: str
+    content: str
+
+
+class Sampling(_Message):
+    """How the answer's tokens are picked (the router validated the values)."""
+
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = -1  # sample among the k most likely tokens; -1 or 0: all
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+class GenerateRequest(_Message):
+    """One answer to generate: exactly one of ``prompt`` (text), ``messages`` (a chat, for
+    the model's chat template) or ``prompt_token_ids``."""
+
+    request_id: str = Field(min_length=1)
+    prompt: str | None = None
+    messages: tuple[ChatTurn, ...] | None = None
+    prompt_token_ids: tuple[int, ...] | None = None
+    max_tokens: int | None = Field(
+        None, ge=1, description="None: the config's default_max_tokens, within the context")
+    sampling: Sampling = Sampling()
+    timeout_s: float = Field(gt=0, description="The deadline, from when the replica takes it")
+
+    @model_validator(mode="after")
+    def _one_prompt_form(self) -> GenerateRequest:
+        forms = [self.prompt, self.messages, self.prompt_token_ids]
+        if sum(form is not None for form in forms) != 1:
+            raise ValueError("give exactly one of prompt, messages and prompt_token_ids")
+        return self
+
+    def describe_prompt(self) -> str:
+        """The prompt as text, for request logs that include prompts."""
+        if self.messages is not None:
+            return str([turn.model_dump() for turn in self.messages])
+        return str(self.prompt if self.prompt is not None else list(self.prompt_token_ids or ()))
+
+
+class OutputChunk(_Message):
+    """A piece of the answer: its new text and, on the last piece, why it ended. Token
+    counts are the answer's so far; ``cached_tokens`` are prompt tokens the engine's prompt
+    cache supplied. ``timed_out``: the deadline cut the answer (it ends with "length")."""
+
+    text: str
+    finish_reason: Literal["stop", "length", "abort"] | None = None
+    prompt_tokens: int
+    cached_tokens: int = 0
+    completion_tokens: int
+    timed_out: bool = False
+
+
+class ErrorChunk(_Message):
+    """The end of a request without (the rest of) an answer: why, and the request field at
+    fault when one is."""
+
+    message: str
+    kind: ErrorKind
+    field: str | None = None

@@ -21,7 +21,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -33,7 +33,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import constants, metrics
 from deployments.config import LLMConfig
-from deployments.contract import ErrorKind
+from deployments.contract import (
+    ErrorChunk,
+    ErrorKind,
+    GenerateRequest,
+    OutputChunk,
+    Sampling,
+)
 from deployments.errors import ServiceError
 from deployments.openai_protocol import (
     ChatCompletionRequest,
@@ -98,7 +104,8 @@ def _body_schema(model: type) -> dict[str, Any]:
         "application/json": {"schema": model.model_json_schema()}}}}
 
 
-async def _with_deadline(stream: Any, deadline: float) -> AsyncIterator[dict[str, Any]]:
+async def _with_deadline(stream: Any, deadline: float
+                         ) -> AsyncIterator[OutputChunk | ErrorChunk]:
     """Backstop for the replica's own deadline: a stream that goes silent ends with 504.
 
     A stream left unfinished (deadline, error, or the caller cancelled: a client that hung
@@ -126,16 +133,16 @@ async def _with_deadline(stream: Any, deadline: float) -> AsyncIterator[dict[str
             stream.cancel()
 
 
-async def _merge(streams: list[AsyncIterator[dict[str, Any]]]
-                 ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+async def _merge(streams: list[AsyncIterator[OutputChunk]]
+                 ) -> AsyncIterator[tuple[int, OutputChunk]]:
     """Interleave several chunk streams as they produce, tagged with their index."""
     if len(streams) == 1:
         async for chunk in streams[0]:
             yield 0, chunk
         return
-    queue: asyncio.Queue[tuple[int, dict[str, Any] | BaseException | None]] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, OutputChunk | BaseException | None]] = asyncio.Queue()
 
-    async def pump(index: int, stream: AsyncIterator[dict[str, Any]]) -> None:
+    async def pump(index: int, stream: AsyncIterator[OutputChunk]) -> None:
         try:
             async for chunk in stream:
                 await queue.put((index, chunk))
@@ -159,8 +166,10 @@ async def _merge(streams: list[AsyncIterator[dict[str, Any]]]
             task.cancel()
 
 
-async def _primed(streams: list[AsyncIterator[dict[str, Any]]]
-                  ) -> list[AsyncIterator[dict[str, Any]]]:
+Chunk = TypeVar("Chunk")
+
+
+async def _primed(streams: list[AsyncIterator[Chunk]]) -> list[AsyncIterator[Chunk]]:
     """The streams, each with its first chunk awaited, all together, before any is returned:
     a prompt the replica refuses (its first chunk is the error) then fails the whole request
     before the response starts, as an OpenAI 4xx, not as an error event after the other
@@ -180,8 +189,7 @@ async def _primed(streams: list[AsyncIterator[dict[str, Any]]]
     return [_starting_with(chunk, stream) for chunk, stream in zip(chunks, streams, strict=True)]
 
 
-async def _starting_with(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]
-                         ) -> AsyncIterator[dict[str, Any]]:
+async def _starting_with(first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[Chunk]:
     yield first
     async for chunk in rest:
         yield chunk
@@ -192,11 +200,11 @@ _STATUS_OF_KIND = {ErrorKind.INVALID_REQUEST: 400, ErrorKind.MISCONFIGURED: 500,
                    ErrorKind.UNAVAILABLE: 503, ErrorKind.TIMEOUT: 504}
 
 
-def _service_error(error: dict[str, Any]) -> ServiceError:
+def _service_error(error: ErrorChunk) -> ServiceError:
     """A replica's error chunk as the ServiceError the caller gets (OpenAI's ``param``
     names the request field at fault); an engine failure may be retried shortly."""
-    status = _STATUS_OF_KIND[ErrorKind(error["kind"])]
-    return ServiceError(error["message"], status, error.get("field"),
+    status = _STATUS_OF_KIND[error.kind]
+    return ServiceError(error.message, status, error.field,
                         retry_after_s=constants.RETRY_AFTER_S if status == 503 else None)
 
 
@@ -278,29 +286,30 @@ class LLMRouter:
     async def completions(self, body: dict[str, Any] | bytes) -> dict[str, Any]:
         request = self._parse(CompletionRequest, body)
         response_id = new_id("cmpl")
-        tasks = [asyncio.ensure_future(self._generate(self._payload(request, prompt=prompt)))
+        tasks = [asyncio.ensure_future(self._generate(self._generate_request(request,
+                                                                             prompt=prompt)))
                  for prompt in request.prompts]
         try:
             results = await asyncio.gather(*tasks)
         finally:  # one prompt failed: stop the others' generation too
             for task in tasks:
                 task.cancel()
-        choices = [{"index": i, "text": r["text"], "logprobs": None,
-                    "finish_reason": r["finish_reason"]} for i, r in enumerate(results)]
+        choices = [{"index": i, "text": r.text, "logprobs": None,
+                    "finish_reason": r.finish_reason} for i, r in enumerate(results)]
         return completion_response(response_id, request.model, choices, usage(*results))
 
     async def completions_stream(self, body: dict[str, Any] | bytes
                                  ) -> AsyncIterator[dict[str, Any]]:
         request = self._parse(CompletionRequest, body)
         response_id = new_id("cmpl")
-        streams = await _primed([self._stream(self._payload(request, prompt=prompt))
+        streams = await _primed([self._stream(self._generate_request(request, prompt=prompt))
                                  for prompt in request.prompts])
         last_chunks = []
         async for index, chunk in _merge(streams):
-            if chunk["text"] or chunk["finish_reason"]:
-                yield completion_chunk(response_id, request.model, index, chunk["text"],
-                                       chunk["finish_reason"])
-            if chunk["finish_reason"]:
+            if chunk.text or chunk.finish_reason:
+                yield completion_chunk(response_id, request.model, index, chunk.text,
+                                       chunk.finish_reason)
+            if chunk.finish_reason:
                 last_chunks.append(chunk)
         if request.include_usage:
             yield usage_chunk(response_id, request.model, "text_completion",
@@ -308,22 +317,24 @@ class LLMRouter:
 
     async def chat_completions(self, body: dict[str, Any] | bytes) -> dict[str, Any]:
         request = self._parse(ChatCompletionRequest, body)
-        result = await self._generate(self._payload(request, messages=request.chat_messages()))
-        return chat_response(new_id("chatcmpl"), request.model, result["text"],
-                             result["finish_reason"], usage(result))
+        chat = self._generate_request(request, messages=request.chat_messages())
+        result = await self._generate(chat)
+        return chat_response(new_id("chatcmpl"), request.model, result.text,
+                             result.finish_reason, usage(result))
 
     async def chat_completions_stream(self, body: dict[str, Any] | bytes
                                       ) -> AsyncIterator[dict[str, Any]]:
         request = self._parse(ChatCompletionRequest, body)
         response_id = new_id("chatcmpl")
         first = True
-        async for chunk in self._stream(self._payload(request, messages=request.chat_messages())):
-            delta = {"role": "assistant", "content": chunk["text"]} if first else \
-                {"content": chunk["text"]}
-            if first or chunk["text"] or chunk["finish_reason"]:
-                yield chat_chunk(response_id, request.model, delta, chunk["finish_reason"])
+        chat = self._generate_request(request, messages=request.chat_messages())
+        async for chunk in self._stream(chat):
+            delta = {"role": "assistant", "content": chunk.text} if first else \
+                {"content": chunk.text}
+            if first or chunk.text or chunk.finish_reason:
+                yield chat_chunk(response_id, request.model, delta, chunk.finish_reason)
             first = False
-            if chunk["finish_reason"] and request.include_usage:
+            if chunk.finish_reason and request.include_usage:
                 yield usage_chunk(response_id, request.model, "chat.completion.chunk",
                                   usage(chunk))
 
@@ -460,39 +471,41 @@ class LLMRouter:
                                "request", param="prompt")
         return request
 
-    def _payload(self, request: Any, **prompt: Any) -> dict[str, Any]:
-        max_tokens = request.requested_max_tokens
+    def _generate_request(self, request: Any, **prompt: Any) -> GenerateRequest:
+        """The replica's request for one prompt of a validated OpenAI ``request``:
+        ``prompt=`` text or token ids, or ``messages=`` a chat."""
         if isinstance(prompt.get("prompt"), list):
             prompt = {"prompt_token_ids": prompt["prompt"]}
-        return {**prompt, "request_id": new_id("req"),
-                "timeout_s": request.timeout or self._config.request_timeout_s,
-                "params": {"max_tokens": max_tokens,  # None: the replica picks what fits
-                           "temperature": request.temperature, "top_p": request.top_p,
-                           "top_k": request.top_k,
-                           "seed": request.seed, "stop": list(request.stop_strings),
-                           "ignore_eos": request.ignore_eos,
-                           "min_tokens": request.min_tokens}}
+        return GenerateRequest(
+            **prompt, request_id=new_id("req"), max_tokens=request.requested_max_tokens,
+            timeout_s=request.timeout or self._config.request_timeout_s,
+            sampling=Sampling(temperature=request.temperature, top_p=request.top_p,
+                              top_k=request.top_k, seed=request.seed,
+                              stop=tuple(request.stop_strings), ignore_eos=request.ignore_eos,
+                              min_tokens=request.min_tokens))
 
-    async def _generate(self, payload: dict[str, Any]) -> dict[str, Any]:
+    async def _generate(self, request: GenerateRequest) -> OutputChunk:
+        """The whole answer as one chunk: the last one's counts, every chunk's text."""
         text: list[str] = []
-        last: dict[str, Any] = {}
-        async for chunk in self._stream(payload):
-            text.append(chunk["text"])
+        last: OutputChunk | None = None
+        async for chunk in self._stream(request):
+            text.append(chunk.text)
             last = chunk
-        return {**last, "text": "".join(text)}
+        assert last is not None  # a stream ends with a chunk or raises
+        return last.model_copy(update={"text": "".join(text)})
 
-    async def _stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def _stream(self, request: GenerateRequest) -> AsyncIterator[OutputChunk]:
         """Chunks from a replica; retried once elsewhere if the replica dies before
         the first token; errors raised as ServiceError."""
-        deadline = time.monotonic() + payload["timeout_s"] + constants.RETRY_AFTER_S * 5
+        deadline = time.monotonic() + request.timeout_s + constants.RETRY_AFTER_S * 5
         for attempt in (1, 2):
             sent_any = False
             try:
-                stream = self._server.options(stream=True).generate_stream.remote(payload)
+                stream = self._server.options(stream=True).generate_stream.remote(request)
                 async for chunk in _with_deadline(stream, deadline):
                     self._last_replica_chunk = time.monotonic()
-                    if "error" in chunk:
-                        raise _service_error(chunk["error"])
+                    if isinstance(chunk, ErrorChunk):
+                        raise _service_error(chunk)
                     sent_any = True
                     yield chunk
                 return

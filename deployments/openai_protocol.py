@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from deployments.contract import OutputChunk
 from deployments.errors import ServiceError
 
 # Known OpenAI fields (and vLLM sampling extensions) we do not implement, with the values
@@ -202,15 +203,14 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(*results: dict[str, Any]) -> dict[str, Any]:
-    """OpenAI's usage object of replica results (the last chunk of each answer:
-    ``prompt_tokens``, ``cached_tokens``, ``completion_tokens``), summed.
+def usage(*results: OutputChunk) -> dict[str, Any]:
+    """OpenAI's usage object of answers (the last chunk of each), summed.
     ``prompt_tokens_details.cached_tokens`` counts the prompt tokens the engine's prompt
     cache supplied, as OpenAI reports its prompt caching."""
-    return sum_usage({"prompt_tokens": r["prompt_tokens"],
-                      "completion_tokens": r["completion_tokens"],
-                      "total_tokens": r["prompt_tokens"] + r["completion_tokens"],
-                      "prompt_tokens_details": {"cached_tokens": r.get("cached_tokens", 0)}}
+    return sum_usage({"prompt_tokens": r.prompt_tokens,
+                      "completion_tokens": r.completion_tokens,
+                      "total_tokens": r.prompt_tokens + r.completion_tokens,
+                      "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
                      for r in results)
 
 

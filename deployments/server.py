@@ -8,7 +8,8 @@ the answer ends. Each chunk costs a Ray message to the router and one on to the 
 proxy, CPU that on a small host comes out of the model's cores (bench/RESULTS.md
 measures it). Cancelling the call (a client
 that hung up, a cancelled handle call) aborts the sequence and frees its batch slot.
-Errors travel as data (``{"error": {...}}`` chunks): the router maps them to HTTP.
+Its handle messages are deployments.contract's: a GenerateRequest in, OutputChunks or an
+ErrorChunk out (errors travel as data, as ErrorKinds: the router maps them to HTTP).
 
 This module knows nothing of HTTP.
 """
@@ -21,7 +22,6 @@ import importlib
 import logging
 import os
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -31,7 +31,7 @@ from ray import serve
 from deployments import constants, metrics, placement
 from deployments.checkpoints import cached_copy
 from deployments.config import LLMConfig
-from deployments.contract import ErrorKind
+from deployments.contract import ErrorChunk, ErrorKind, GenerateRequest, OutputChunk
 from deployments.engine.protocol import (
     EngineError,
     GenerationOutput,
@@ -49,11 +49,6 @@ logger = logging.getLogger("ray.serve")
 def load_engine_class(path: str) -> type[LLMEngine]:
     module_name, _, class_name = path.partition(":")
     return getattr(importlib.import_module(module_name), class_name)
-
-
-def error_chunk(message: str, kind: ErrorKind, field: str | None = None) -> dict[str, Any]:
-    """The chunk that ends a request without an answer: the router maps ``kind`` to HTTP."""
-    return {"error": {"message": message, "kind": str(kind), "field": field}}
 
 
 @serve.deployment(name="LLMServer", max_ongoing_requests=64,
@@ -103,30 +98,24 @@ class LLMServer:
 
     # ---- handle API ----------------------------------------------------------------------
 
-    async def generate_stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Chunks ``{"text", "finish_reason", "prompt_tokens", "cached_tokens",
-        "completion_tokens"}`` (``cached_tokens``: of the prompt, served by the prompt cache).
-
-        ``payload``: one of ``prompt`` (text), ``messages`` (chat) or ``prompt_token_ids``;
-        ``params`` (SamplingParams fields); optional ``request_id`` and ``timeout_s``.
-        """
-        request_id = str(payload.get("request_id") or uuid.uuid4().hex)
-        trace = RequestTrace(request_id, self._labels, self._slot.describe(),
-                             str(payload.get("prompt") or payload.get("messages"))
-                             if self._config.log_prompts else None)
+    async def generate_stream(self, request: GenerateRequest
+                              ) -> AsyncIterator[OutputChunk | ErrorChunk]:
+        """The answer to ``request`` in OutputChunks (coalesced, paced), or an ErrorChunk
+        that ends it; cancelling the call aborts the sequence."""
+        trace = RequestTrace(request.request_id, self._labels, self._slot.describe(),
+                             request.describe_prompt() if self._config.log_prompts else None)
         try:
-            request = self._make_request(payload, request_id)
+            engine_request = self._engine_request(request)
         except EngineError as error:
             trace.end("error", error.message)
-            yield error_chunk(error.message, error.kind, error.field)
+            yield ErrorChunk(message=error.message, kind=error.kind, field=error.field)
             return
-        deadline = time.monotonic() + float(payload.get("timeout_s")
-                                            or self._config.request_timeout_s)
+        deadline = time.monotonic() + request.timeout_s
         try:
-            outputs = self._loop.submit(request)
+            outputs = self._loop.submit(engine_request)
         except RuntimeError as error:  # the engine loop died; check_health gets us replaced
             trace.end("error", str(error))
-            yield error_chunk(f"{error}; retry shortly", ErrorKind.UNAVAILABLE)
+            yield ErrorChunk(message=f"{error}; retry shortly", kind=ErrorKind.UNAVAILABLE)
             return
         status = "cancelled"
         not_before = 0.0  # the first chunk goes as soon as it exists
@@ -145,16 +134,16 @@ class LLMServer:
                 for delivery in batch:
                     trace.on_delivery(delivery)
                 chunk = _coalesce([d.item for d in batch])
-                if "error" in chunk:
+                if isinstance(chunk, ErrorChunk):
                     status = "error"
-                elif chunk["finish_reason"] is not None:
+                elif chunk.finish_reason is not None:
                     status = "finished"
                 yield chunk
                 not_before = time.monotonic() + self._stream_interval_s()
         finally:
             self._streaming -= 1
             if status in ("cancelled", "timeout"):
-                self._loop.abort(request.request_id)
+                self._loop.abort(engine_request.request_id)
             trace.end(status)
 
     def _stream_interval_s(self) -> float:
@@ -220,40 +209,42 @@ class LLMServer:
 
     # ---- internals -----------------------------------------------------------------------
 
-    def _make_request(self, payload: dict[str, Any], request_id: str) -> GenerationRequest:
+    def _engine_request(self, request: GenerateRequest) -> GenerationRequest:
+        """The engine's request: the prompt as token ids, checked against the vocabulary and
+        the context, and the answer's length (asked for, or what fits up to the default)."""
         engine = self._engine
-        if payload.get("messages") is not None:
-            token_ids = engine.encode(engine.apply_chat_template(payload["messages"]))
-        elif payload.get("prompt_token_ids") is not None:
-            token_ids = list(payload["prompt_token_ids"])
+        if request.messages is not None:
+            turns = [turn.model_dump() for turn in request.messages]
+            token_ids = engine.encode(engine.apply_chat_template(turns))
+        elif request.prompt_token_ids is not None:
+            token_ids = list(request.prompt_token_ids)
             if any(not 0 <= t < engine.vocab_size for t in token_ids):
                 raise EngineError(f"token ids must lie in [0, {engine.vocab_size}) for this "
                                   "model", field="prompt")
         else:
-            token_ids = engine.encode(str(payload.get("prompt", "")))
-        fields = dict(payload.get("params", {}))
+            token_ids = engine.encode(request.prompt or "")
         context = engine.max_context_tokens
         if not token_ids:
             raise EngineError("the prompt is empty", field="prompt")
-        if fields.get("max_tokens") is None:  # not asked for: the default, within the context
-            fields["max_tokens"] = max(min(self._config.default_max_tokens,
-                                           context - len(token_ids)), 1)
-        params = SamplingParams(**{**fields, "stop": tuple(fields.get("stop", ()))})
-        if len(token_ids) + params.max_tokens > context:
+        max_tokens = request.max_tokens or max(
+            min(self._config.default_max_tokens, context - len(token_ids)), 1)
+        if len(token_ids) + max_tokens > context:
             raise EngineError(
                 f"this model's context is {context} tokens; the prompt has {len(token_ids)} "
-                f"and max_tokens asks for {params.max_tokens}: shorten the prompt or lower "
+                f"and max_tokens asks for {max_tokens}: shorten the prompt or lower "
                 "max_tokens", field="max_tokens" if len(token_ids) < context else "prompt")
-        return GenerationRequest(request_id, tuple(token_ids), params)
+        params = SamplingParams(max_tokens=max_tokens, **request.sampling.model_dump())
+        return GenerationRequest(request.request_id, tuple(token_ids), params)
 
     @staticmethod
-    def _timeout_chunk(trace: RequestTrace) -> dict[str, Any]:
+    def _timeout_chunk(trace: RequestTrace) -> OutputChunk | ErrorChunk:
         if trace.generated_tokens:
-            return {"text": "", "finish_reason": "length", "prompt_tokens": trace.prompt_tokens,
-                    "cached_tokens": trace.cached_prompt_tokens,
-                    "completion_tokens": trace.generated_tokens, "timed_out": True}
-        return error_chunk("the request's deadline passed before the model answered; "
-                           "retry later or raise `timeout`", ErrorKind.TIMEOUT)
+            return OutputChunk(text="", finish_reason="length",
+                               prompt_tokens=trace.prompt_tokens,
+                               cached_tokens=trace.cached_prompt_tokens,
+                               completion_tokens=trace.generated_tokens, timed_out=True)
+        return ErrorChunk(message="the request's deadline passed before the model answered; "
+                          "retry later or raise `timeout`", kind=ErrorKind.TIMEOUT)
 
     def _record_step(self, result: StepResult, seconds: float) -> None:
         if result.batch_size:
@@ -268,14 +259,14 @@ class LLMServer:
             metrics.NUM_REQUESTS_WAITING.record(counts[1], self._labels)
 
 
-def _coalesce(items: list[GenerationOutput | EngineFailure]) -> dict[str, Any]:
+def _coalesce(items: list[GenerationOutput | EngineFailure]) -> OutputChunk | ErrorChunk:
     """One chunk out of everything a request produced since its last chunk."""
     for item in items:
         if isinstance(item, EngineFailure):
-            return error_chunk(item.message, item.kind, item.field)
+            return ErrorChunk(message=item.message, kind=item.kind, field=item.field)
     last = items[-1]
     assert isinstance(last, GenerationOutput)
-    return {"text": "".join(i.text for i in items if isinstance(i, GenerationOutput)),
-            "finish_reason": last.finish_reason, "prompt_tokens": last.num_prompt_tokens,
-            "cached_tokens": last.num_cached_prompt_tokens,
-            "completion_tokens": last.num_generated_tokens}
+    return OutputChunk(text="".join(i.text for i in items if isinstance(i, GenerationOutput)),
+                       finish_reason=last.finish_reason, prompt_tokens=last.num_prompt_tokens,
+                       cached_tokens=last.num_cached_prompt_tokens,
+                       completion_tokens=last.num_generated_tokens)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from deployments.contract import ErrorKind
+from deployments.contract import ErrorChunk, ErrorKind
 from deployments.errors import ServiceError
 from deployments.ingress import _primed, _service_error
 
@@ -55,6 +55,6 @@ async def test_primed_streams_keep_every_chunk_in_order() -> None:
     (ErrorKind.UNAVAILABLE, 503, 1), (ErrorKind.TIMEOUT, 504, None)])
 def test_the_router_maps_each_error_kind_to_its_status(kind: ErrorKind, status: int,
                                                        retry_after_s: int | None) -> None:
-    error = _service_error({"message": "m", "kind": str(kind), "field": "prompt"})
+    error = _service_error(ErrorChunk(message="m", kind=kind, field="prompt"))
     assert (error.status_code, error.param, error.retry_after_s) == (status, "prompt",
                                                                      retry_after_s)

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from deployments.contract import OutputChunk
 from deployments.errors import ServiceError
 from deployments.openai_protocol import (
     MAX_SEED,
@@ -250,18 +251,20 @@ def test_service_errors_are_found_inside_wrappers():
     assert ServiceError.from_exception(RuntimeError("nothing inside")) is None
 
 
+def answer(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> OutputChunk:
+    return OutputChunk(text="", finish_reason="stop", prompt_tokens=prompt_tokens,
+                       completion_tokens=completion_tokens, cached_tokens=cached_tokens)
+
+
 def test_response_shapes():
-    body = completion_response("id", MODEL, [{"index": 0, "text": "x"}],
-                               usage({"prompt_tokens": 3, "completion_tokens": 4}))
+    body = completion_response("id", MODEL, [{"index": 0, "text": "x"}], usage(answer(3, 4)))
     assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
                              "prompt_tokens_details": {"cached_tokens": 0}}
-    summed = usage({"prompt_tokens": 30, "cached_tokens": 29, "completion_tokens": 5},
-                   {"prompt_tokens": 10, "cached_tokens": 0, "completion_tokens": 7})
+    summed = usage(answer(30, 5, cached_tokens=29), answer(10, 7))
     assert summed == {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52,
                       "prompt_tokens_details": {"cached_tokens": 29}}
     assert chat_chunk("id", MODEL, {"content": "x"}, None)["object"] == "chat.completion.chunk"
-    assert usage_chunk("id", MODEL, "text_completion",
-                       usage({"prompt_tokens": 1, "completion_tokens": 2}))["choices"] == []
+    assert usage_chunk("id", MODEL, "text_completion", usage(answer(1, 2)))["choices"] == []
 
 
 # ---- properties --------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from deployments.contract import ErrorKind
+from deployments.contract import ErrorKind, Sampling
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -34,18 +34,11 @@ class EngineError(Exception):
         self.field = field
 
 
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request decoding settings; validated by the router before they get here."""
+class SamplingParams(Sampling):
+    """The contract's Sampling and the answer's length: everything the engine decides a
+    request's tokens by (the replica fills ``max_tokens`` in before the engine sees it)."""
 
     max_tokens: int = 256
-    temperature: float = 1.0  # 0 means greedy
-    top_p: float = 1.0
-    top_k: int = -1  # sample among the k most likely tokens; -1 or 0: all
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    min_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from ray import serve
 
 from deployments.app import bind_app
 from deployments.config import LLMConfig
+from deployments.contract import ErrorKind
 from deployments.engine.echo import EchoEngine
 from deployments.engine.protocol import GenerationRequest, SamplingParams
 from deployments.engine_loop import EngineLoop
@@ -131,7 +132,7 @@ def test_liveness_fails_and_requests_get_503_when_the_loop_dies():
         engine.fail = True
         outputs = loop.submit(_request("doomed"))
         (delivery,) = event_loop.run_until_complete(asyncio.wait_for(outputs.take(), 5))
-        assert delivery.item.status_code == 503
+        assert delivery.item.kind == ErrorKind.UNAVAILABLE  # the router's 503
         with pytest.raises(RuntimeError, match="not running"):
             loop.check_alive()
         with pytest.raises(RuntimeError):

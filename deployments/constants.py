@@ -84,3 +84,29 @@ IPEX_PROMPT_CACHE_SHARE = 0.1
 LLAMA_CPP_CONTEXT_TOKENS = 2048
 # Engine echo: the context it pretends to have.
 ECHO_CONTEXT_TOKENS = 4096
+
+# ---- timing and scheduling knobs of the serving code (not configuration) ------------------
+# The router's /health waits this long for a replica's health report.
+HEALTH_TIMEOUT_S = 5.0
+# LLMServer's Ray Serve defaults (serve_config.yaml may override them): requests a replica
+# holds (well above MAX_BATCH_SIZE, or batches never fill) and Ray's health probe.
+LLM_SERVER_MAX_ONGOING_REQUESTS = 64
+HEALTH_CHECK_PERIOD_S = 10.0
+HEALTH_CHECK_TIMEOUT_S = 30.0
+# How long an idle engine thread waits for work before it checks whether to stop.
+ENGINE_IDLE_POLL_S = 0.5
+# The LangChain adapter waits this long for the router to name its model (it may be starting).
+ADAPTER_CONNECT_TIMEOUT_S = 60.0
+# Short-first decoding (deployments/engine/batching.py): a row is long when its request's
+# token budget is at least LONG_ROW_FACTOR times the smallest running one's and it has at
+# least LONG_ROW_MIN_TOKENS to go; long rows then decode every LONG_ROW_STRIDE-th step.
+LONG_ROW_MIN_TOKENS = 32
+LONG_ROW_FACTOR = 4
+LONG_ROW_STRIDE = 2
+# Engine ipex_llm: BIGDL_LLM_LINEAR_THRESHOLD unless the operator set it. ipex-llm multiplies
+# sym_int4 weights with ggml's kernel below this many activation rows and dequantizes to fp32
+# + sgemm at or above it; its own default (512) puts every prefill on the ggml path, which
+# is slow per row. At 17, decode steps (batch <= 16) keep ggml and prefills take sgemm.
+IPEX_LINEAR_THRESHOLD_ROWS = "17"
+# Engine ipex_llm: dummy prompt positions of the warm-up's prefill.
+IPEX_WARMUP_PROMPT_TOKENS = 8

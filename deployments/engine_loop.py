@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from deployments.constants import ENGINE_IDLE_POLL_S
 from deployments.contract import ErrorKind
 from deployments.engine.protocol import (
     EngineError,
@@ -31,7 +32,6 @@ from deployments.engine.protocol import (
 
 logger = logging.getLogger(__name__)
 
-_IDLE_POLL_S = 0.5
 
 
 @dataclass
@@ -213,7 +213,7 @@ class EngineLoop:
     def _drain_inbox(self, *, block: bool) -> list[GenerationOutput | EngineFailure]:
         failures: list[GenerationOutput | EngineFailure] = []
         try:
-            command, value = self._inbox.get(timeout=_IDLE_POLL_S) if block else \
+            command, value = self._inbox.get(timeout=ENGINE_IDLE_POLL_S) if block else \
                 self._inbox.get_nowait()
         except queue.Empty:
             return failures

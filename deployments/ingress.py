@@ -78,7 +78,6 @@ class CallerErrorLogFilter(logging.Filter):
 
 
 _REPLICA_LOST = (ActorDiedError, ActorUnavailableError, RayActorError)
-HEALTH_TIMEOUT_S = 5.0
 
 app = FastAPI(title="ipex-llm-serve", description="OpenAI-compatible LLM serving on Intel "
               "GPUs and CPU sockets", docs_url=None, redoc_url=None)
@@ -345,17 +344,19 @@ class LLMRouter:
         balancer must not take the service out of rotation for it: the probe answers
         "busy" when the replicas' queue is full, and also when the probe waited its whole
         timeout in that queue while answers kept streaming in (every streamed answer sends
-        a chunk at least every MAX_STREAM_INTERVAL_S, well inside HEALTH_TIMEOUT_S).
+        a chunk at least every MAX_STREAM_INTERVAL_S, well inside constants.HEALTH_TIMEOUT_S).
         """
         try:
-            replica = await asyncio.wait_for(self._server.health.remote(), HEALTH_TIMEOUT_S)
+            replica = await asyncio.wait_for(self._server.health.remote(),
+                                             constants.HEALTH_TIMEOUT_S)
         except BackPressureError:
             return {"status": "busy", "replica": None}
         except TimeoutError:
-            if time.monotonic() - self._last_replica_chunk < HEALTH_TIMEOUT_S:
+            if time.monotonic() - self._last_replica_chunk < constants.HEALTH_TIMEOUT_S:
                 return {"status": "busy", "replica": None}
-            raise ServiceError(f"no model replica answered within {HEALTH_TIMEOUT_S:.0f} s",
-                               503, retry_after_s=constants.RETRY_AFTER_S) from None
+            raise ServiceError("no model replica answered within "
+                               f"{constants.HEALTH_TIMEOUT_S:.0f} s", 503,
+                               retry_after_s=constants.RETRY_AFTER_S) from None
         except Exception as error:
             raise ServiceError(f"no model replica is ready: {type(error).__name__}", 503,
                                retry_after_s=constants.RETRY_AFTER_S) from None

@@ -51,9 +51,11 @@ def load_engine_class(path: str) -> type[LLMEngine]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-@serve.deployment(name="LLMServer", max_ongoing_requests=64,
+@serve.deployment(name="LLMServer",
+                  max_ongoing_requests=constants.LLM_SERVER_MAX_ONGOING_REQUESTS,
                   max_queued_requests=constants.MAX_QUEUED_REQUESTS,
-                  health_check_period_s=10, health_check_timeout_s=30,
+                  health_check_period_s=constants.HEALTH_CHECK_PERIOD_S,
+                  health_check_timeout_s=constants.HEALTH_CHECK_TIMEOUT_S,
                   graceful_shutdown_timeout_s=constants.GRACEFUL_SHUTDOWN_TIMEOUT_S)
 class LLMServer:
     def __init__(self, config: LLMConfig, slot_placement: placement.Placement = "host",

@@ -23,11 +23,8 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
-from deployments.constants import RETRY_AFTER_S
+from deployments.constants import ADAPTER_CONNECT_TIMEOUT_S, RETRY_AFTER_S
 from deployments.errors import ServiceError
-
-# How long connecting waits for the router to name its model (it may still be starting).
-CONNECT_TIMEOUT_S = 60.0
 
 # Request fields that mean the same in model_kwargs, per-call kwargs and OpenAI requests
 # (ignore_eos, min_tokens, top_k: vLLM's extensions, top_k also Hugging Face generate()'s;
@@ -122,11 +119,12 @@ class RouterClient:
                 "app_name") from None
         self.app_name = app_name
         try:
-            models = _wait(self._handle.models.remote(), CONNECT_TIMEOUT_S)
+            models = _wait(self._handle.models.remote(), ADAPTER_CONNECT_TIMEOUT_S)
         except TimeoutError:
             raise AppUnavailableError(
-                f"Serve application {app_name!r} did not answer within {CONNECT_TIMEOUT_S:.0f} "
-                "s; is it still deploying? (see `serve status`)") from None
+                f"Serve application {app_name!r} did not answer within "
+                f"{ADAPTER_CONNECT_TIMEOUT_S:.0f} s; is it still deploying? (see `serve status`)"
+            ) from None
         except RayServeException as error:
             if "does not exist" not in str(error):
                 raise
@@ -165,7 +163,7 @@ class RouterClient:
     def tokenize(self, text: str) -> list[int]:
         """``text``'s token ids by the served model's tokenizer (the router's ``tokenize``)."""
         with service_errors():
-            return _wait(self._handle.tokenize.remote(text), CONNECT_TIMEOUT_S)["tokens"]
+            return _wait(self._handle.tokenize.remote(text), ADAPTER_CONNECT_TIMEOUT_S)["tokens"]
 
     # ---- streams -------------------------------------------------------------------------
 

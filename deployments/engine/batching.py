@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from deployments.constants import LONG_ROW_FACTOR, LONG_ROW_MIN_TOKENS, LONG_ROW_STRIDE
 from deployments.contract import ErrorKind
 from deployments.engine.detokenizer import StopStringTextStream
 from deployments.engine.protocol import (
@@ -85,13 +86,6 @@ class Sequence_:
         return len(self.prompt) + len(self.generated)
 
 
-# Short-first decoding (module docstring): a row is long when its request's token budget is
-# at least LONG_ROW_FACTOR times the smallest running one's and it has at least
-# LONG_ROW_MIN_TOKENS to go; long rows then decode every LONG_ROW_STRIDE-th step. Mixed
-# benchmark (4 clients of 16-token answers next to 4 of 256-token ones): bench/RESULTS.md.
-LONG_ROW_MIN_TOKENS = 32
-LONG_ROW_FACTOR = 4
-LONG_ROW_STRIDE = 2
 
 
 class ContinuousBatchingEngine(LLMEngine, abc.ABC):

@@ -59,7 +59,12 @@ import os
 from collections.abc import Iterator, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from deployments.constants import IPEX_KV_CACHE_SHARE, IPEX_PROMPT_CACHE_SHARE
+from deployments.constants import (
+    IPEX_KV_CACHE_SHARE,
+    IPEX_LINEAR_THRESHOLD_ROWS,
+    IPEX_PROMPT_CACHE_SHARE,
+    IPEX_WARMUP_PROMPT_TOKENS,
+)
 from deployments.contract import ErrorKind
 from deployments.engine import ipex_attention, ipex_meta_merge
 from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
@@ -75,18 +80,12 @@ logger = logging.getLogger(__name__)
 
 _KV = list[tuple["torch.Tensor", "torch.Tensor"]]
 
-# ipex-llm multiplies sym_int4 weights with ggml's kernel below this many activation rows and
-# dequantizes to fp32 + sgemm at or above it; its default (512) puts every prefill on the
-# ggml path, which is slow per row. At 17, decode steps (batch <= 16) keep ggml and
-# prefills take sgemm, which shortens time to first token (bench/RESULTS.md). Read once,
+# ipex-llm's low-bit matmul threshold (IPEX_LINEAR_THRESHOLD_ROWS says why ours); read once,
 # when ipex_llm is imported; an operator's own value wins.
 LINEAR_THRESHOLD_ENV = "BIGDL_LLM_LINEAR_THRESHOLD"
-LINEAR_THRESHOLD_ROWS = "17"
 # ipex-llm's FP8 KV switches: the current name, and the deprecated one it reads first.
 QUANTIZE_KV_ENV = "IPEX_LLM_QUANTIZE_KV_CACHE"
 DEPRECATED_QUANTIZE_KV_ENV = "BIGDL_QUANTIZE_KV_CACHE"
-# Dummy prompt positions of the warm-up's prefill (any length runs the same kernels).
-WARMUP_PROMPT_TOKENS = 8
 
 
 class _Rows:
@@ -158,7 +157,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
              max_prefill_tokens_per_step: int, options: IpexLLMOptions | None = None,
              hashes_verified: bool = False) -> IpexLLMEngine:
         """Verify the checkpoint, then load weights (no pickle code runs) and tokenizer."""
-        os.environ.setdefault(LINEAR_THRESHOLD_ENV, LINEAR_THRESHOLD_ROWS)
+        os.environ.setdefault(LINEAR_THRESHOLD_ENV, IPEX_LINEAR_THRESHOLD_ROWS)
         keep_kv_cache_unquantized(os.environ)
         import torch
         from ipex_llm.transformers import AutoModelForCausalLM
@@ -190,11 +189,11 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         import torch
 
         for rows in (1, 2):
-            ids = torch.full((rows, WARMUP_PROMPT_TOKENS), self._pad_id, dtype=torch.long)
+            ids = torch.full((rows, IPEX_WARMUP_PROMPT_TOKENS), self._pad_id, dtype=torch.long)
             mask = torch.ones_like(ids)
-            positions = torch.arange(WARMUP_PROMPT_TOKENS, dtype=torch.long).expand(rows, -1)
+            positions = torch.arange(IPEX_WARMUP_PROMPT_TOKENS, dtype=torch.long).expand(rows, -1)
             _, cache = self._forward(ids, mask, positions, None)
-            mask = torch.ones((rows, WARMUP_PROMPT_TOKENS + 1), dtype=torch.long)
+            mask = torch.ones((rows, IPEX_WARMUP_PROMPT_TOKENS + 1), dtype=torch.long)
             self._forward(ids[:, -1:], mask, positions[:, -1:] + 1, cache)
         logger.info("warmed up on %s", self._device)
 

@@ -315,7 +315,7 @@ def test_a_burst_of_1000_gets_200_or_503_at_once_and_memory_stays_bounded(base_u
 def test_health_says_busy_while_a_full_replica_keeps_answering(base_url):
     """Every replica slot taken by long answers (the queue not full): the health probe waits
     in the queue past its timeout, but chunks keep coming, so it is "busy", not 503."""
-    from deployments.ingress import HEALTH_TIMEOUT_S
+    from deployments.constants import HEALTH_TIMEOUT_S
 
     tokens = int((HEALTH_TIMEOUT_S + 3) / STEP_DELAY_S)  # the first answers end after it
 

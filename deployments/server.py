@@ -253,7 +253,7 @@ class LLMServer:
             self._batch_sizes[result.batch_size] += 1
             metrics.BATCH_SIZE.record(result.batch_size, self._labels)
         # Gauges only when they change: this runs on the engine thread between two model
-        # steps, where every microsecond is serial time (a Ray metric record is ~0.2 ms).
+        # steps, where every microsecond is serial time (a Ray metric record is not free).
         counts = (getattr(self._engine, "num_running", 0), getattr(self._engine, "num_waiting", 0))
         if counts != self._recorded_counts:
             self._recorded_counts = counts

@@ -45,7 +45,7 @@ cache compiles kernels on first use, which the first request would otherwise wai
 
 Attention reads the KV cache as it is, not a copy per query head (ipex_attention).
 Loading merges the meta q/k/v projections without ``torch.cat``, which would import
-``torch._dynamo`` (ipex_meta_merge): about 2 s less of a replica's start.
+``torch._dynamo`` (ipex_meta_merge), which a replica's start need not pay.
 
 torch, transformers and ipex_llm are imported inside methods: importing this module is
 cheap, so the router and the tests that never load a model do not pay for the stack.

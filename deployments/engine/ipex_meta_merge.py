@@ -3,8 +3,8 @@
 ``load_low_bit`` builds the model on the meta device (shapes, no memory), then merges each
 attention's q/k/v projections into one linear (``merge_qkv``: ``torch.cat`` of their
 weights) before the low-bit weights are loaded into it. On meta tensors ``torch.cat`` runs
-torch's Python meta kernel, and that kernel's first call imports ``torch._dynamo``: about
-2 s of a 3.5 s load of the demo model on 2 cores (AVX2), for tensors that hold no data.
+torch's Python meta kernel, and that kernel's first call imports ``torch._dynamo``: a large
+share of a small model's load (bench/RESULTS.md, start-up), for tensors that hold no data.
 Nothing else in loading or serving imports it.
 
 ``merge_linear`` here gives the merged meta weight (and bias) the shape, dtype and device

@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments import constants
 
+# What short_first does, from the rule's own constants (deployments/engine/batching.py).
+SHORT_FIRST = (f"Requests with {constants.LONG_ROW_FACTOR}x the smallest running token budget "
+               f"(and {constants.LONG_ROW_MIN_TOKENS} or more tokens to go) decode on one step in "
+               f"{constants.LONG_ROW_STRIDE} while shorter ones run.")
+
 
 class _EngineOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -40,8 +45,7 @@ class IpexLLMOptions(_EngineOptions):
         "the same way prefills only the rest; the same prompt again computes nothing before "
         "its first token.")
     short_first: bool | None = Field(
-        None, description="Requests with 4x the smallest running token budget decode every "
-        "other step while short ones run. null: on for cpu (a step's time grows with its "
+        None, description=f"{SHORT_FIRST} null: on for cpu (a step's time grows with its "
         "rows), off for xpu.")
     warmup: bool | None = Field(
         None, description="Run the model at batch 1 and 2 before the replica reports ready, "
@@ -63,9 +67,7 @@ class LlamaCppOptions(_EngineOptions):
     prompt_cache: bool = Field(
         True, description="A new request takes the slot holding the longest prefix of its "
         "prompt and prefills only the rest.")
-    short_first: bool = Field(
-        True, description="Requests with 4x the smallest running token budget decode every "
-        "other step while short ones run.")
+    short_first: bool = Field(True, description=SHORT_FIRST)
 
 
 class EchoOptions(_EngineOptions):
@@ -79,7 +81,7 @@ class EchoOptions(_EngineOptions):
     max_kv_tokens: int | None = Field(
         None, ge=1, description="KV positions admission may fill, as a model's KV budget "
         "(null: unbounded).")
-    short_first: bool = Field(False, description="As engine ipex_llm's short_first.")
+    short_first: bool = Field(False, description=SHORT_FIRST)
 
 
 EngineOptions = Annotated[IpexLLMOptions | LlamaCppOptions | EchoOptions,

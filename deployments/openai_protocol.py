@@ -220,10 +220,14 @@ def sum_usage(usages: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     the LangChain adapter a batch's responses."""
     usages = list(usages)
     keys = ("prompt_tokens", "completion_tokens", "total_tokens")
-    cached = sum(int((u.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
-                 for u in usages)
     return {**{key: sum(u[key] for u in usages) for key in keys},
-            "prompt_tokens_details": {"cached_tokens": cached}}
+            "prompt_tokens_details": {"cached_tokens": sum(map(cached_tokens, usages))}}
+
+
+def cached_tokens(usage: Mapping[str, Any]) -> int:
+    """Prompt tokens a usage object says the server's prompt cache supplied (0 from a server
+    that does not say)."""
+    return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)
 
 
 def completion_response(request_id: str, model: str, choices: list[dict[str, Any]],

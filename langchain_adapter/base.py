@@ -289,8 +289,3 @@ class StreamState:
     @property
     def ended(self) -> bool:
         return self.finish_reason is not None
-
-
-def cached_tokens(usage: Mapping[str, Any]) -> int:
-    """Prompt tokens the server's prompt cache supplied (0 from a server that does not say)."""
-    return int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0)

@@ -14,7 +14,8 @@ from langchain_core.messages import AIMessage, AIMessageChunk, BaseMessage, Chat
 from langchain_core.messages.ai import UsageMetadata
 from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResult
 
-from langchain_adapter.base import FORBID_UNKNOWN_FIELDS, RayServeModel, StreamState, cached_tokens
+from deployments.openai_protocol import cached_tokens
+from langchain_adapter.base import FORBID_UNKNOWN_FIELDS, RayServeModel, StreamState
 
 _ROLES = {"system": "system", "human": "user", "ai": "assistant"}
 

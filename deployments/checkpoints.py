@@ -2,8 +2,8 @@
 
 A checkpoint is a folder holding the model files, the tokenizer files and ``manifest.json``
 (format, source, low-bit type, library versions, every file with size and sha256). Two
-formats, one set of rules: ``ipex_llm`` (``save_low_bit``'s output, read by IpexLLMEngine)
-and ``gguf`` (one ``model.gguf``, read by LlamaCppEngine).
+formats, one set of rules: ``ipex_llm`` (``save_low_bit``'s output, read by IpexLLMRunner)
+and ``gguf`` (one ``model.gguf``, read by LlamaCppRunner).
 
 Layout of a published checkpoint called ``name`` under ``root``::
 

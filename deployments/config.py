@@ -20,10 +20,11 @@ from deployments import constants
 from deployments.engine.options import OPTIONS_BY_ENGINE, EngineOptions, IpexLLMOptions
 
 EngineName = Literal["ipex_llm", "llama_cpp", "echo"]
-ENGINE_CLASSES: dict[str, str] = {
-    "ipex_llm": "deployments.engine.ipex_llm:IpexLLMEngine",
-    "llama_cpp": "deployments.engine.llama_cpp:LlamaCppEngine",
-    "echo": "deployments.engine.echo:EchoEngine",
+# Each engine's model runner (deployments/engine/runner.py), under the shared scheduler.
+RUNNER_CLASSES: dict[str, str] = {
+    "ipex_llm": "deployments.engine.ipex_llm:IpexLLMRunner",
+    "llama_cpp": "deployments.engine.llama_cpp:LlamaCppRunner",
+    "echo": "deployments.engine.echo:EchoRunner",
 }
 # Engines without a GPU path: `device: xpu` is refused, `device: auto` never picks a GPU.
 CPU_ONLY_ENGINES = frozenset({"llama_cpp"})
@@ -158,8 +159,8 @@ class LLMConfig(BaseModel):
         return self.engine in CPU_ONLY_ENGINES
 
     @property
-    def engine_class_path(self) -> str:
-        return ENGINE_CLASSES[self.engine]
+    def runner_class_path(self) -> str:
+        return RUNNER_CLASSES[self.engine]
 
     def api_keys(self) -> frozenset[str]:
         """Configured API keys (empty: no auth). Read at start-up, never logged.

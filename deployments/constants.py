@@ -15,8 +15,8 @@ DEMO_CHECKPOINT_DIR = f"checkpoints/{DEMO_MODEL_NAME}-{DEFAULT_LOW_BIT}"
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_FORMAT_VERSION = 1
-# Checkpoint formats, by the engine that reads them: ipex_llm (IpexLLMEngine) and gguf
-# (LlamaCppEngine), whose checkpoint is the GGUF file under this name beside the tokenizer.
+# Checkpoint formats, by the engine that reads them: ipex_llm (IpexLLMRunner) and gguf
+# (LlamaCppRunner), whose checkpoint is the GGUF file under this name beside the tokenizer.
 CheckpointFormat = Literal["ipex_llm", "gguf"]
 CHECKPOINT_FORMATS: tuple[CheckpointFormat, ...] = ("ipex_llm", "gguf")
 GGUF_MODEL_FILE = "model.gguf"

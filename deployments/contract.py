@@ -2,7 +2,9 @@
 (pydantic models, never dicts re-read by key): the request (``GenerateRequest``: one prompt
 form, the answer's length, ``Sampling``, the deadline, the request id) and what comes back,
 ``OutputChunk`` pieces of the answer or one ``ErrorChunk`` that ends it with an
-``ErrorKind``. The router alone turns an ErrorKind into an HTTP status.
+``ErrorKind``; ``TokenizeRequest`` and ``TokenizeResult`` for the model's tokenizer. The
+router alone turns an ErrorKind into an HTTP status. (Callers of the router's handle, the
+LangChain adapter among them, send it OpenAI's request models: openai_protocol.py.)
 
 Imports neither ray nor torch nor anything of HTTP.
 """
@@ -71,6 +73,28 @@ class GenerateRequest(_Message):
         if self.messages is not None:
             return str([turn.model_dump() for turn in self.messages])
         return str(self.prompt if self.prompt is not None else list(self.prompt_token_ids or ()))
+
+
+class TokenizeRequest(_Message):
+    """Text to split into the served model's tokens: ``prompt`` (a text, as a prompt) or
+    ``messages`` (a chat, through the model's chat template), exactly one."""
+
+    prompt: str | None = None
+    messages: tuple[ChatTurn, ...] | None = None
+
+    @model_validator(mode="after")
+    def _one_form(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class TokenizeResult(_Message):
+    """The tokens of a TokenizeRequest, in vLLM's ``/tokenize`` answer fields."""
+
+    tokens: list[int]
+    count: int
+    max_model_len: int
 
 
 class OutputChunk(_Message):

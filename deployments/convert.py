@@ -1,12 +1,12 @@
 """``llm-checkpoint``: convert a model to a low-bit checkpoint, publish it, verify it.
 
-Format ``ipex_llm`` (the default, read by IpexLLMEngine): conversion loads the source (a local
+Format ``ipex_llm`` (the default, read by IpexLLMRunner): conversion loads the source (a local
 Hugging Face folder, a hub id, or a ``.gguf`` file) with ipex-llm at the chosen low-bit type
 and saves ``save_low_bit``'s output and the tokenizer into one folder. Quantization always
 runs on the CPU; ``device`` names where the checkpoint will *run*, and only decides which
 low-bit types are allowed.
 
-Format ``gguf`` (read by LlamaCppEngine): the source is a ``.gguf`` file, published as is
+Format ``gguf`` (read by LlamaCppRunner): the source is a ``.gguf`` file, published as is
 (its own quantization, e.g. q4_1) as ``model.gguf`` beside the tokenizer read from it.
 
 Either way the folder is published atomically with a manifest (see deployments.checkpoints).

@@ -39,6 +39,7 @@ from deployments.contract import (
     GenerateRequest,
     OutputChunk,
     Sampling,
+    TokenizeRequest,
 )
 from deployments.errors import ServiceError
 from deployments.openai_protocol import (
@@ -273,16 +274,19 @@ class LLMRouter:
         return {"id": self._config.model_name, "object": "model", "created": 0,
                 "owned_by": "ipex-llm-serve"}
 
-    async def tokenize(self, text: str) -> dict[str, Any]:
-        """``text`` split by the served model's tokenizer as a prompt (``tokens``, ``count``,
+    async def tokenize(self, body: TokenizeRequest | dict[str, Any]) -> dict[str, Any]:
+        """A prompt or chat split by the served model's tokenizer (``tokens``, ``count``,
         ``max_model_len``, as vLLM's ``/tokenize``): what LangChain's ``get_num_tokens``
         counts with, so it counts this model's tokens, not GPT-2's."""
-        if not isinstance(text, str):
-            raise ServiceError(f"tokenize takes a string, not {type(text).__name__}",
-                               param="prompt")
-        return await self._server.tokenize.remote(text)
+        request: TokenizeRequest = body if isinstance(body, TokenizeRequest) else \
+            parse_request(TokenizeRequest, body)
+        result = await self._server.tokenize.remote(request)
+        if isinstance(result, ErrorChunk):
+            raise _service_error(result)
+        return result.model_dump()
 
-    async def completions(self, body: dict[str, Any] | bytes) -> dict[str, Any]:
+    async def completions(self, body: CompletionRequest | dict[str, Any] | bytes
+                          ) -> dict[str, Any]:
         request = self._parse(CompletionRequest, body)
         response_id = new_id("cmpl")
         tasks = [asyncio.ensure_future(self._generate(self._generate_request(request,
@@ -297,7 +301,7 @@ class LLMRouter:
                     "finish_reason": r.finish_reason} for i, r in enumerate(results)]
         return completion_response(response_id, request.model, choices, usage(*results))
 
-    async def completions_stream(self, body: dict[str, Any] | bytes
+    async def completions_stream(self, body: CompletionRequest | dict[str, Any] | bytes
                                  ) -> AsyncIterator[dict[str, Any]]:
         request = self._parse(CompletionRequest, body)
         response_id = new_id("cmpl")
@@ -314,14 +318,15 @@ class LLMRouter:
             yield usage_chunk(response_id, request.model, "text_completion",
                               usage(*last_chunks))
 
-    async def chat_completions(self, body: dict[str, Any] | bytes) -> dict[str, Any]:
+    async def chat_completions(self, body: ChatCompletionRequest | dict[str, Any] | bytes
+                               ) -> dict[str, Any]:
         request = self._parse(ChatCompletionRequest, body)
         chat = self._generate_request(request, messages=request.chat_messages())
         result = await self._generate(chat)
         return chat_response(new_id("chatcmpl"), request.model, result.text,
                              result.finish_reason, usage(result))
 
-    async def chat_completions_stream(self, body: dict[str, Any] | bytes
+    async def chat_completions_stream(self, body: ChatCompletionRequest | dict[str, Any] | bytes
                                       ) -> AsyncIterator[dict[str, Any]]:
         request = self._parse(ChatCompletionRequest, body)
         response_id = new_id("chatcmpl")
@@ -444,7 +449,7 @@ class LLMRouter:
 
     # ---- shared path ---------------------------------------------------------------------
 
-    def _parse(self, model: type, body: dict[str, Any] | bytes) -> Any:
+    def _parse(self, model: type, body: Any) -> Any:
         try:
             return self._validate(model, body)
         except ServiceError:
@@ -454,8 +459,10 @@ class LLMRouter:
     def _count(self, status: str) -> None:
         metrics.REQUESTS_TOTAL.record(1, {**self._metric_labels, "status": status})
 
-    def _validate(self, model: type, body: dict[str, Any] | bytes) -> Any:
-        request = parse_request(model, body)
+    def _validate(self, model: type, body: Any) -> Any:
+        """``body`` (an OpenAI request model, or its JSON as a dict or bytes) validated,
+        within this application's limits; ServiceError 400 if it is not."""
+        request = body if isinstance(body, model) else parse_request(model, body)
         if request.model != self._config.model_name:
             raise self._unknown_model(request.model)
         if len(request.stop_strings) > self._config.max_stop_strings:

@@ -189,7 +189,7 @@ def _same_json(value: Any, allowed: Any) -> bool:
     return bool(value == allowed)
 
 
-def parse_request(model: type[_SamplingFields], body: bytes | dict[str, Any]) -> Any:
+def parse_request(model: type[BaseModel], body: bytes | dict[str, Any]) -> Any:
     """Validate a body (raw JSON bytes or an already decoded dict); ServiceError 400 if bad."""
     try:
         if isinstance(body, bytes | bytearray):

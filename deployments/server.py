@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import importlib
 import logging
 import os
 import time
@@ -31,12 +30,19 @@ from ray import serve
 from deployments import constants, metrics, placement
 from deployments.checkpoints import cached_copy
 from deployments.config import LLMConfig
-from deployments.contract import ErrorChunk, ErrorKind, GenerateRequest, OutputChunk
+from deployments.contract import (
+    ErrorChunk,
+    ErrorKind,
+    GenerateRequest,
+    OutputChunk,
+    TokenizeRequest,
+    TokenizeResult,
+)
+from deployments.engine.batching import load_engine
 from deployments.engine.protocol import (
     EngineError,
     GenerationOutput,
     GenerationRequest,
-    LLMEngine,
     SamplingParams,
     StepResult,
 )
@@ -44,11 +50,6 @@ from deployments.engine_loop import EngineFailure, EngineLoop
 from deployments.request_trace import RequestTrace
 
 logger = logging.getLogger("ray.serve")
-
-
-def load_engine_class(path: str) -> type[LLMEngine]:
-    module_name, _, class_name = path.partition(":")
-    return getattr(importlib.import_module(module_name), class_name)
 
 
 @serve.deployment(name="LLMServer",
@@ -78,9 +79,9 @@ class LLMServer:
         checkpoint = config.checkpoint_path
         if config.local_cache_dir:  # hashed once per node, as it is copied there
             checkpoint = str(cached_copy(checkpoint, config.local_cache_dir))
-        engine_cls = load_engine_class(config.engine_class_path)
-        self._engine = engine_cls.load(
-            checkpoint, device=self._slot.device, max_batch_size=config.max_batch_size,
+        self._engine = load_engine(
+            config.runner_class_path, checkpoint, device=self._slot.device,
+            max_batch_size=config.max_batch_size,
             max_prefill_tokens_per_step=config.max_prefill_tokens_per_step,
             options=config.engine_options, hashes_verified=bool(config.local_cache_dir))
         self._batch_sizes: collections.Counter[int] = collections.Counter()
@@ -187,12 +188,17 @@ class LLMServer:
                 "running": getattr(self._engine, "num_running", None),
                 "waiting": getattr(self._engine, "num_waiting", None)}
 
-    async def tokenize(self, text: str) -> dict[str, Any]:
-        """``text``'s token ids as this model sees a prompt (special tokens included), in
-        vLLM's ``/tokenize`` answer fields: ``tokens``, ``count``, ``max_model_len``."""
+    async def tokenize(self, request: TokenizeRequest) -> TokenizeResult | ErrorChunk:
+        """The request's token ids as this model sees a prompt (special tokens included);
+        a chat through the model's chat template, or an ErrorChunk if it has none."""
+        try:
+            text = request.prompt if request.messages is None else self._engine.apply_chat_template(
+                [turn.model_dump() for turn in request.messages])
+        except EngineError as error:
+            return ErrorChunk(message=error.message, kind=error.kind, field=error.field)
         token_ids = self._engine.encode(text)
-        return {"tokens": token_ids, "count": len(token_ids),
-                "max_model_len": self._engine.max_context_tokens}
+        return TokenizeResult(tokens=token_ids, count=len(token_ids),
+                              max_model_len=self._engine.max_context_tokens)
 
     async def check_health(self) -> None:
         """Ray's liveness probe: the engine loop is alive and stepping while it has work."""

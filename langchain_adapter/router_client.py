@@ -2,8 +2,11 @@
 
 ``RouterClient`` finds the application's ingress (``serve.get_app_handle``) on the Ray cluster
 this process is connected to, and calls the router's Python methods (``completions``,
-``chat_completions``, their ``*_stream`` variants, ``models``), so validation, limits and
-metrics apply exactly as over HTTP. Errors come back as ``ServiceError`` (unwrapped from Ray's
+``chat_completions``, their ``*_stream`` variants, ``models``, ``tokenize``), so validation,
+limits and metrics apply exactly as over HTTP. What crosses the handle is a pydantic model:
+OpenAI's request models (``CompletionRequest``, ``ChatCompletionRequest``, validated here
+with the router's own rules, so a bad value fails before the call with the same 400) and
+the contract's ``TokenizeRequest``. Errors come back as ``ServiceError`` (unwrapped from Ray's
 wrapper); a missing cluster or application as ``AppUnavailableError``.
 
 ``generation_fields`` maps ``model_kwargs`` and per-call keyword arguments, in LangChain
@@ -24,7 +27,9 @@ from ray.serve.exceptions import BackPressureError, RayServeException
 from ray.serve.handle import DeploymentHandle, DeploymentResponse
 
 from deployments.constants import ADAPTER_CONNECT_TIMEOUT_S, RETRY_AFTER_S
+from deployments.contract import TokenizeRequest
 from deployments.errors import ServiceError
+from deployments.openai_protocol import ChatCompletionRequest, CompletionRequest, parse_request
 
 # Request fields that mean the same in model_kwargs, per-call kwargs and OpenAI requests
 # (ignore_eos, min_tokens, top_k: vLLM's extensions, top_k also Hugging Face generate()'s;
@@ -42,6 +47,19 @@ LOAD_KWARGS = ("trust_remote_code", "device")
 # (ChatOpenAI's style) and per call.
 GENERATION_KWARGS = frozenset((*_OPENAI_FIELDS, *_MAX_TOKENS_ALIASES, "do_sample"))
 _KNOWN_KWARGS = GENERATION_KWARGS | frozenset(LOAD_KWARGS)
+
+
+# The OpenAI request model each router method takes.
+_REQUEST_MODELS: dict[str, type[CompletionRequest | ChatCompletionRequest]] = {
+    "completions": CompletionRequest, "completions_stream": CompletionRequest,
+    "chat_completions": ChatCompletionRequest, "chat_completions_stream": ChatCompletionRequest}
+
+
+def openai_request(method: str, body: Mapping[str, Any]
+                   ) -> CompletionRequest | ChatCompletionRequest:
+    """``body`` as the request model router method ``method`` takes; ServiceError 400 (the
+    router's own message) when it does not validate."""
+    return parse_request(_REQUEST_MODELS[method], dict(body))
 
 
 class AppUnavailableError(ConnectionError):
@@ -135,9 +153,10 @@ class RouterClient:
 
     # ---- whole answers -------------------------------------------------------------------
 
-    def submit(self, method: str, body: dict[str, Any]) -> DeploymentResponse:
+    def submit(self, method: str, body: Mapping[str, Any]) -> DeploymentResponse:
         """Start a call without waiting for it: submit many, then wait, to run them together."""
-        return getattr(self._handle, method).remote(body)
+        request = openai_request(method, body)
+        return getattr(self._handle, method).remote(request)
 
     @staticmethod
     def wait_all(responses: Sequence[DeploymentResponse]) -> list[dict[str, Any]]:
@@ -163,13 +182,15 @@ class RouterClient:
     def tokenize(self, text: str) -> list[int]:
         """``text``'s token ids by the served model's tokenizer (the router's ``tokenize``)."""
         with service_errors():
-            return _wait(self._handle.tokenize.remote(text), ADAPTER_CONNECT_TIMEOUT_S)["tokens"]
+            request = TokenizeRequest(prompt=text)
+            return _wait(self._handle.tokenize.remote(request), ADAPTER_CONNECT_TIMEOUT_S)["tokens"]
 
     # ---- streams -------------------------------------------------------------------------
 
-    def stream(self, method: str, body: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    def stream(self, method: str, body: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
         """The router's chunks as it yields them; leaving early cancels the request."""
-        chunks = getattr(self._handle.options(stream=True), method).remote(body)
+        request = openai_request(method, body)
+        chunks = getattr(self._handle.options(stream=True), method).remote(request)
         finished = False
         try:
             with service_errors():
@@ -179,8 +200,10 @@ class RouterClient:
             if not finished:
                 chunks.cancel()
 
-    async def astream(self, method: str, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        chunks = getattr(self._handle.options(stream=True), method).remote(body)
+    async def astream(self, method: str, body: Mapping[str, Any]
+                      ) -> AsyncIterator[dict[str, Any]]:
+        request = openai_request(method, body)
+        chunks = getattr(self._handle.options(stream=True), method).remote(request)
         finished = False
         try:
             with service_errors():

@@ -13,9 +13,10 @@ from deployments.engine.protocol import EngineError
 
 
 class HFTokenizerText:
-    """``encode``, ``apply_chat_template`` and ``_decode_text`` over ``self._tokenizer``."""
+    """The TokenizerText (runner.py) of a Hugging Face tokenizer."""
 
-    _tokenizer: Any
+    def __init__(self, tokenizer: Any):
+        self._tokenizer = tokenizer
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text)
@@ -27,7 +28,7 @@ class HFTokenizerText:
         return self._tokenizer.apply_chat_template(list(messages), tokenize=False,
                                                    add_generation_prompt=True)
 
-    def _decode_text(self, token_ids: Sequence[int]) -> str:
+    def decode(self, token_ids: Sequence[int]) -> str:
         """``tokenizer.decode(ids, skip_special_tokens=True)``, straight from the Rust
         tokenizer when there is one. The scheduler decodes every running sequence's whole
         answer once per step; transformers' own decode checks each id's type in Python

@@ -1,19 +1,20 @@
-"""IpexLLMEngine: an ipex-llm low-bit model driven step by step, with continuous batching.
+"""IpexLLMRunner: an ipex-llm low-bit model executing the shared scheduler's plans.
 
 The decode loop is our own, over the model's forward pass and its KV cache, rather than one
 opaque ``generate()`` call: each sequence streams, stops and is aborted on its own, and
-new sequences join the running batch between decode steps. Rows are left-padded: a zero in
-the attention mask hides padded cache positions, and position ids come from the mask's
-cumulative sum, which reproduces ipex-llm's ``generate()`` token for token (a test shows it).
+new sequences join the running batch between decode steps (scheduler.py decides who).
+Rows are left-padded: a zero in the attention mask hides padded cache positions, and
+position ids come from the mask's cumulative sum, which reproduces ipex-llm's
+``generate()`` token for token (a test shows it).
 
 Joining copies the batch's KV into a new cache (ipex-llm's ``DynamicNormalCache``, whose
 tensors are views into preallocated buffers), so joins are batched: one per step at most.
 A join or a row drop builds the new cache layer by layer and lets go of each old layer once
 copied, so it holds about one batch's KV plus a layer, not two or three.
 
-KV memory bounds admission (``ContinuousBatchingEngine.max_kv_tokens``): engine option
+KV memory bounds admission (``RunnerLimits.max_kv_tokens``): engine option
 ``kv_cache_gb``, by default a share of the memory free when the engine loads.
-Left-padded rows make a batch's KV rows x its widest row, so ``_kv_positions`` bounds that.
+Left-padded rows make a batch's KV rows x its widest row, so ``kv_positions`` bounds that.
 
 Prompt cache (engine option ``prompt_cache``, on by default, as engine llama_cpp's): a row
 leaving the batch leaves a copy of its KV (prompt and answer) in a ``PrefixStore``, which
@@ -26,13 +27,13 @@ token from them and computes nothing: it repeats the uncached answer, where comp
 last prompt token alone on the stored KV rounds differently from the prefill (low-bit
 kernels quantize activations per row) and flipped greedy answers of most short prompts.
 
-Short-first decoding (engine option ``short_first``; ContinuousBatchingEngine), on by default
+Short-first decoding (engine option ``short_first``; scheduler.py), on by default
 on the CPU, where a decode step's time grows with its rows: joining
 rows go in front of the running ones, so requests that arrived while long ones ran lead the
 batch, and a step that may leave long rows out decodes the leading run of rows holding every
 short one, on views of the batch's cache (no copy). The rows left out get a masked, zeroed
 position: a hole, as left padding is, so each such step widens them by one position; it is
-taken only while the KV budget could still run every row to its end (``_rows_decodable``).
+taken only while the KV budget could still run every row to its end (``rows_decodable``).
 Off by default on an XPU, where a decode step's cost hardly depends on its rows.
 
 On an Intel GPU the model runs in fp16 (``.half()``, as ipex-llm's GPU guides load it), on
@@ -67,11 +68,12 @@ from deployments.constants import (
 )
 from deployments.contract import ErrorKind
 from deployments.engine import ipex_attention, ipex_meta_merge
-from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
 from deployments.engine.hf_text import HFTokenizerText
 from deployments.engine.options import IpexLLMOptions
+from deployments.engine.plan import PrefillWork, RunnerOutput, SequenceState, StepPlan
 from deployments.engine.prefix_store import PrefixEntry, PrefixStore
 from deployments.engine.protocol import EngineError
+from deployments.engine.runner import ModelRunner, RunnerLimits, eos_ids
 
 if TYPE_CHECKING:
     import torch
@@ -89,17 +91,14 @@ DEPRECATED_QUANTIZE_KV_ENV = "BIGDL_QUANTIZE_KV_CACHE"
 
 
 class _Rows:
-    """Batch tensors that travel together: per-layer KV, attention mask, last tokens."""
+    """Batch tensors that travel together: per-layer KV and the attention mask."""
 
-    def __init__(self, kv: _KV, mask: torch.Tensor, last_tokens: torch.Tensor):
-        self.kv, self.mask, self.last_tokens = kv, mask, last_tokens
+    def __init__(self, kv: _KV, mask: torch.Tensor):
+        self.kv, self.mask = kv, mask
 
 
-class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
-    """A low-bit causal LM on one device ("cpu" or "xpu"), generating for many requests."""
-
-    decodes_row_subsets = True  # a leading run of rows, on views of the cache
-    joins_in_front = True  # so rows that came later, short ones among them, lead
+class IpexLLMRunner(ModelRunner):
+    """A low-bit causal LM on one device ("cpu" or "xpu"), computing for many requests."""
 
     def __init__(self, model: Any, tokenizer: Any, *, device: str, max_batch_size: int,
                  max_prefill_tokens_per_step: int, options: IpexLLMOptions | None = None):
@@ -109,12 +108,11 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         kv_cache_gb = options.kv_cache_gb
 
         ipex_attention.install()  # attention without copying the KV per query head
-        eos = model.generation_config.eos_token_id
-        eos_ids = {tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])}
         context = options.max_context_tokens or getattr(model.config, "max_position_embeddings",
                                                         2048)
         self._model = model
         self._tokenizer = tokenizer
+        self.text = HFTokenizerText(tokenizer)
         self._device = device
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         # Positions the cache allocates past a row's width.
@@ -127,13 +125,14 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         kv_positions = max(kv_bytes // self.kv_bytes_per_position, 1)
         prompt_cache_positions = (int(kv_positions * IPEX_PROMPT_CACHE_SHARE)
                                   if options.prompt_cache else 0)
-        super().__init__(max_batch_size=max_batch_size,
-                         max_prefill_tokens_per_step=max_prefill_tokens_per_step,
-                         max_context_tokens=context,
-                         eos_token_ids={i for i in eos_ids if i is not None},
-                         max_kv_tokens=max(kv_positions - prompt_cache_positions, 1),
-                         short_first=(kind == "cpu" if options.short_first is None
-                                      else options.short_first))
+        self.limits = RunnerLimits(
+            max_batch_size=max_batch_size, max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+            max_context_tokens=context, vocab_size=int(model.config.vocab_size),
+            eos_token_ids=eos_ids(tokenizer.eos_token_id, model.generation_config.eos_token_id),
+            max_kv_tokens=max(kv_positions - prompt_cache_positions, 1),
+            short_first=kind == "cpu" if options.short_first is None else options.short_first,
+            decodes_row_subsets=True,  # a leading run of rows, on views of the cache
+            joins_in_front=True)  # so rows that came later, short ones among them, lead
         # Finished rows' KV for prompts that start alike (None: the prompt cache is off).
         self._prefixes: PrefixStore[_KV] | None = \
             PrefixStore(prompt_cache_positions) if prompt_cache_positions else None
@@ -141,10 +140,11 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         # Request id -> the logits its prompt's prefill ended with, kept while it runs for its
         # prefix entry (only with the prompt cache on).
         self._prompt_logits: dict[str, torch.Tensor] = {}
+        self._rows: list[str] = []  # request ids of the running batch, in row order
         self._running_rows: _Rows | None = None
         self._cache: Any = None  # the model's cache object for the running rows
-        self._pending: list[_Rows] = []
-        self._chunk: tuple[Any, int] | None = None  # (cache, length) of a chunked prefill
+        self._pending: list[_Rows] = []  # prefilled prompts' KV, to join in this order
+        self._chunk: tuple[str, Any] | None = None  # (request id, cache) of a chunked prefill
         logger.info("KV cache budget: %.2f GB = %d positions of %d bytes (%s), of which the "
                     "prompt cache holds %d", kv_bytes / 2**30, kv_positions,
                     self.kv_bytes_per_position,
@@ -155,7 +155,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
     @classmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
              max_prefill_tokens_per_step: int, options: IpexLLMOptions | None = None,
-             hashes_verified: bool = False) -> IpexLLMEngine:
+             hashes_verified: bool = False) -> IpexLLMRunner:
         """Verify the checkpoint, then load weights (no pickle code runs) and tokenizer."""
         os.environ.setdefault(LINEAR_THRESHOLD_ENV, IPEX_LINEAR_THRESHOLD_ROWS)
         keep_kv_cache_unquantized(os.environ)
@@ -197,32 +197,43 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
             self._forward(ids[:, -1:], mask, positions[:, -1:] + 1, cache)
         logger.info("warmed up on %s", self._device)
 
-    # ---- text ----------------------------------------------------------------------------
+    # ---- plans ---------------------------------------------------------------------------
 
-    @property
-    def vocab_size(self) -> int:
-        return int(self._model.config.vocab_size)
+    def execute(self, plan: StepPlan) -> RunnerOutput:
+        import torch
 
-    # ---- backend hooks -------------------------------------------------------------------
+        if plan.leaving:
+            self._leave(plan.leaving)
+        logits: list[torch.Tensor] = []
+        if plan.prefill:
+            logits += self._prefill(plan.prefill)
+            self._join_pending([work.seq for work in plan.prefill if work.complete])
+        if plan.decode:
+            logits += list(self._decode(plan.decode))
+        if not logits:
+            return RunnerOutput(logits=torch.empty((0, self.limits.vocab_size)).numpy())
+        return RunnerOutput(logits=torch.stack(logits).numpy())
 
-    def _prefill(self, sequences: Sequence[Sequence_]) -> list[int]:
-        """Whole prompts in sequence order: each run of uncached ones as one left-padded
-        batch, each one with a cached prefix on its own, from that prefix (their rows join
-        in this order, so pending groups keep it)."""
-        tokens: list[int] = []
-        uncached: list[Sequence_] = []
-        for seq in sequences:
-            if seq.num_cached:
-                tokens += self._prefill_uncached(uncached) if uncached else []
-                uncached = []
-                first = self._prefill_chunk(seq, len(seq.prompt))  # one chunk: the rest
-                assert first is not None
-                tokens.append(first)
-            else:
-                uncached.append(seq)
-        return tokens + (self._prefill_uncached(uncached) if uncached else [])
+    def _prefill(self, works: Sequence[PrefillWork]) -> list[torch.Tensor]:
+        """Prompts in plan order: each run of whole uncached ones as one left-padded batch,
+        every other (a chunk, or the rest after a cached prefix) on its own; the logits
+        after each complete prompt (their rows join in this order, so pending groups keep
+        it)."""
+        logits: list[torch.Tensor] = []
+        batch: list[SequenceState] = []
+        for work in works:
+            if work.start == 0 and work.complete:
+                batch.append(work.seq)
+                continue
+            if batch:
+                logits += self._prefill_whole(batch)
+                batch = []
+            last = self._prefill_chunk(work)
+            if last is not None:
+                logits.append(last)
+        return logits + (self._prefill_whole(batch) if batch else [])
 
-    def _prefill_uncached(self, sequences: Sequence[Sequence_]) -> list[int]:
+    def _prefill_whole(self, sequences: Sequence[SequenceState]) -> list[torch.Tensor]:
         import torch
 
         width = max(len(s.prompt) for s in sequences)
@@ -233,51 +244,54 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
             mask[row, width - len(seq.prompt):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, positions, None)
-        tokens = self._sample_tokens(logits, sequences)
         for row, seq in enumerate(sequences):
             self._keep_prompt_logits(seq, logits[row])
-        self._pending.append(_Rows(_cache_tensors(cache), mask, tokens))
-        return tokens.tolist()
+        self._pending.append(_Rows(_cache_tensors(cache), mask))
+        return list(logits)
 
-    def _prefill_chunk(self, sequence: Sequence_, end: int) -> int | None:
+    def _prefill_chunk(self, work: PrefillWork) -> torch.Tensor | None:
+        """Prompt positions [start, end) on the cache of the earlier chunks (or of a claimed
+        prefix); the logits after the prompt once it is complete, else None."""
         import torch
 
-        entry = self._claims.get(sequence.request_id)
-        cache, start = self._chunk or (self._take_claimed_prefix(sequence), sequence.num_cached)
+        seq, start, end = work.seq, work.start, work.end
+        entry = self._claims.get(seq.request_id)
+        if self._chunk is not None and self._chunk[0] == seq.request_id:
+            cache = self._chunk[1]
+        else:
+            cache = self._take_claimed_prefix(seq)
         mask = torch.ones((1, end), dtype=torch.long)
         if start == end:  # the whole prompt was cached, with the logits its prefill ended with
             assert entry is not None and entry.prompt_logits is not None
             logits = entry.prompt_logits[1][None]
         else:
-            ids = torch.tensor([sequence.prompt[start:end]], dtype=torch.long)
+            ids = torch.tensor([seq.prompt[start:end]], dtype=torch.long)
             positions = torch.arange(start, end, dtype=torch.long)[None, :]
             logits, cache = self._forward(ids, mask, positions, cache)
-        if end < len(sequence.prompt):
-            self._chunk = (cache, end)
+        if not work.complete:
+            self._chunk = (seq.request_id, cache)
             return None
         self._chunk = None
-        tokens = self._sample_tokens(logits, [sequence])
-        self._keep_prompt_logits(sequence, logits[0])
-        self._pending.append(_Rows(_cache_tensors(cache), mask, tokens))
-        return int(tokens[0])
+        self._keep_prompt_logits(seq, logits[0])
+        self._pending.append(_Rows(_cache_tensors(cache), mask))
+        return logits[0]
 
-    def _keep_prompt_logits(self, seq: Sequence_, logits: torch.Tensor) -> None:
+    def _keep_prompt_logits(self, seq: SequenceState, logits: torch.Tensor) -> None:
         if self._prefixes is not None:
             self._prompt_logits[seq.request_id] = logits.clone()
 
-    def _discard_chunk_state(self, seq: Sequence_) -> None:
-        self._chunk = None
-        self._claims.pop(seq.request_id, None)
-
-    def _join_pending(self) -> None:
+    def _join_pending(self, joined: Sequence[SequenceState]) -> None:
+        """Put the pending prefilled rows (``joined``, in order) in front of the running
+        ones, in one copy of the batch's KV."""
         import torch
 
-        groups = list(self._pending)  # in front of the running rows (joins_in_front)
+        if not self._pending:
+            return
+        groups = list(self._pending)
         if self._running_rows is not None:
-            current = self._running_rows
-            groups.append(_Rows(_cache_tensors(self._cache), current.mask,
-                                current.last_tokens))
+            groups.append(_Rows(_cache_tensors(self._cache), self._running_rows.mask))
         self._pending, self._cache = [], None  # the groups hold the old layers now
+        self._rows = [*(seq.request_id for seq in joined), *self._rows]
         width = max(g.mask.shape[1] for g in groups)
 
         def joined_layers() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -288,34 +302,33 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
                 yield tuple(torch.cat([_left_pad(p[part], width, dim=2) for p in parts])
                             for part in (0, 1))
 
-        mask = torch.cat([_left_pad(g.mask, width, dim=1) for g in groups])
-        tokens = torch.cat([g.last_tokens for g in groups])
-        self._set_running(joined_layers(), mask, tokens)
+        self._set_running(joined_layers(),
+                          torch.cat([_left_pad(g.mask, width, dim=1) for g in groups]))
 
-    def _decode(self, sequences: Sequence[Sequence_]) -> list[int]:
+    def _decode(self, sequences: Sequence[SequenceState]) -> torch.Tensor:
         """Decode the batch's first ``len(sequences)`` rows: all of them, or (short-first) a
         leading run, which runs on views of the batch's cache while every other row gets a
         hole: a zeroed position its mask hides."""
         import torch
 
         rows = self._running_rows
-        assert rows is not None and list(sequences) == self._running[:len(sequences)]
-        count, (batch, width) = len(sequences), rows.mask.shape
+        count = len(sequences)
+        assert rows is not None and [s.request_id for s in sequences] == self._rows[:count]
+        batch, width = rows.mask.shape
         decoded = torch.zeros((batch, 1), dtype=torch.long)
         decoded[:count] = 1
         mask = torch.cat([rows.mask, decoded], 1)
         leading = mask[:count]
         cache = self._cache if count == batch else self._leading_rows_cache(count)
-        logits, cache = self._forward(rows.last_tokens[:count, None], leading,
-                                      leading.sum(-1, keepdim=True) - 1, cache)
+        last_tokens = torch.tensor([[seq.generated[-1]] for seq in sequences], dtype=torch.long)
+        logits, cache = self._forward(last_tokens, leading, leading.sum(-1, keepdim=True) - 1,
+                                      cache)
         if count == batch:
             self._cache = cache
         else:
             self._copy_new_position(cache, count, width)
-        tokens = self._sample_tokens(logits, sequences)
         rows.mask = mask
-        rows.last_tokens = torch.cat([tokens, rows.last_tokens[count:]])
-        return tokens.tolist()
+        return logits
 
     def _leading_rows_cache(self, count: int) -> Any:
         """Give every row of the batch's cache a zeroed position, then a cache of views of
@@ -343,26 +356,42 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
                 key[:count, :, width] = new_key[:, :, width]
                 value[:count, :, width] = new_value[:, :, width]
 
-    def _rows_decodable(self, wanted: list[Sequence_]) -> list[Sequence_]:
+    def rows_decodable(self, running: Sequence[SequenceState],
+                       wanted: Sequence[SequenceState]) -> list[SequenceState]:
         """The leading run of rows holding ``wanted``; all rows when a hole for the others
-        could take the batch past the KV budget (each term of ``_kv_positions``' bound grows
+        could take the batch past the KV budget (each term of ``kv_positions``' bound grows
         by at most the number of rows)."""
-        if self.max_kv_tokens is not None and \
-                self._kv_positions(self._running, ()) + len(self._running) > self.max_kv_tokens:
-            return self._running
-        return self._running[:self._running.index(wanted[-1]) + 1]  # wanted: in row order
+        budget = self.limits.max_kv_tokens
+        if budget is not None and self.kv_positions(running, ()) + len(running) > budget:
+            return list(running)
+        return list(running[:running.index(wanted[-1]) + 1])  # wanted: in row order
 
-    def _drop_rows(self, rows: Sequence[int]) -> None:
+    def _leave(self, leaving: Sequence[SequenceState]) -> None:
+        """Drop the rows of ``leaving`` (keeping their KV in the prompt cache) and forget
+        a chunked prefill or a claim any of them held."""
+        rows = {}
+        for seq in leaving:
+            if seq.request_id in self._rows:
+                rows[self._rows.index(seq.request_id)] = seq
+            elif self._chunk is not None and self._chunk[0] == seq.request_id:
+                self._chunk = None
+            self._claims.pop(seq.request_id, None)
+        if rows:
+            self._drop_rows(dict(sorted(rows.items())))
+
+    def _drop_rows(self, rows: dict[int, SequenceState]) -> None:
+        """Remove these rows (row -> its sequence, ascending) from the running batch."""
         import torch
 
         current = self._running_rows
         assert current is not None
         old_layers = _cache_tensors(self._cache)
-        if self._prefixes is not None:
-            for row in rows:
-                self._keep_prefix(row, old_layers)
-                self._prompt_logits.pop(self._running[row].request_id, None)
-        keep = [i for i in range(current.mask.shape[0]) if i not in set(rows)]
+        for row, seq in rows.items():
+            if self._prefixes is not None:
+                self._keep_prefix(row, seq, old_layers)
+            self._prompt_logits.pop(seq.request_id, None)
+        keep = [i for i in range(current.mask.shape[0]) if i not in rows]
+        self._rows = [self._rows[i] for i in keep]
         if not keep:
             self._running_rows, self._cache = None, None
             return
@@ -377,33 +406,32 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
                 old_layers[layer] = None  # freed once copied into the new cache
                 yield tuple(t.index_select(0, index)[:, :, first_used:] for t in (key, value))
 
-        self._set_running(kept_layers(), mask[:, first_used:].contiguous(),
-                          current.last_tokens.index_select(0, index))
+        self._set_running(kept_layers(), mask[:, first_used:].contiguous())
 
     # ---- prompt cache --------------------------------------------------------------------
 
-    def _claim_cache(self, seq: Sequence_) -> None:
+    def claim_cache(self, seq: SequenceState) -> int:
         """Start ``seq`` from the stored entry sharing the longest prefix with its prompt,
         leaving at least the prompt's last token to compute (its logits give the first
         token), unless the entry kept the logits that followed this very prompt. Entries are
         never changed, so a claim holds only a reference."""
         if self._prefixes is None:
-            return
+            return 0
         entry, shared = self._prefixes.longest_prefix(seq.prompt)
         whole = len(seq.prompt)
         reused = min(shared, whole - 1)
         if entry is not None and shared == whole and entry.prompt_logits is not None \
                 and entry.prompt_logits[0] == whole:
             reused = whole
-        if entry is not None and reused > 0:
-            self._claims[seq.request_id] = entry
-            seq.num_cached = reused
+        if entry is None or reused == 0:
+            return 0
+        self._claims[seq.request_id] = entry
+        return reused
 
-    def _unclaim_cache(self, seq: Sequence_) -> None:
+    def unclaim_cache(self, seq: SequenceState) -> None:
         self._claims.pop(seq.request_id, None)
-        seq.num_cached = 0
 
-    def _take_claimed_prefix(self, seq: Sequence_) -> Any:
+    def _take_claimed_prefix(self, seq: SequenceState) -> Any:
         """A new cache holding the first ``seq.num_cached`` positions of its claimed entry
         (copied: the entry stays as it is for others), or None when nothing was claimed."""
         from ipex_llm.transformers.kv import DynamicNormalCache
@@ -416,12 +444,11 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
             cache.update(key[:, :, :seq.num_cached], value[:, :, :seq.num_cached], layer)
         return cache
 
-    def _keep_prefix(self, row: int, layers: _KV) -> None:
+    def _keep_prefix(self, row: int, seq: SequenceState, layers: _KV) -> None:
         """Copy a leaving row's KV (``layers``: the running batch's) into the prefix store.
         It covers the prompt and every answer token but the last sampled one (never fed to
         the model)."""
         assert self._prefixes is not None and self._running_rows is not None
-        seq = self._running[row]
         tokens = [*seq.prompt, *seq.generated[:-1]]
         held = self._running_rows.mask[row].nonzero().squeeze(1)  # its positions, not holes
         if len(held) != len(tokens):  # cannot happen; keep nothing rather than a wrong prefix
@@ -443,16 +470,18 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
 
     # ---- KV memory -----------------------------------------------------------------------
 
-    def _kv_positions(self, running: Sequence[Sequence_], joining: Sequence[Sequence_]) -> int:
+    def kv_positions(self, running: Sequence[SequenceState],
+                     joining: Sequence[SequenceState]) -> int:
         """Rows share one width, which grows a position per decode step and shrinks only when
         the rows that needed the leading positions leave, plus the cache's spare positions.
         With k rows left, the width is at most the width after the join plus the k-th
         longest remaining run, so the batch never holds more than the largest
-        k x (that width + remaining + spare)."""
+        k x (that width + remaining + spare). ``running`` is the batch as it is."""
+        context = self.limits.max_context_tokens
         width = self._running_rows.mask.shape[1] \
             if running and self._running_rows is not None else 0
         width = max([width, *(len(seq.prompt) for seq in joining)])
-        remaining = sorted((self._final_length(seq) - seq.total_tokens
+        remaining = sorted((seq.final_length(context) - seq.total_tokens
                             for seq in (*running, *joining)), reverse=True)
         return max((k * (width + left + self._spare) for k, left in enumerate(remaining, 1)),
                    default=0)
@@ -473,7 +502,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
     # ---- tensors -------------------------------------------------------------------------
 
     def _set_running(self, layers: Iterator[tuple[torch.Tensor, torch.Tensor]],
-                     mask: torch.Tensor, last_tokens: torch.Tensor) -> None:
+                     mask: torch.Tensor) -> None:
         """Make the running batch's cache from ``layers`` (each copied into the cache's own
         buffers as it comes, so a generator can free what it has handed over)."""
         from ipex_llm.transformers.kv import DynamicNormalCache
@@ -482,7 +511,7 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
         for index, (key, value) in enumerate(layers):
             cache.update(key, value, index)
         self._cache = cache
-        self._running_rows = _Rows([], mask, last_tokens)
+        self._running_rows = _Rows([], mask)
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any) -> tuple[torch.Tensor, Any]:
@@ -494,13 +523,6 @@ class IpexLLMEngine(HFTokenizerText, ContinuousBatchingEngine):
                               position_ids=positions.to(self._device),
                               past_key_values=cache, use_cache=True)
         return out.logits[:, -1, :].float().cpu(), out.past_key_values
-
-    def _sample_tokens(self, logits: torch.Tensor, sequences: Sequence[Sequence_]
-                       ) -> torch.Tensor:
-        """The shared sampler's tokens, as the next forward pass's input."""
-        import torch
-
-        return torch.tensor(self._sample(logits.numpy(), sequences), dtype=torch.long)
 
 
 def keep_kv_cache_unquantized(env: MutableMapping[str, str]) -> None:

@@ -10,7 +10,7 @@ Nothing else in loading or serving imports it.
 ``merge_linear`` here gives the merged meta weight (and bias) the shape, dtype and device
 ``torch.cat`` would, with ``torch.empty``; anything else (tensors with data, as when
 converting; shapes or dtypes ``torch.cat`` would check or promote) goes to ipex-llm's own.
-``install()`` is called by ``IpexLLMEngine.load`` before ``load_low_bit``.
+``install()`` is called by ``IpexLLMRunner.load`` before ``load_low_bit``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,17 @@
-"""LlamaCppEngine: a GGUF model run by llama.cpp, with our continuous batching on top.
+"""LlamaCppRunner: a GGUF model run by llama.cpp, under our continuous-batching scheduler.
 
 The second backend behind the engine protocol, for CPUs: on the demo model llama.cpp's CPU
 kernels (compiled for the host, one C++ graph per step) decode several times faster than
 ipex-llm's CPU path (bench/RESULTS.md). ipex-llm stays the default and the Intel GPU path.
 
 Only the tensor work is llama.cpp's (through llama-cpp-python's ctypes bindings of
-``llama.h``): scheduling, admission, chunked prefill, stop strings and streaming are the
-shared ``ContinuousBatchingEngine``, so both engines behave the same to callers. Each
+``llama.h``): scheduling, admission, chunked prefill, stop strings, sampling and streaming
+are the shared scheduler's and sampler's, so both engines behave the same to callers. Each
 running request owns one llama.cpp sequence id (a slot): its KV cells live in the slot's
 own stream (``kv_unified`` off, measured faster for batched decoding than one shared
-buffer), so a request joins or leaves the batch without copying anyone's cache. A step is one
-``llama_decode`` over one token per running sequence; prefills are a second call with
-every admitted prompt.
+buffer), so a request joins or leaves the batch without copying anyone's cache. A decode
+plan is one ``llama_decode`` over one token per decoded sequence; a prefill plan one over
+every prompt token it computes.
 
 Prompt cache (engine option ``prompt_cache``, on by default, as llama-server's
 ``cache_prompt``): a finished request's slot keeps its KV cells, and a new request takes the
@@ -22,7 +22,7 @@ requests with one system prompt skip most of their prefill, which on a CPU costs
 much per token as a decode step of a whole batch. Logits of reused positions were computed
 in another batch, so an answer may differ in the last bits from an uncached run's.
 
-Text goes through the checkpoint's Hugging Face tokenizer, as with IpexLLMEngine, so chat
+Text goes through the checkpoint's Hugging Face tokenizer, as with IpexLLMRunner, so chat
 templates and detokenizing are the same for both engines; ``load`` checks that it agrees
 with the GGUF vocabulary.
 
@@ -43,11 +43,12 @@ import numpy as np
 
 from deployments.constants import GGUF_MODEL_FILE
 from deployments.contract import ErrorKind
-from deployments.engine.batching import ContinuousBatchingEngine, Sequence_
 from deployments.engine.hf_text import HFTokenizerText
 from deployments.engine.options import LlamaCppOptions
+from deployments.engine.plan import PrefillWork, RunnerOutput, SequenceState, StepPlan
 from deployments.engine.prefix_store import shared_prefix
 from deployments.engine.protocol import EngineError
+from deployments.engine.runner import ModelRunner, RunnerLimits, eos_ids
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -61,10 +62,8 @@ _INSTALL_HINT = ("engine llama_cpp needs llama-cpp-python: pip install -e '.[lla
                  "(builds llama.cpp for this CPU, about 4 minutes on 2 cores)")
 
 
-class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
-    """A GGUF causal LM on the CPU, generating for up to ``max_batch_size`` requests at once."""
-
-    decodes_row_subsets = True  # a batch lists (token, position, slot): any slots will do
+class LlamaCppRunner(ModelRunner):
+    """A GGUF causal LM on the CPU, computing for up to ``max_batch_size`` requests at once."""
 
     def __init__(self, model_path: Path, tokenizer: Any, *, max_batch_size: int,
                  max_prefill_tokens_per_step: int, options: LlamaCppOptions | None = None):
@@ -102,14 +101,14 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         self._memory = llama.llama_get_memory(ctx)
         self._n_vocab = int(llama.llama_vocab_n_tokens(vocab))
         self._tokenizer = tokenizer
+        self.text = HFTokenizerText(tokenizer)
         _check_tokenizer(llama, vocab, tokenizer, self._n_vocab)
-        eos = {t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(vocab, t)}
-        if tokenizer.eos_token_id is not None:
-            eos.add(int(tokenizer.eos_token_id))
-        super().__init__(max_batch_size=max_batch_size,
-                         max_prefill_tokens_per_step=max_prefill_tokens_per_step,
-                         max_context_tokens=context, eos_token_ids=eos,
-                         short_first=short_first)
+        eog = [t for t in range(self._n_vocab) if llama.llama_vocab_is_eog(vocab, t)]
+        self.limits = RunnerLimits(
+            max_batch_size=max_batch_size, max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+            max_context_tokens=context, vocab_size=self._n_vocab,
+            eos_token_ids=eos_ids(eog, tokenizer.eos_token_id), short_first=short_first,
+            decodes_row_subsets=True)  # a batch lists (token, position, slot): any will do
         self._free_slots = set(range(max_batch_size))
         self._slots: dict[str, int] = {}  # request id -> llama.cpp sequence id
         # The tokens whose KV cells each slot holds, in position order (what a new prompt
@@ -125,7 +124,7 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
     @classmethod
     def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
              max_prefill_tokens_per_step: int, options: LlamaCppOptions | None = None,
-             hashes_verified: bool = False) -> LlamaCppEngine:
+             hashes_verified: bool = False) -> LlamaCppRunner:
         """Verify a ``gguf`` checkpoint, then load its GGUF file (memory-mapped: replicas on
         one node share the page cache) and tokenizer."""
         if device not in ("cpu", "auto"):
@@ -142,62 +141,48 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         return cls(folder / GGUF_MODEL_FILE, tokenizer, max_batch_size=max_batch_size,
                    max_prefill_tokens_per_step=max_prefill_tokens_per_step, options=options)
 
-    # ---- text ----------------------------------------------------------------------------
+    # ---- plans -------------------------------------------------------------------------
 
-    @property
-    def vocab_size(self) -> int:
-        return self._n_vocab
+    def execute(self, plan: StepPlan) -> RunnerOutput:
+        for seq in plan.leaving:
+            if seq.request_id in self._slots:
+                self._release(seq.request_id)
+        parts = []
+        if plan.prefill:
+            parts.append(self._prefill(plan.prefill))
+        if plan.decode:
+            parts.append(self._decode(plan.decode))
+        if not parts:
+            return RunnerOutput(logits=np.empty((0, self._n_vocab), dtype=np.float32))
+        return RunnerOutput(logits=parts[0] if len(parts) == 1 else np.concatenate(parts))
 
-    # ---- backend hooks -------------------------------------------------------------------
-
-    def _prefill(self, sequences: Sequence[Sequence_]) -> list[int]:
+    def _prefill(self, works: Sequence[PrefillWork]) -> np.ndarray:
+        """One llama_decode over every prompt position the works compute; the logits after
+        each complete prompt."""
         items = []
-        for seq in sequences:
-            slot = self._slots[seq.request_id]
-            last = len(seq.prompt) - 1
-            items += [(seq.prompt[pos], pos, slot, pos == last)
-                      for pos in range(seq.num_cached, len(seq.prompt))]
-            self._slot_tokens[slot] = list(seq.prompt)
-        return self._sample(self._run(items), sequences)
+        for work in works:
+            prompt, slot = work.seq.prompt, self._slots[work.seq.request_id]
+            items += [(prompt[pos], pos, slot, work.complete and pos == work.end - 1)
+                      for pos in range(work.start, work.end)]
+            self._slot_tokens[slot] = list(prompt[:work.end])
+        return self._run(items)
 
-    def _prefill_chunk(self, sequence: Sequence_, end: int) -> int | None:
-        start = sequence.num_prefilled
-        slot = self._slots[sequence.request_id]
-        done = end == len(sequence.prompt)
-        items = [(sequence.prompt[pos], pos, slot, done and pos == end - 1)
-                 for pos in range(start, end)]
-        logits = self._run(items)
-        self._slot_tokens[slot] = list(sequence.prompt[:end])
-        if not done:
-            return None
-        return self._sample(logits, [sequence])[0]
-
-    def _discard_chunk_state(self, seq: Sequence_) -> None:
-        self._release(seq.request_id)
-
-    def _join_pending(self) -> None:
-        """Nothing to move: a prefilled sequence's KV already lives in its own slot."""
-
-    def _decode(self, sequences: Sequence[Sequence_]) -> list[int]:
+    def _decode(self, sequences: Sequence[SequenceState]) -> np.ndarray:
         items = [(seq.generated[-1], seq.total_tokens - 1, self._slots[seq.request_id], True)
                  for seq in sequences]
         logits = self._run(items)
         for token, _, slot, _ in items:
             self._slot_tokens[slot].append(token)
-        return self._sample(logits, sequences)
+        return logits
 
-    def _drop_rows(self, rows: Sequence[int]) -> None:
-        for index in rows:
-            self._release(self._running[index].request_id)
+    # ---- prompt cache --------------------------------------------------------------------
 
-    # ---- llama.cpp -----------------------------------------------------------------------
-
-    def _claim_cache(self, seq: Sequence_) -> None:
+    def claim_cache(self, seq: SequenceState) -> int:
         """Give ``seq`` a free slot: the one whose cached tokens share the longest prefix with
-        its prompt, else (or on a tie) the one freed longest ago, the lowest first;
-        ``seq.num_cached`` is set to the positions reused. At least the prompt's last token
-        is left to compute: its logits give the first token. The slot's cells past the
-        shared prefix go now, so giving the slot back leaves a shorter, still valid cache."""
+        its prompt, else (or on a tie) the one freed longest ago, the lowest first; the
+        positions reused. At least the prompt's last token is left to compute: its logits
+        give the first token. The slot's cells past the shared prefix go now, so giving the
+        slot back leaves a shorter, still valid cache."""
         if not self._prompt_cache:
             slot, reused = min(self._free_slots), 0
         else:
@@ -212,11 +197,10 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         del self._slot_tokens[slot][reused:]
         self._free_slots.remove(slot)
         self._slots[seq.request_id] = slot
-        seq.num_cached = reused
+        return reused
 
-    def _unclaim_cache(self, seq: Sequence_) -> None:
+    def unclaim_cache(self, seq: SequenceState) -> None:
         self._free_slots.add(self._slots.pop(seq.request_id))  # its place in the LRU order kept
-        seq.num_cached = 0
 
     def _release(self, request_id: str) -> None:
         """Free the request's slot; its KV stays for the next prompt unless the cache is off."""
@@ -227,6 +211,8 @@ class LlamaCppEngine(HFTokenizerText, ContinuousBatchingEngine):
         self._releases += 1
         self._slot_freed_at[slot] = self._releases
         self._free_slots.add(slot)
+
+    # ---- llama.cpp -----------------------------------------------------------------------
 
     def _run(self, items: Sequence[tuple[int, int, int, bool]]) -> np.ndarray:
         """One llama_decode of (token, position, slot, wants logits) items; the logits of

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from deployments import constants
 
-# What short_first does, from the rule's own constants (deployments/engine/batching.py).
+# What short_first does, from the rule's own constants (deployments/engine/scheduler.py).
 SHORT_FIRST = (f"Requests with {constants.LONG_ROW_FACTOR}x the smallest running token budget "
                f"(and {constants.LONG_ROW_MIN_TOKENS} or more tokens to go) decode on one step in "
                f"{constants.LONG_ROW_STRIDE} while shorter ones run.")

@@ -6,6 +6,10 @@ scheduler loop calls these from a single thread of its own, so an implementation
 locking. Step-wise operation is what lets each sequence stream, stop and be aborted on its own,
 and lets new sequences join the running batch between decode steps (continuous batching).
 
+``BatchingEngine`` (batching.py) implements it for every backend that is a ``ModelRunner``
+(runner.py) under the shared scheduler; a backend with a scheduler of its own would
+implement ``LLMEngine`` directly.
+
 This module imports neither ray nor torch, so the router, the adapter and unit tests can use
 the types without the model stack.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from deployments.contract import ErrorKind, Sampling
 
@@ -82,8 +86,6 @@ class LLMEngine(abc.ABC):
     """A model on one device that generates for many requests, one step at a time.
 
     Contract:
-    - ``load`` builds the engine from a verified checkpoint; it raises with a message naming
-      the checkpoint when the checkpoint is missing, corrupt or incompatible.
     - ``add_request`` queues a sequence; it joins the running batch at a later ``step``.
     - ``step`` admits waiting sequences (within ``max_batch_size`` and the per-step prefill
       token budget), runs one decode step for every running sequence, and returns each
@@ -95,21 +97,6 @@ class LLMEngine(abc.ABC):
     - ``abort`` ends a request at the next step, freeing its batch slot.
     All methods are called from one thread.
     """
-
-    @classmethod
-    @abc.abstractmethod
-    def load(cls, checkpoint_path: str, *, device: str, max_batch_size: int,
-             max_prefill_tokens_per_step: int, options: Any = None,
-             hashes_verified: bool = False) -> LLMEngine:
-        """Load the checkpoint at ``checkpoint_path`` onto ``device`` ("cpu" or "xpu:N").
-
-        ``options`` is the engine's own options model (deployments/engine/options.py), as
-        the config validated it; None means its defaults.
-
-        The checkpoint is verified against its manifest first; ``hashes_verified`` says the
-        caller already hashed every file of this very folder (the node-local cache does
-        while copying), so the engine checks the manifest and sizes only: a node hashes a
-        checkpoint once, not once per replica."""
 
     @property
     @abc.abstractmethod

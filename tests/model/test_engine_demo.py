@@ -1,4 +1,5 @@
-"""IpexLLMEngine on the real demo checkpoint: answers, batching, refusal of bad checkpoints."""
+"""Engine ipex_llm (IpexLLMRunner under the scheduler) on the real demo checkpoint: answers,
+batching, refusal of bad checkpoints."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from deployments.checkpoints import CheckpointError
-from deployments.engine.ipex_llm import IpexLLMEngine
+from deployments.engine.batching import BatchingEngine
+from deployments.engine.ipex_llm import IpexLLMRunner
 from deployments.engine.protocol import GenerationRequest, SamplingParams
 from tests.model.engine_driver import (
     assert_batched_requests_keep_their_words,
@@ -25,8 +27,8 @@ FRANCE = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def engine(demo_checkpoint):
-    return IpexLLMEngine.load(str(demo_checkpoint), device="cpu", max_batch_size=16,
-                              max_prefill_tokens_per_step=512)
+    return BatchingEngine(IpexLLMRunner.load(str(demo_checkpoint), device="cpu",
+                                             max_batch_size=16, max_prefill_tokens_per_step=512))
 
 
 def test_france_is_answered_with_paris(engine):
@@ -108,7 +110,7 @@ def test_a_corrupt_checkpoint_is_refused_naming_the_file(demo_checkpoint, tmp_pa
     data[len(data) // 2] ^= 0xFF
     weights.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"pytorch_model\.bin"):
-        IpexLLMEngine.load(str(copy), device="cpu", max_batch_size=1,
+        IpexLLMRunner.load(str(copy), device="cpu", max_batch_size=1,
                            max_prefill_tokens_per_step=64)
 
 
@@ -117,16 +119,16 @@ import sys
 import torch
 from ipex_llm.transformers import AutoModelForCausalLM
 from deployments.engine import ipex_meta_merge
-from deployments.engine.ipex_llm import IpexLLMEngine, _weights_only_torch_load
+from deployments.engine.ipex_llm import IpexLLMRunner, _weights_only_torch_load
 
-engine = IpexLLMEngine.load(sys.argv[1], device="cpu", max_batch_size=1,
+runner = IpexLLMRunner.load(sys.argv[1], device="cpu", max_batch_size=1,
                             max_prefill_tokens_per_step=64)
 print("engine load imported torch._dynamo:", "torch._dynamo" in sys.modules)
 ipex_meta_merge.uninstall()
 with _weights_only_torch_load():
     bare = AutoModelForCausalLM.load_low_bit(sys.argv[1])
 print("bare load_low_bit imported torch._dynamo:", "torch._dynamo" in sys.modules)
-ours, theirs = engine._model.state_dict(), bare.state_dict()
+ours, theirs = runner._model.state_dict(), bare.state_dict()
 assert list(ours) == list(theirs), "different parameters"
 different = [k for k in ours if not torch.equal(ours[k], theirs[k])]
 print("parameters that differ:", different)

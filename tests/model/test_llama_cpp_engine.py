@@ -1,5 +1,5 @@
-"""LlamaCppEngine on the real GGUF demo checkpoint: llama.cpp's own answers, batching, slots,
-sampling, and refusal of checkpoints it cannot serve."""
+"""Engine llama_cpp (LlamaCppRunner under the scheduler) on the real GGUF demo checkpoint:
+llama.cpp's own answers, batching, slots, sampling, and refusal of checkpoints it cannot serve."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 
 from deployments.checkpoints import CheckpointError, write_manifest
 from deployments.config import LLMConfig
-from deployments.engine.ipex_llm import IpexLLMEngine
-from deployments.engine.llama_cpp import LlamaCppEngine
+from deployments.engine.batching import BatchingEngine
+from deployments.engine.ipex_llm import IpexLLMRunner
+from deployments.engine.llama_cpp import LlamaCppRunner
 from deployments.engine.options import LlamaCppOptions
 from deployments.engine.protocol import EngineError, GenerationRequest, SamplingParams
 from tests.model.engine_driver import (
@@ -31,15 +32,16 @@ WORDS = ["banana", "cherry", "guitar", "pencil", "window", "rocket"]
 
 
 def load(checkpoint: Path, *, max_batch_size: int = 8, max_prefill_tokens_per_step: int = 512,
-         **options) -> LlamaCppEngine:
+         **options) -> BatchingEngine:
     """The engine on ``checkpoint``; ``options``: LlamaCppOptions fields."""
-    return LlamaCppEngine.load(str(checkpoint), device="cpu", max_batch_size=max_batch_size,
-                               max_prefill_tokens_per_step=max_prefill_tokens_per_step,
-                               options=LlamaCppOptions(**{"context_tokens": CONTEXT, **options}))
+    return BatchingEngine(LlamaCppRunner.load(
+        str(checkpoint), device="cpu", max_batch_size=max_batch_size,
+        max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+        options=LlamaCppOptions(**{"context_tokens": CONTEXT, **options})))
 
 
 @pytest.fixture(scope="module")
-def engine(gguf_checkpoint: Path) -> LlamaCppEngine:
+def engine(gguf_checkpoint: Path) -> BatchingEngine:
     return load(gguf_checkpoint)
 
 
@@ -68,7 +70,7 @@ def test_greedy_answers_are_llama_cpps_token_for_token(engine, reference):
         expected = reference_greedy(reference, prompt, 24)
         text = generate(engine, {"q": prompt}, max_tokens=24, temperature=0,
                         ignore_eos=True)["q"]
-        assert text == engine._tokenizer.decode(expected, skip_special_tokens=True)
+        assert text == engine.runner._tokenizer.decode(expected, skip_special_tokens=True)
 
 
 def test_germany_is_answered_with_berlin(engine):
@@ -116,7 +118,8 @@ def test_rows_out_of_slot_order_get_their_own_logits(gguf_checkpoint):
     engine.add_request(GenerationRequest("banana", tuple(engine.encode(repeated("banana"))),
                                          SamplingParams(max_tokens=12, temperature=0)))
     engine.step()
-    running = {seq.request_id: engine._slots[seq.request_id] for seq in engine._running}
+    running = {seq.request_id: engine.runner._slots[seq.request_id]
+               for seq in engine.scheduler._running}
     assert running["banana"] < running["pencil"]  # behind pencil in the batch, lower slot
     texts = {"pencil": "", "banana": ""}
     while engine.has_unfinished_requests():
@@ -151,7 +154,7 @@ def test_slots_are_recycled_across_finishes_and_aborts(gguf_checkpoint):
         assert finished[f"r{round_}-0"][0] == "abort"
         assert finished[f"r{round_}-1"] == ("length", 6)
         assert finished[f"r{round_}-2"] == ("length", 6)
-    assert sorted(small._free_slots) == [0, 1] and not small._slots
+    assert sorted(small.runner._free_slots) == [0, 1] and not small.runner._slots
 
 
 def test_seeded_sampling_repeats_and_stop_strings_cut(engine):
@@ -185,7 +188,7 @@ def test_checkpoints_of_the_other_format_are_refused(gguf_checkpoint, demo_check
     with pytest.raises(CheckpointError, match=r"has format ipex_llm.*reads gguf"):
         load(demo_checkpoint)
     with pytest.raises(CheckpointError, match=r"has format gguf.*reads ipex_llm"):
-        IpexLLMEngine.load(str(gguf_checkpoint), device="cpu", max_batch_size=1,
+        IpexLLMRunner.load(str(gguf_checkpoint), device="cpu", max_batch_size=1,
                            max_prefill_tokens_per_step=64)
 
 
@@ -205,26 +208,26 @@ def test_a_tokenizer_that_disagrees_with_the_gguf_vocabulary_is_refused(gguf_che
 
 def test_llama_cpp_runs_on_the_cpu_only(gguf_checkpoint):
     with pytest.raises(EngineError, match="runs on the CPU"):
-        LlamaCppEngine.load(str(gguf_checkpoint), device="xpu", max_batch_size=1,
+        LlamaCppRunner.load(str(gguf_checkpoint), device="xpu", max_batch_size=1,
                             max_prefill_tokens_per_step=64)
     with pytest.raises(ValueError, match="engine llama_cpp runs on the CPU"):
         LLMConfig(engine="llama_cpp", device="xpu")
 
 
 def test_fast_detokenizing_matches_the_tokenizers_decode(engine):
-    tokenizer = engine._tokenizer
+    tokenizer = engine.runner._tokenizer
     rng = np.random.default_rng(0)
     samples = [list(chat_ids(engine, "What is the capital of Germany?")),
                tokenizer.encode("  naïve café 🙂\n\n  x ,  . ! 's n't"),
                *(rng.integers(0, engine.vocab_size, size=40).tolist() for _ in range(20))]
     for ids in samples:
-        assert engine._decode_text(ids) == tokenizer.decode(ids, skip_special_tokens=True)
+        assert engine.runner.text.decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
 # ---- prompt cache ----------------------------------------------------------------------------
 
 
-def run(engine: LlamaCppEngine, rid: str, prompt: tuple[int, ...], max_tokens: int = 12
+def run(engine: BatchingEngine, rid: str, prompt: tuple[int, ...], max_tokens: int = 12
         ) -> tuple[str, int, list[int]]:
     """One request alone: its text, the prompt tokens the cache supplied, the token ids."""
     engine.add_request(GenerationRequest(rid, prompt, SamplingParams(
@@ -234,7 +237,7 @@ def run(engine: LlamaCppEngine, rid: str, prompt: tuple[int, ...], max_tokens: i
         for out in engine.step().outputs:
             text += out.text
             cached = out.num_cached_prompt_tokens
-    return text, cached, engine._tokenizer.encode(text, add_special_tokens=False)
+    return text, cached, engine.runner._tokenizer.encode(text, add_special_tokens=False)
 
 
 def test_a_chats_next_turn_reuses_its_history_and_answers_as_without_the_cache(
@@ -265,11 +268,11 @@ def test_a_prompt_takes_the_free_slot_that_holds_its_prefix(gguf_checkpoint):
     small.add_request(GenerationRequest("b", banana, SamplingParams(max_tokens=3)))
     while small.has_unfinished_requests():
         small.step()
-    assert small._slot_tokens[1][:len(banana)] == list(banana)  # banana finished in slot 1
+    assert small.runner._slot_tokens[1][:len(banana)] == list(banana)  # banana finished in slot 1
     text, cached, _ = run(small, "b2", banana + tuple(small.encode(" banana,")), max_tokens=4)
     # The prompt, and the answer's " banana" if its ids match the new prompt's.
     assert cached >= len(banana) and "banana" in text and "pencil" not in text
-    assert small._slot_tokens[0][:len(pencil)] == list(pencil)  # slot 0 kept its content
+    assert small.runner._slot_tokens[0][:len(pencil)] == list(pencil)  # slot 0 kept its content
 
 
 def test_a_new_prompt_takes_the_slot_freed_longest_ago_so_recent_prompts_stay_cached(
@@ -278,8 +281,9 @@ def test_a_new_prompt_takes_the_slot_freed_longest_ago_so_recent_prompts_stay_ca
     prompts = {w: tuple(small.encode(f"{w}, {w}, {w}, {w},")) for w in WORDS[:3]}
     for word, prompt in prompts.items():  # one at a time: each could take slot 0
         assert run(small, word, prompt, max_tokens=2)[1] == 0
+    slots = small.runner._slot_tokens
     assert [tokens[:len(prompt)] for tokens, prompt in zip(
-        small._slot_tokens, prompts.values(), strict=True)] == [list(p) for p in prompts.values()]
+        slots, prompts.values(), strict=True)] == [list(p) for p in prompts.values()]
     for word, prompt in prompts.items():
         assert run(small, f"{word}-again", prompt, max_tokens=2)[1] == len(prompt) - 1
 
@@ -289,8 +293,8 @@ def test_a_long_cached_prompt_is_not_prefilled_again_in_chunks(gguf_checkpoint, 
     chunked = load(gguf_checkpoint, max_batch_size=2, max_prefill_tokens_per_step=8)
     answer = run(chunked, "a", prompt)[0]
     calls = []
-    run_batch = chunked._run
-    chunked._run = lambda items: calls.append(len(items)) or run_batch(items)
+    run_batch = chunked.runner._run
+    chunked.runner._run = lambda items: calls.append(len(items)) or run_batch(items)
     again, cached, _ = run(chunked, "b", prompt)
     assert (again, cached) == (answer, len(prompt) - 1)
     assert calls[0] == 1  # only the prompt's last token is computed, then 11 decode steps
@@ -302,7 +306,7 @@ def test_without_the_prompt_cache_a_freed_slot_holds_nothing(gguf_checkpoint):
     prompt = tuple(plain.encode("rocket, rocket, rocket,"))
     assert run(plain, "a", prompt)[1] == 0
     assert run(plain, "b", prompt)[1] == 0
-    assert plain._slot_tokens == [[], []]
+    assert plain.runner._slot_tokens == [[], []]
 
 
 def test_the_prefill_budget_counts_only_the_tokens_a_cached_prompt_leaves_to_compute(
@@ -332,11 +336,11 @@ def test_a_chunked_prompt_aborted_before_its_first_chunk_frees_its_slot(gguf_che
     prompt = chat_ids(small, "What is the capital of Germany?")
     small.add_request(GenerationRequest("long", prompt, SamplingParams(max_tokens=4)))
     small.step()  # admitted for chunking: its slot is claimed, no chunk run yet
-    assert small._chunking is not None and len(small._free_slots) == 1
+    assert small.scheduler._chunking is not None and len(small.runner._free_slots) == 1
     small.abort("long")
     (out,) = small.step().outputs
     assert out.finish_reason == "abort"
-    assert sorted(small._free_slots) == [0, 1] and not small._slots
+    assert sorted(small.runner._free_slots) == [0, 1] and not small.runner._slots
 
 
 def test_a_prompt_longer_than_the_budget_past_its_cached_prefix_is_chunked_from_there(
@@ -351,8 +355,8 @@ def test_a_prompt_longer_than_the_budget_past_its_cached_prefix_is_chunked_from_
             {"role": "user", "content": "And what are the capitals of France, Spain and Italy?"}]
     second = tuple(cached_engine.encode(cached_engine.apply_chat_template(turn)))
     computed = []
-    run_batch = cached_engine._run
-    cached_engine._run = lambda items: computed.append(len(items)) or run_batch(items)
+    run_batch = cached_engine.runner._run
+    cached_engine.runner._run = lambda items: computed.append(len(items)) or run_batch(items)
     text, cached, _ = run(cached_engine, "second", second)
     assert len(first) <= cached and len(second) - cached > 8  # two chunks at least
     prefill_calls = computed[:-11]  # then 11 decode steps of one row

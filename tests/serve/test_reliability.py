@@ -31,7 +31,8 @@ from ray import serve
 from deployments.app import bind_app
 from deployments.config import LLMConfig
 from deployments.contract import ErrorKind
-from deployments.engine.echo import EchoEngine
+from deployments.engine.batching import BatchingEngine
+from deployments.engine.echo import EchoRunner
 from deployments.engine.protocol import GenerationRequest, SamplingParams
 from deployments.engine_loop import EngineLoop
 from deployments.errors import ServiceError
@@ -64,11 +65,11 @@ def echo(word: str, tokens: int) -> str:
 # ---- no Ray: engine loop liveness (check_health) ---------------------------------------
 
 
-class _GatedEcho(EchoEngine):
+class _GatedEcho(BatchingEngine):
     """An echo engine whose decode steps wait for a gate, and that counts them."""
 
     def __init__(self) -> None:
-        super().__init__(max_batch_size=4, max_prefill_tokens_per_step=64)
+        super().__init__(EchoRunner(max_batch_size=4, max_prefill_tokens_per_step=64))
         self.gate = threading.Event()
         self.gate.set()
         self.steps = 0

@@ -8,7 +8,9 @@ import httpx
 import pytest
 from ray import serve
 
+from deployments.contract import TokenizeRequest
 from deployments.errors import ServiceError
+from deployments.openai_protocol import ChatCompletionRequest, CompletionRequest
 from tests.helpers import serve_app, server_stats, sse_events
 
 MODEL = "smollm2-135m-instruct"
@@ -195,6 +197,33 @@ def test_handle_callers_use_the_same_validation(base_url):
         handle.completions.remote({"model": MODEL, "prompt": "x", "max_tokens": 0}).result()
     error = ServiceError.from_exception(raised.value)
     assert error is not None and error.status_code == 400 and error.param == "max_tokens"
+
+
+def test_handle_callers_may_send_the_request_models_themselves(base_url):
+    handle = serve.get_app_handle("llm")
+    request = CompletionRequest(model=MODEL, prompt="x yo", max_tokens=4)
+    assert handle.completions.remote(request).result()["choices"][0]["text"] == "yoyo"
+    chat = ChatCompletionRequest.model_validate(
+        {"model": "other-model", "messages": [{"role": "user", "content": "x hi"}]})
+    with pytest.raises(Exception) as raised:  # the router's limits apply to models too
+        handle.chat_completions.remote(chat).result()
+    error = ServiceError.from_exception(raised.value)
+    assert error is not None and error.status_code == 404 and error.param == "model"
+
+
+def test_tokenize_splits_a_prompt_or_a_chat_and_refuses_bad_bodies(base_url):
+    handle = serve.get_app_handle("llm")
+    tokens = handle.tokenize.remote(TokenizeRequest(prompt="hé")).result()
+    assert tokens == {"tokens": [ord("h"), ord("é")], "count": 2, "max_model_len": 4096}
+    chat = handle.tokenize.remote({"messages": [{"role": "user", "content": "hi"}]}).result()
+    assert chat["tokens"] == [ord(c) for c in "user: hi\nassistant:"]
+    for body, field in (({"prompt": 3}, "prompt"), ({}, None),
+                        ({"prompt": "a", "messages": []}, None)):
+        with pytest.raises(Exception) as raised:
+            handle.tokenize.remote(body).result()
+        error = ServiceError.from_exception(raised.value)
+        assert error is not None and error.status_code == 400, body
+        assert field is None or error.param == field
 
 
 def test_handle_streaming_yields_chunks(base_url):

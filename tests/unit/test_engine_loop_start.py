@@ -8,12 +8,13 @@ import threading
 
 import pytest
 
-from deployments.engine.echo import EchoEngine
+from deployments.engine.batching import BatchingEngine
+from deployments.engine.echo import EchoRunner
 from deployments.engine_loop import EngineLoop
 
 
-def echo_engine() -> EchoEngine:
-    return EchoEngine(max_batch_size=2, max_prefill_tokens_per_step=64)
+def echo_engine() -> BatchingEngine:
+    return BatchingEngine(EchoRunner(max_batch_size=2, max_prefill_tokens_per_step=64))
 
 
 def test_wait_started_returns_once_the_thread_prepared_itself_on_that_thread() -> None:

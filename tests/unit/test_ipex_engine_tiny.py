@@ -1,4 +1,5 @@
-"""IpexLLMEngine on a random-weight tiny Llama built in-process (no checkpoint, no Ray).
+"""IpexLLMRunner under the scheduler, on a random-weight tiny Llama built in-process (no
+checkpoint, no Ray).
 
 Checks the step-wise decode loop against transformers' own greedy ``generate`` and that
 sequences joining and leaving a running batch (left padding, KV concatenation, row drops)
@@ -8,12 +9,15 @@ get exactly the tokens they get alone. The model is optimized by ipex-llm at
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from deployments.engine.ipex_llm import IpexLLMEngine  # noqa: E402
+from deployments.engine.batching import BatchingEngine  # noqa: E402
+from deployments.engine.ipex_llm import IpexLLMRunner  # noqa: E402
 from deployments.engine.options import IpexLLMOptions  # noqa: E402
 from deployments.engine.protocol import EngineError, GenerationRequest, SamplingParams  # noqa: E402
 
@@ -41,12 +45,13 @@ def tiny():
 
 
 def make_engine(tiny, *, max_batch_size: int = 8, max_prefill_tokens_per_step: int = 64,
-                **options) -> IpexLLMEngine:
+                **options) -> BatchingEngine:
     """An engine on the tiny model; ``options``: IpexLLMOptions fields."""
     model, tokenizer = tiny
-    return IpexLLMEngine(model, tokenizer, device="cpu", max_batch_size=max_batch_size,
-                         max_prefill_tokens_per_step=max_prefill_tokens_per_step,
-                         options=IpexLLMOptions(**options))
+    return BatchingEngine(IpexLLMRunner(
+        model, tokenizer, device="cpu", max_batch_size=max_batch_size,
+        max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+        options=IpexLLMOptions(**options)))
 
 
 def prompt(i: int, length: int) -> tuple[int, ...]:
@@ -136,12 +141,12 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent(tiny):
     assert sample(1) != sample(2)
 
 
-def _kv_bytes_held(engine: IpexLLMEngine) -> int:
+def _kv_bytes_held(engine: BatchingEngine) -> int:
     """Bytes of the KV buffers the running batch's cache holds (spare positions included)."""
-    if engine._cache is None:
+    if engine.runner._cache is None:
         return 0
     return sum(t.untyped_storage().nbytes()
-               for t in (*engine._cache.key_cache, *engine._cache.value_cache))
+               for t in (*engine.runner._cache.key_cache, *engine.runner._cache.value_cache))
 
 
 @pytest.mark.parametrize("rows_that_fit", [1, 2])
@@ -149,7 +154,7 @@ def test_kv_budget_bounds_the_cache_the_batch_allocates(tiny, rows_that_fit):
     shapes = {"a": (2, 5, 20), "b": (3, 17, 6), "c": (4, 3, 14)}
     requests = [greedy(rid, prompt(i, n), m) for rid, (i, n, m) in shapes.items()]
     alone = {r.request_id: run(make_engine(tiny), [r])[r.request_id] for r in requests}
-    per_position = make_engine(tiny).kv_bytes_per_position
+    per_position = make_engine(tiny).runner.kv_bytes_per_position
     # Room for `rows_that_fit` of the widest request (17 + 6 positions + the spare), no more.
     budget_bytes = rows_that_fit * (17 + 20 + 256) * per_position
     engine = make_engine(tiny, kv_cache_gb=budget_bytes / 2**30, prompt_cache=False)
@@ -168,7 +173,8 @@ def test_kv_budget_bounds_the_cache_the_batch_allocates(tiny, rows_that_fit):
 
 
 def test_kv_budget_refuses_a_request_larger_than_the_whole_budget(tiny):
-    engine = make_engine(tiny, kv_cache_gb=100 * make_engine(tiny).kv_bytes_per_position / 2**30)
+    per_position = make_engine(tiny).runner.kv_bytes_per_position
+    engine = make_engine(tiny, kv_cache_gb=100 * per_position / 2**30)
     with pytest.raises(EngineError) as refused:
         engine.add_request(greedy("big", prompt(1, 9), 12))  # 9 + 12 + 256 spare > 100
     assert refused.value.field == "max_tokens"
@@ -176,7 +182,7 @@ def test_kv_budget_refuses_a_request_larger_than_the_whole_budget(tiny):
 
 def test_constructing_the_engine_runs_no_forward_pass(tiny, monkeypatch):
     # The first forward pass must run on the engine thread: one in the replica's constructor
-    # cut its throughput by 25% (IpexLLMEngine._kv_bytes_per_position).
+    # cut its throughput by 25% (IpexLLMRunner._kv_bytes_per_position).
     model, _ = tiny
     calls = []
     original = type(model).forward
@@ -215,13 +221,13 @@ def test_a_repeated_prompt_and_a_next_turn_reuse_the_cache_and_answer_as_without
     assert cached == 0 and answer == run_one(plain, "p", first)[0]
     # The same prompt again: all of it from the cache, its first token from the stored logits.
     forwards = []
-    forward = cached_engine._forward
-    cached_engine._forward = lambda ids, *rest: forwards.append(ids.shape[1]) or forward(ids,
+    forward = cached_engine.runner._forward
+    cached_engine.runner._forward = lambda ids, *rest: forwards.append(ids.shape[1]) or forward(ids,
                                                                                        *rest)
     assert run_one(cached_engine, "again", first) == (answer, len(first))
     assert forwards == [1] * 7  # decode steps only: 8 tokens, the first without a forward
-    cached_engine._forward = forward
-    assert cached_engine._prompt_logits == {}  # let go of as the rows left
+    cached_engine.runner._forward = forward
+    assert cached_engine.runner._prompt_logits == {}  # let go of as the rows left
     second = next_turn(cached_engine, first, answer, prompt(9, 5))
     text, cached = run_one(cached_engine, "b", second)
     # The answer's tokens but its last (never fed to the model) came from the cache too.
@@ -238,7 +244,7 @@ def test_cached_and_uncached_prompts_admitted_together_keep_their_rows(tiny):
                 greedy("new-3", prompt(8, 4), 8)]
     cached_texts = run(cached_engine, requests)
     assert cached_texts == run(plain, requests)
-    assert cached_engine._claims == {}
+    assert cached_engine.runner._claims == {}
 
 
 def test_a_cached_prompt_whose_rest_exceeds_the_budget_is_chunked_from_its_prefix(tiny):
@@ -247,8 +253,8 @@ def test_a_cached_prompt_whose_rest_exceeds_the_budget_is_chunked_from_its_prefi
     answer = run_one(engine, "a", first)[0]
     second = next_turn(engine, first, answer, prompt(10, 20))
     computed = []
-    forward = engine._forward
-    engine._forward = lambda ids, *rest: computed.append(ids.shape[1]) or forward(ids, *rest)
+    forward = engine.runner._forward
+    engine.runner._forward = lambda ids, *rest: computed.append(ids.shape[1]) or forward(ids, *rest)
     text, cached = run_one(engine, "b", second)
     assert cached >= len(first) and len(second) - cached > 8
     assert max(computed[:-7]) <= 8 and sum(computed[:-7]) == len(second) - cached  # 7 decodes
@@ -256,23 +262,23 @@ def test_a_cached_prompt_whose_rest_exceeds_the_budget_is_chunked_from_its_prefi
 
 
 def test_the_prompt_cache_and_the_batch_together_stay_within_the_kv_budget(tiny):
-    per_position = make_engine(tiny).kv_bytes_per_position
+    per_position = make_engine(tiny).runner.kv_bytes_per_position
     budget_bytes = 3000 * per_position  # 300 positions for the prompt cache
     engine = make_engine(tiny, kv_cache_gb=budget_bytes / 2**30)
-    assert engine._prefixes.capacity == 300 and engine.max_kv_tokens == 2700
+    assert engine.runner._prefixes.capacity == 300 and engine.runner.limits.max_kv_tokens == 2700
     for i in range(12):  # 12 different prompts of 40 positions each (32 + 8 answer tokens)
         run_one(engine, f"r{i}", prompt(20 + i, 32), 9)
-        entries = engine._prefixes._entries.values()
+        entries = engine.runner._prefixes._entries.values()
         kv = sum(t.untyped_storage().nbytes() for entry in entries
                  for key_value in entry.kv for t in key_value)
         logits = sum(entry.prompt_logits[1].untyped_storage().nbytes() for entry in entries)
         assert kv == sum(len(entry.tokens) for entry in entries) * per_position
         # The prompt logits are counted, rounded up to whole positions.
-        assert kv + logits <= engine._prefixes.positions * per_position < kv + logits + \
+        assert kv + logits <= engine.runner._prefixes.positions * per_position < kv + logits + \
             len(entries) * per_position
-        assert engine._prefixes.positions <= 300
+        assert engine.runner._prefixes.positions <= 300
     logits_positions = -(-engine.vocab_size * 4 // per_position)
-    assert len(engine._prefixes) == 300 // (40 + logits_positions)  # the newest kept
+    assert len(engine.runner._prefixes) == 300 // (40 + logits_positions)  # the newest kept
     assert run_one(engine, "newest", prompt(31, 32), 1)[1] == 32  # with the logits after it
     assert run_one(engine, "evicted", prompt(20, 32), 1)[1] == 0
 
@@ -283,18 +289,19 @@ def test_an_aborted_chunked_prompt_lets_go_of_its_claim(tiny):
     answer = run_one(engine, "a", first)[0]
     engine.add_request(greedy("b", next_turn(engine, first, answer, prompt(10, 20)), 4))
     engine.step()
-    assert "b" in engine._claims or engine._chunk is not None
+    assert "b" in engine.runner._claims or engine.runner._chunk is not None
     engine.abort("b")
     outputs = engine.step().outputs
     assert [o.finish_reason for o in outputs] == ["abort"]
-    assert engine._claims == {} and engine._chunk is None
+    assert engine.runner._claims == {} and engine.runner._chunk is None
 
 
-def _record_decodes(engine: IpexLLMEngine) -> list[tuple[int, int]]:
+def _record_decodes(engine: BatchingEngine) -> list[tuple[int, int]]:
     """(rows decoded, rows running) of each decode step the engine runs from now on."""
     steps: list[tuple[int, int]] = []
-    decode = engine._decode
-    engine._decode = lambda seqs: steps.append((len(seqs), len(engine._running))) or \
+    runner = engine.runner
+    decode = runner._decode
+    runner._decode = lambda seqs: steps.append((len(seqs), len(runner._rows))) or \
         decode(seqs)
     return steps
 
@@ -306,7 +313,7 @@ def test_short_first_decodes_leading_rows_and_changes_no_ones_tokens(tiny):
     join_at = {"s1": 2, "s2": 2, "s3": 12}
     plain = run(make_engine(tiny, short_first=False), requests, join_at=join_at)
     engine = make_engine(tiny)
-    assert engine.short_first  # the default on the CPU
+    assert engine.runner.limits.short_first  # the default on the CPU
     steps = _record_decodes(engine)
     assert run(engine, requests, join_at=join_at) == plain
     # Joined in front, the short rows lead; the long ones sit out every other step.
@@ -326,14 +333,15 @@ def test_short_first_skips_rows_only_while_a_hole_fits_the_kv_budget(tiny):
     expected = run(make_engine(tiny, short_first=False), requests, join_at={"short": 1})
     for room in (0, -1):  # the bound after one more position for every row, or one less
         engine = make_engine(tiny, prompt_cache=False)
-        decodable = engine._rows_decodable
+        runner = engine.runner
+        decodable = runner.rows_decodable
 
-        def tight_budget(wanted, engine=engine, decodable=decodable, room=room):
-            bound = engine._kv_positions(engine._running, ()) + len(engine._running)
-            engine.max_kv_tokens = bound + room
-            return decodable(wanted)
+        def tight_budget(running, wanted, runner=runner, decodable=decodable, room=room):
+            bound = runner.kv_positions(running, ()) + len(running)
+            runner.limits = dataclasses.replace(runner.limits, max_kv_tokens=bound + room)
+            return decodable(running, wanted)
 
-        engine._rows_decodable = tight_budget
+        runner.rows_decodable = tight_budget
         steps = _record_decodes(engine)
         assert run(engine, requests, join_at={"short": 1}) == expected
         skipped = any(n < total for n, total in steps)
@@ -380,8 +388,8 @@ def test_warm_up_runs_the_model_before_serving_and_leaves_no_state(tiny):
         assert len(forwards) == 4  # prefill and decode, at batch 1 and at batch 2
     finally:
         hook.remove()
-    assert not warm.has_unfinished_requests() and warm._running_rows is None
-    assert warm._prefixes is not None and not warm._prefixes._entries
+    assert not warm.has_unfinished_requests() and warm.runner._running_rows is None
+    assert warm.runner._prefixes is not None and not warm.runner._prefixes._entries
     request = greedy("a", prompt(3, 7), 6)
     assert run(warm, [request]) == run(cold, [request])
 

@@ -1,31 +1,47 @@
-"""The continuous-batching scheduler, exercised through the model-free EchoEngine."""
+"""The continuous-batching scheduler and the shared sampler, on plain data: the model-free
+echo runner, or a runner written here. No model, no torch (test_layers runs this module
+with torch made unimportable)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
 import pytest
 
 from deployments.contract import ErrorKind
-from deployments.engine.echo import ECHO_EOS_TOKEN, EchoEngine
+from deployments.engine.batching import BatchingEngine
+from deployments.engine.detokenizer import StopStringTextStream
+from deployments.engine.echo import ECHO_EOS_TOKEN, EchoRunner
 from deployments.engine.options import EchoOptions
+from deployments.engine.plan import RunnerOutput, SequenceState, StepPlan
 from deployments.engine.protocol import EngineError, GenerationRequest, SamplingParams
+from deployments.engine.sampler import Sampler
+from deployments.engine.scheduler import Scheduler
 
 
 def make_engine(*, max_batch_size: int = 4, max_prefill_tokens_per_step: int = 64,
-                **options) -> EchoEngine:
-    """An echo engine; ``options``: EchoOptions fields."""
-    return EchoEngine(max_batch_size=max_batch_size,
-                      max_prefill_tokens_per_step=max_prefill_tokens_per_step,
-                      options=EchoOptions(**options))
+                **options) -> BatchingEngine:
+    """The echo runner under the scheduler; ``options``: EchoOptions fields."""
+    return BatchingEngine(EchoRunner(max_batch_size=max_batch_size,
+                                     max_prefill_tokens_per_step=max_prefill_tokens_per_step,
+                                     options=EchoOptions(**options)))
 
 
-def request(engine: EchoEngine, rid: str, prompt: str, **params) -> GenerationRequest:
+def record_plans(engine: BatchingEngine) -> list[StepPlan]:
+    """Every plan the engine's runner executes from now on."""
+    plans: list[StepPlan] = []
+    execute = engine.runner.execute
+    engine.runner.execute = lambda plan: plans.append(plan) or execute(plan)
+    return plans
+
+
+def request(engine: BatchingEngine, rid: str, prompt: str, **params) -> GenerationRequest:
     return GenerationRequest(rid, tuple(engine.encode(prompt)), SamplingParams(**params))
 
 
-def run(engine: EchoEngine, max_steps: int = 1000) -> tuple[dict[str, str], dict[str, str],
+def run(engine: BatchingEngine, max_steps: int = 1000) -> tuple[dict[str, str], dict[str, str],
                                                               list[int]]:
     texts: dict[str, str] = {}
     reasons: dict[str, str] = {}
@@ -75,11 +91,16 @@ def test_a_joining_requests_first_token_is_handed_out_before_the_steps_decode():
     engine.add_request(request(engine, "running", "x run", max_tokens=20))
     engine.step()
     calls: list[tuple[str, tuple[str, ...]]] = []
-    prefill, decode = engine._prefill, engine._decode
-    engine._prefill = lambda seqs: calls.append(
-        ("prefill", tuple(s.request_id for s in seqs))) or prefill(seqs)
-    engine._decode = lambda seqs: calls.append(
-        ("decode", tuple(s.request_id for s in seqs))) or decode(seqs)
+    execute = engine.runner.execute
+
+    def recorded(plan: StepPlan):
+        if plan.prefill:
+            calls.append(("prefill", tuple(w.seq.request_id for w in plan.prefill)))
+        if plan.decode:
+            calls.append(("decode", tuple(s.request_id for s in plan.decode)))
+        return execute(plan)
+
+    engine.runner.execute = recorded
     engine.add_request(request(engine, "new", "x new", max_tokens=5))
     result = engine.step(early=lambda outputs: calls.append(
         ("early", tuple(o.request_id for o in outputs))))
@@ -177,60 +198,70 @@ def test_duplicate_request_ids_are_refused():
         engine.add_request(request(engine, "a", "x a"))
 
 
-def _sampling_engine(**params) -> tuple[EchoEngine, object]:
-    """An engine holding one waiting request with these sampling params, and its sequence."""
-    engine = make_engine()
-    engine.add_request(request(engine, "s", "x", max_tokens=4, **params))
-    return engine, engine._waiting[0]
+def _sampled(**params) -> tuple[Sampler, SequenceState]:
+    """A sampler (EOS: the echo runner's) and a sequence with these sampling params."""
+    request = GenerationRequest("s", (1, 2), SamplingParams(max_tokens=4, **params))
+    return Sampler([ECHO_EOS_TOKEN]), SequenceState(request, StopStringTextStream(()))
 
 
 def test_shared_sampler_greedy_and_top_p_keep_the_likeliest_tokens():
     logits = np.log(np.array([[0.1, 0.6, 0.3]], dtype=np.float32))
-    engine, seq = _sampling_engine(temperature=0)
-    assert engine._sample(logits, [seq]) == [1]
-    engine, seq = _sampling_engine(temperature=1.0, top_p=0.5)
+    sampler, seq = _sampled(temperature=0)
+    assert sampler.sample(logits, [seq]) == [1]
+    sampler, seq = _sampled(temperature=1.0, top_p=0.5)
     # 0.6 alone crosses top_p: nothing else may ever be drawn.
-    assert {engine._sample(logits, [seq])[0] for _ in range(50)} == {1}
-    engine, seq = _sampling_engine(temperature=1.0, top_p=0.7)
-    assert {engine._sample(logits, [seq])[0] for _ in range(200)} == {1, 2}
+    assert {sampler.sample(logits, [seq])[0] for _ in range(50)} == {1}
+    sampler, seq = _sampled(temperature=1.0, top_p=0.7)
+    assert {sampler.sample(logits, [seq])[0] for _ in range(200)} == {1, 2}
 
 
 @pytest.mark.parametrize(("top_k", "drawn"), [(1, {1}), (2, {1, 2}), (0, {0, 1, 2}),
                                                (-1, {0, 1, 2}), (3, {0, 1, 2})])
 def test_shared_sampler_top_k_keeps_the_k_likeliest_tokens(top_k, drawn):
     logits = np.log(np.array([[0.1, 0.6, 0.3]], dtype=np.float32))
-    engine, seq = _sampling_engine(temperature=1.0, top_k=top_k, seed=1)
-    assert {engine._sample(logits, [seq])[0] for _ in range(400)} == drawn
+    sampler, seq = _sampled(temperature=1.0, top_k=top_k, seed=1)
+    assert {sampler.sample(logits, [seq])[0] for _ in range(400)} == drawn
 
 
 def test_shared_sampler_repeats_a_seed_and_bars_eos_until_min_tokens():
     flat = np.zeros((1, 1000), dtype=np.float32)
 
     def draws(seed: int) -> list[int]:
-        engine, seq = _sampling_engine(temperature=1.0, seed=seed)
-        return [engine._sample(flat, [seq])[0] for _ in range(8)]
+        sampler, seq = _sampled(temperature=1.0, seed=seed)
+        return [sampler.sample(flat, [seq])[0] for _ in range(8)]
 
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
     eos_first = np.full((1, 1000), -10.0, dtype=np.float32)
     eos_first[0, ECHO_EOS_TOKEN] = 10.0
-    engine, seq = _sampling_engine(temperature=0, min_tokens=2)
-    assert engine._sample(eos_first, [seq]) != [ECHO_EOS_TOKEN]
+    sampler, seq = _sampled(temperature=0, min_tokens=2)
+    assert sampler.sample(eos_first, [seq]) != [ECHO_EOS_TOKEN]
     seq.generated += [5, 6]
-    assert engine._sample(eos_first, [seq]) == [ECHO_EOS_TOKEN]
+    assert sampler.sample(eos_first, [seq]) == [ECHO_EOS_TOKEN]
+
+
+class LogitsEchoRunner(EchoRunner):
+    """The echo runner answering with logits (one-hot on its token), as a model runner
+    does, so the scheduler samples them."""
+
+    def execute(self, plan):
+        tokens = super().execute(plan).tokens
+        logits = np.full((len(tokens), 256), -1e9, dtype=np.float32)
+        logits[np.arange(len(tokens)), tokens] = 0.0
+        return RunnerOutput(logits=logits)
 
 
 def test_finished_and_aborted_requests_leave_no_sampler_state():
-    engine = make_engine()
+    engine = BatchingEngine(LogitsEchoRunner(max_batch_size=4, max_prefill_tokens_per_step=64))
     for rid in ("done", "dropped"):
         engine.add_request(request(engine, rid, f"x {rid}", max_tokens=6, temperature=0.8,
                                    seed=1))
     engine.step()
-    engine._rng(engine._running[0])
-    engine._rng(engine._running[1])
+    assert engine.scheduler._sampler.num_requests == 2  # sampled at a temperature
     engine.abort("dropped")
-    run(engine)
-    assert engine._rngs == {}
+    _, reasons, _ = run(engine)
+    assert reasons == {"done": "length", "dropped": "abort"}
+    assert engine.scheduler._sampler.num_requests == 0
 
 
 def test_kv_budget_holds_a_request_back_until_it_fits():
@@ -284,16 +315,15 @@ def test_a_request_that_cannot_fit_the_kv_budget_alone_is_refused():
     assert texts["r"] == "aaaaaa" and reasons["r"] == "length"
 
 
-def decoded_per_step(engine: EchoEngine, steps: int) -> list[set[str]]:
+def decoded_per_step(engine: BatchingEngine, steps: int) -> list[set[str]]:
     """Which requests each of the next ``steps`` steps decoded (admission's first tokens
     aside)."""
-    seen: list[set[str]] = []
-    decode = engine._decode
-    engine._decode = lambda seqs: seen.append({s.request_id for s in seqs}) or decode(seqs)
+    execute = engine.runner.execute
+    plans = record_plans(engine)
     for _ in range(steps):
         engine.step()
-    del engine._decode
-    return seen
+    engine.runner.execute = execute
+    return [{s.request_id for s in plan.decode} for plan in plans if plan.decode]
 
 
 def test_short_first_decodes_long_rows_every_other_step_while_short_ones_run():
@@ -307,7 +337,7 @@ def test_short_first_decodes_long_rows_every_other_step_while_short_ones_run():
     long_steps = [s >= {"long-a", "long-b"} for s in steps]
     assert long_steps.count(True) == 4, steps  # every other step: never starved
     assert all(a != b for a, b in itertools.pairwise(long_steps))
-    assert not any(seq.request_id == "short" for seq in engine._running)  # 9 tokens: done
+    assert not any(seq.request_id == "short" for seq in engine.scheduler._running)  # done
     alike = decoded_per_step(engine, 4)
     assert all(s == {"long-a", "long-b"} for s in alike)  # no short row: all every step
 
@@ -335,13 +365,18 @@ def test_short_first_keeps_a_batch_of_alike_rows_whole_and_answers_unchanged():
 
 
 def test_short_first_is_refused_for_a_backend_that_decodes_its_whole_batch():
-    class WholeBatch(EchoEngine):
-        decodes_row_subsets = False
+    def whole_batch_runner(**options) -> EchoRunner:
+        runner = EchoRunner(max_batch_size=2, max_prefill_tokens_per_step=8,
+                            options=EchoOptions(**options))
+        runner.limits = dataclasses.replace(runner.limits, decodes_row_subsets=False)
+        return runner
 
-    with pytest.raises(EngineError, match="short_first"):
-        WholeBatch(max_batch_size=2, max_prefill_tokens_per_step=8,
-                   options=EchoOptions(short_first=True))
-    assert WholeBatch(max_batch_size=2, max_prefill_tokens_per_step=8).short_first is False
+    with pytest.raises(EngineError, match="short_first") as refused:
+        Scheduler(whole_batch_runner(short_first=True), EchoRunner.text.decode)
+    assert refused.value.kind == ErrorKind.MISCONFIGURED
+    engine = BatchingEngine(whole_batch_runner())
+    engine.add_request(request(engine, "a", "x ab", max_tokens=3))
+    assert run(engine)[0] == {"a": "aba"}
 
 
 def test_short_first_never_splits_requests_of_alike_budgets_however_far_along():
@@ -354,3 +389,83 @@ def test_short_first_never_splits_requests_of_alike_budgets_however_far_along():
     # 9 tokens to go next to 99: both decode every step (skipping would cost throughput
     # to reorder alike requests), until "early" is done
     assert steps == [{"early", "late"}] * 9 + [{"late"}] * 3
+
+
+class CachingRunner(EchoRunner):
+    """The echo runner with a pretend prompt cache: a prompt starting with ``cached``
+    gets that many tokens from it; claims and give-backs are recorded."""
+
+    def __init__(self, cached: str, **limits):
+        super().__init__(**limits)
+        self.cached = tuple(self.text.encode(cached))
+        self.claims: list[str] = []
+        self.unclaims: list[str] = []
+
+    def claim_cache(self, seq):
+        self.claims.append(seq.request_id)
+        if seq.prompt[:len(self.cached)] == self.cached:
+            return min(len(self.cached), len(seq.prompt) - 1)
+        return 0
+
+    def unclaim_cache(self, seq):
+        self.unclaims.append(seq.request_id)
+
+
+def test_the_prefill_budget_counts_only_what_the_prompt_cache_does_not_supply():
+    system = "s" * 30 + " "
+    runner = CachingRunner(system, max_batch_size=4, max_prefill_tokens_per_step=16)
+    engine = BatchingEngine(runner)
+    plans = record_plans(engine)
+    for rid in ("a", "b"):  # 34 tokens each, 31 of them cached: both fit a 16-token step
+        engine.add_request(request(engine, rid, system + f"q {rid}", max_tokens=2))
+    result = engine.step()
+    assert [(w.seq.request_id, w.start, w.end) for w in plans[0].prefill] == \
+        [("a", 31, 34), ("b", 31, 34)]
+    assert result.num_prefill_tokens == 6
+    assert {o.num_cached_prompt_tokens for o in result.outputs} == {31}
+    assert runner.unclaims == []
+
+
+def test_a_claim_is_given_back_when_its_sequence_must_wait_for_a_later_step():
+    runner = CachingRunner("zzzz", max_batch_size=4, max_prefill_tokens_per_step=16)
+    engine = BatchingEngine(runner)
+    plans = record_plans(engine)
+    engine.add_request(request(engine, "first", "x" * 10 + " a", max_tokens=2))
+    engine.add_request(request(engine, "second", "y" * 10 + " b", max_tokens=2))
+    engine.step()  # 12 + 12 tokens > 16: "second" waits, its claim given back
+    assert plans[0].prefill[0].seq.request_id == "first" and len(plans[0].prefill) == 1
+    assert runner.unclaims == ["second"]
+    engine.step()
+    assert runner.claims == ["first", "second", "second"]
+    assert [w.seq.request_id for p in plans for w in p.prefill] == ["first", "second"]
+
+
+def test_a_chunked_prompt_starts_after_its_cached_prefix_and_leaves_when_aborted():
+    runner = CachingRunner("c" * 20, max_batch_size=4, max_prefill_tokens_per_step=8)
+    engine = BatchingEngine(runner)
+    plans = record_plans(engine)
+    engine.add_request(request(engine, "long", "c" * 20 + "d" * 20 + " e", max_tokens=2))
+    engine.step()  # 23 tokens to compute > 8: chosen for chunking, chunks start next step
+    engine.step()
+    engine.step()
+    chunks = [(w.start, w.end) for plan in plans for w in plan.prefill]
+    assert chunks == [(20, 28), (28, 36)]
+    engine.abort("long")
+    outputs = engine.step().outputs
+    assert [o.finish_reason for o in outputs] == ["abort"]
+    assert [s.request_id for s in plans[-1].leaving] == ["long"]  # the runner lets go
+    assert not engine.has_unfinished_requests()
+
+
+def test_finished_rows_leave_the_runner_in_the_step_they_finish():
+    engine = make_engine()
+    plans = record_plans(engine)
+    engine.add_request(request(engine, "one", "x ab", max_tokens=1))  # done at its first token
+    engine.add_request(request(engine, "two", "x cd", max_tokens=2))
+    engine.step()
+    kinds = [("leaving" if p.leaving else "prefill" if p.prefill else "decode",
+              sorted(s.request_id for s in (*p.leaving, *(w.seq for w in p.prefill),
+                                            *p.decode))) for p in plans]
+    assert kinds == [("prefill", ["one", "two"]), ("leaving", ["one"]), ("decode", ["two"]),
+                     ("leaving", ["two"])]
+    assert not engine.has_unfinished_requests()

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from deployments import constants
 from deployments.engine.options import OPTIONS_BY_ENGINE, EngineOptions, IpexLLMOptions
+from deployments.tool_calls import ToolCallParserName
 
 EngineName = Literal["ipex_llm", "llama_cpp", "echo"]
 # Each engine's model runner (deployments/engine/runner.py), under the shared scheduler.
@@ -99,6 +100,10 @@ class LLMConfig(BaseModel):
     api_key_file: str | None = Field(
         None, description="File holding API keys, one per line.")
     log_prompts: bool = Field(False, description="Put prompt text in request logs.")
+    tool_call_parser: ToolCallParserName = Field(
+        "hermes", description="How tool calls are read from an answer when `tool_choice` "
+        "is auto: `hermes` (<tool_call> blocks: Hermes, Qwen, and the format tools are "
+        "written in for models whose chat template has none) or `llama3_json`.")
     engine_thread_niceness: int | None = Field(
         None, ge=-20, le=19,
         description="Run the engine thread (and the OpenMP threads it starts) at this "

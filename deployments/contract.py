@@ -12,7 +12,7 @@ Imports neither ray nor torch nor anything of HTTP.
 from __future__ import annotations
 
 import enum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -31,9 +31,57 @@ class _Message(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class ToolCall(_Message):
+    """A function call the assistant made: ``arguments`` is its JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 class ChatTurn(_Message):
+    """One message of a chat: an assistant turn may carry its tool calls, a ``tool`` turn
+    answers the call ``tool_call_id``."""
+
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
+
+    def openai(self) -> dict[str, Any]:
+        """OpenAI's message object, as chat templates take it."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.name, "arguments": c.arguments}}
+                for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class Tool(_Message):
+    """A function the model may call: its name, what it does, its arguments' JSON schema."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+
+    def openai(self) -> dict[str, Any]:
+        """OpenAI's tool object, as chat templates take it."""
+        return {"type": "function", "function": {
+            "name": self.name, "description": self.description, "parameters": self.parameters}}
+
+
+class Guide(_Message):
+    """A grammar the answer must follow, enforced token by token (the engine masks every
+    token that would leave it). ``spec``: a JSON schema's text (``json_schema``), a regular
+    expression (``regex``), a JSON list of strings (``choice``) or a Lark grammar
+    (``grammar``)."""
+
+    kind: Literal["json_schema", "regex", "choice", "grammar"]
+    spec: str
 
 
 class Sampling(_Message):
@@ -46,6 +94,13 @@ class Sampling(_Message):
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     min_tokens: int = 0
+    presence_penalty: float = 0.0  # subtracted once from a token already in the answer
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the answer
+    repetition_penalty: float = 1.0  # divides (or multiplies) tokens in prompt or answer
+    min_p: float = 0.0  # drop tokens below min_p x the likeliest token's probability
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    logprobs: int | None = None  # report each token's logprob and this many alternatives
+    guide: Guide | None = None
 
 
 class GenerateRequest(_Message):
@@ -56,6 +111,7 @@ class GenerateRequest(_Message):
     prompt: str | None = None
     messages: tuple[ChatTurn, ...] | None = None
     prompt_token_ids: tuple[int, ...] | None = None
+    tools: tuple[Tool, ...] = ()  # offered to the model through its chat template
     max_tokens: int | None = Field(
         None, ge=1, description="None: the config's default_max_tokens, within the context")
     sampling: Sampling = Sampling()
@@ -97,6 +153,22 @@ class TokenizeResult(_Message):
     max_model_len: int
 
 
+class TopLogprob(_Message):
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+
+
+class TokenLogprob(_Message):
+    """One generated token: its text, log-probability under the distribution it was sampled
+    from, and the most likely alternatives there."""
+
+    token: str
+    logprob: float
+    bytes: tuple[int, ...]
+    top_logprobs: tuple[TopLogprob, ...] = ()
+
+
 class OutputChunk(_Message):
     """A piece of the answer: its new text and, on the last piece, why it ended. Token
     counts are the answer's so far; ``cached_tokens`` are prompt tokens the engine's prompt
@@ -108,6 +180,7 @@ class OutputChunk(_Message):
     cached_tokens: int = 0
     completion_tokens: int
     timed_out: bool = False
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the previous chunk
 
 
 class ErrorChunk(_Message):

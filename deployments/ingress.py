@@ -32,13 +32,18 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments import constants, metrics
+from deployments.choices import (
+    ChatChoiceStream,
+    chat_choice,
+    chat_logprobs,
+    completion_choice,
+)
 from deployments.config import LLMConfig
 from deployments.contract import (
     ErrorChunk,
     ErrorKind,
     GenerateRequest,
     OutputChunk,
-    Sampling,
     TokenizeRequest,
 )
 from deployments.errors import ServiceError
@@ -54,6 +59,7 @@ from deployments.openai_protocol import (
     usage,
     usage_chunk,
 )
+from deployments.tool_calls import forced_call_guide
 
 logger = logging.getLogger("ray.serve")
 
@@ -208,6 +214,12 @@ def _service_error(error: ErrorChunk) -> ServiceError:
                         retry_after_s=constants.RETRY_AFTER_S if status == 503 else None)
 
 
+def _choice_prompts(request: CompletionRequest) -> list[str]:
+    """Each choice's prompt as text (echo takes text prompts only), choice by choice."""
+    return [prompt if isinstance(prompt, str) else ""
+            for prompt in request.prompts for _ in range(request.n)]
+
+
 def _peek_stream_flag(body: bytes) -> bool:
     """Whether the body asks to stream; full validation happens in the operation."""
     try:
@@ -289,58 +301,97 @@ class LLMRouter:
                           ) -> dict[str, Any]:
         request = self._parse(CompletionRequest, body)
         response_id = new_id("cmpl")
-        tasks = [asyncio.ensure_future(self._generate(self._generate_request(request,
-                                                                             prompt=prompt)))
-                 for prompt in request.prompts]
-        try:
-            results = await asyncio.gather(*tasks)
-        finally:  # one prompt failed: stop the others' generation too
-            for task in tasks:
-                task.cancel()
-        choices = [{"index": i, "text": r.text, "logprobs": None,
-                    "finish_reason": r.finish_reason} for i, r in enumerate(results)]
-        return completion_response(response_id, request.model, choices, usage(*results))
+        answers = await self._gather([self._generate(r)
+                                      for r in self._completion_requests(request)])
+        prompts = _choice_prompts(request)
+        choices = [completion_choice(i, answer, prefix=prompts[i] if request.echo else "",
+                                     logprobs=request.logprobs is not None)
+                   for i, answer in enumerate(answers)]
+        return completion_response(response_id, request.model, choices,
+                                   usage(*answers, choices_per_prompt=request.n))
 
     async def completions_stream(self, body: CompletionRequest | dict[str, Any] | bytes
                                  ) -> AsyncIterator[dict[str, Any]]:
         request = self._parse(CompletionRequest, body)
         response_id = new_id("cmpl")
-        streams = await _primed([self._stream(self._generate_request(request, prompt=prompt))
-                                 for prompt in request.prompts])
+        prompts = _choice_prompts(request)
+        streams = await _primed([self._stream(r) for r in self._completion_requests(request)])
+        echoed: set[int] = set()
         last_chunks = []
         async for index, chunk in _merge(streams):
-            if chunk.text or chunk.finish_reason:
-                yield completion_chunk(response_id, request.model, index, chunk.text,
-                                       chunk.finish_reason)
+            prefix = ""
+            if request.echo and index not in echoed:
+                echoed.add(index)
+                prefix = prompts[index]
+            if chunk.text or chunk.finish_reason or prefix:
+                choice = completion_choice(index, chunk, prefix=prefix,
+                                           logprobs=request.logprobs is not None)
+                yield completion_chunk(response_id, request.model, choice)
             if chunk.finish_reason:
                 last_chunks.append(chunk)
         if request.include_usage:
             yield usage_chunk(response_id, request.model, "text_completion",
-                              usage(*last_chunks))
+                              usage(*last_chunks, choices_per_prompt=request.n))
 
     async def chat_completions(self, body: ChatCompletionRequest | dict[str, Any] | bytes
                                ) -> dict[str, Any]:
         request = self._parse(ChatCompletionRequest, body)
-        chat = self._generate_request(request, messages=request.chat_messages())
-        result = await self._generate(chat)
-        return chat_response(new_id("chatcmpl"), request.model, result.text,
-                             result.finish_reason, usage(result))
+        answers = await self._gather([self._generate(r) for r in self._chat_requests(request)])
+        choices = [chat_choice(i, answer, **self._tool_reading(request),
+                               logprobs=request.logprobs) for i, answer in enumerate(answers)]
+        return chat_response(new_id("chatcmpl"), request.model, choices,
+                             usage(*answers, choices_per_prompt=request.n))
 
     async def chat_completions_stream(self, body: ChatCompletionRequest | dict[str, Any] | bytes
                                       ) -> AsyncIterator[dict[str, Any]]:
         request = self._parse(ChatCompletionRequest, body)
         response_id = new_id("chatcmpl")
-        first = True
-        chat = self._generate_request(request, messages=request.chat_messages())
-        async for chunk in self._stream(chat):
-            delta = {"role": "assistant", "content": chunk.text} if first else \
-                {"content": chunk.text}
-            if first or chunk.text or chunk.finish_reason:
-                yield chat_chunk(response_id, request.model, delta, chunk.finish_reason)
-            first = False
-            if chunk.finish_reason and request.include_usage:
-                yield usage_chunk(response_id, request.model, "chat.completion.chunk",
-                                  usage(chunk))
+        streams = await _primed([self._stream(r) for r in self._chat_requests(request)])
+        states = [ChatChoiceStream(**self._tool_reading(request)) for _ in streams]
+        last_chunks = []
+        async for index, chunk in _merge(streams):
+            logprobs = chat_logprobs(chunk.logprobs) if request.logprobs else None
+            for delta, finish_reason in states[index].deltas(chunk):
+                yield chat_chunk(response_id, request.model, index, delta, finish_reason,
+                                 logprobs)
+                logprobs = None  # a chunk's tokens go with its first delta
+            if chunk.finish_reason:
+                last_chunks.append(chunk)
+        if request.include_usage:
+            yield usage_chunk(response_id, request.model, "chat.completion.chunk",
+                              usage(*last_chunks, choices_per_prompt=request.n))
+
+    def _completion_requests(self, request: CompletionRequest) -> list[GenerateRequest]:
+        """One replica request per choice: ``n`` per prompt, prompt by prompt."""
+        return [self._generate_request(request, seed, prompt=prompt)
+                for prompt in request.prompts for seed in request.choice_seeds()]
+
+    def _chat_requests(self, request: ChatCompletionRequest) -> list[GenerateRequest]:
+        """One replica request per choice; a forced tool call generates under its grammar."""
+        sampling_update = {}
+        if request.forced_tools:
+            named = request.tool_choice.function.name if request.tool_mode == "named" else None
+            sampling_update["guide"] = forced_call_guide(request.tool_list, named,
+                                                         request.parallel_tool_calls)
+        return [self._generate_request(request, seed, sampling_update=sampling_update,
+                                       messages=request.chat_turns(), tools=request.tool_list)
+                for seed in request.choice_seeds()]
+
+    def _tool_reading(self, request: ChatCompletionRequest) -> dict[str, Any]:
+        """How a chat answer's tool calls are read (choices.py)."""
+        named = request.tool_choice.function.name if request.tool_mode == "named" else None
+        return {"mode": request.tool_mode, "named": named,
+                "parser": self._config.tool_call_parser}
+
+    @staticmethod
+    async def _gather(answers: list[Awaitable[OutputChunk]]) -> list[OutputChunk]:
+        """Every choice's answer; one failed: the others' generation is stopped too."""
+        tasks = [asyncio.ensure_future(answer) for answer in answers]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()
 
     async def health(self) -> dict[str, Any]:
         """The serving replicas' state; ServiceError 503 while none can serve.
@@ -474,23 +525,26 @@ class LLMRouter:
         if request.timeout is not None and request.timeout > self._config.max_request_timeout_s:
             raise ServiceError(f"`timeout` is capped at {self._config.max_request_timeout_s} s",
                                param="timeout")
-        if len(getattr(request, "prompts", ())) > self._config.max_prompts_per_request:
-            raise ServiceError(f"at most {self._config.max_prompts_per_request} prompts per "
-                               "request", param="prompt")
+        choices = len(getattr(request, "prompts", (None,))) * request.n
+        if choices > self._config.max_prompts_per_request:
+            raise ServiceError(f"at most {self._config.max_prompts_per_request} answers per "
+                               "request (prompts x n)",
+                               param="n" if request.n > 1 else "prompt")
         return request
 
-    def _generate_request(self, request: Any, **prompt: Any) -> GenerateRequest:
-        """The replica's request for one prompt of a validated OpenAI ``request``:
-        ``prompt=`` text or token ids, or ``messages=`` a chat."""
+    def _generate_request(self, request: Any, seed: int | None, *,
+                          sampling_update: dict[str, Any] | None = None,
+                          **prompt: Any) -> GenerateRequest:
+        """The replica's request for one choice of a validated OpenAI ``request``:
+        ``prompt=`` text or token ids, or ``messages=`` a chat (and its ``tools=``)."""
         if isinstance(prompt.get("prompt"), list):
             prompt = {"prompt_token_ids": prompt["prompt"]}
+        sampling = request.sampling(seed)
+        if sampling_update:
+            sampling = sampling.model_copy(update=sampling_update)
         return GenerateRequest(
             **prompt, request_id=new_id("req"), max_tokens=request.requested_max_tokens,
-            timeout_s=request.timeout or self._config.request_timeout_s,
-            sampling=Sampling(temperature=request.temperature, top_p=request.top_p,
-                              top_k=request.top_k, seed=request.seed,
-                              stop=tuple(request.stop_strings), ignore_eos=request.ignore_eos,
-                              min_tokens=request.min_tokens))
+            timeout_s=request.timeout or self._config.request_timeout_s, sampling=sampling)
 
     async def _generate(self, request: GenerateRequest) -> OutputChunk:
         """The whole answer as one chunk: the last one's counts, every chunk's text."""

@@ -192,8 +192,8 @@ class LLMServer:
         """The request's token ids as this model sees a prompt (special tokens included);
         a chat through the model's chat template, or an ErrorChunk if it has none."""
         try:
-            text = request.prompt if request.messages is None else self._engine.apply_chat_template(
-                [turn.model_dump() for turn in request.messages])
+            text = request.prompt if request.messages is None else \
+                self._engine.apply_chat_template([turn.openai() for turn in request.messages])
         except EngineError as error:
             return ErrorChunk(message=error.message, kind=error.kind, field=error.field)
         token_ids = self._engine.encode(text)
@@ -222,8 +222,9 @@ class LLMServer:
         the context, and the answer's length (asked for, or what fits up to the default)."""
         engine = self._engine
         if request.messages is not None:
-            turns = [turn.model_dump() for turn in request.messages]
-            token_ids = engine.encode(engine.apply_chat_template(turns))
+            turns = [turn.openai() for turn in request.messages]
+            tools = [tool.openai() for tool in request.tools]
+            token_ids = engine.encode(engine.apply_chat_template(turns, tools))
         elif request.prompt_token_ids is not None:
             token_ids = list(request.prompt_token_ids)
             if any(not 0 <= t < engine.vocab_size for t in token_ids):
@@ -274,7 +275,9 @@ def _coalesce(items: list[GenerationOutput | EngineFailure]) -> OutputChunk | Er
             return ErrorChunk(message=item.message, kind=item.kind, field=item.field)
     last = items[-1]
     assert isinstance(last, GenerationOutput)
-    return OutputChunk(text="".join(i.text for i in items if isinstance(i, GenerationOutput)),
+    outputs = [i for i in items if isinstance(i, GenerationOutput)]
+    return OutputChunk(text="".join(o.text for o in outputs),
                        finish_reason=last.finish_reason, prompt_tokens=last.num_prompt_tokens,
                        cached_tokens=last.num_cached_prompt_tokens,
-                       completion_tokens=last.num_generated_tokens)
+                       completion_tokens=last.num_generated_tokens,
+                       logprobs=tuple(lp for o in outputs for lp in o.logprobs))

@@ -48,7 +48,9 @@ class RayServeModel(BaseModel):
         default_factory=dict,
         description="Generation defaults; per-call keyword arguments override them. OpenAI "
                     "names (max_tokens, temperature, top_p, top_k, seed, ignore_eos, min_tokens, "
-                    "timeout) or IpexLLM's: max_new_tokens and max_length become max_tokens "
+                    "timeout, presence_penalty, frequency_penalty, logit_bias, n, logprobs, "
+                    "top_logprobs, response_format; tools, tool_choice, parallel_tool_calls for "
+                    "chat) or IpexLLM's: max_new_tokens and max_length become max_tokens "
                     "(max_length then caps the answer alone, since the adapter does not "
                     "tokenize), do_sample=False means temperature 0, trust_remote_code and "
                     "device ('cpu' or 'xpu': where the replicas run) only matter to "
@@ -160,18 +162,25 @@ class RayServeModel(BaseModel):
     # ---- requests ------------------------------------------------------------------------
 
     def _generation_params(self, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        # LangChain passes its own `stream` flag on to _generate and _stream: not a setting.
-        return generation_fields(self.model_kwargs,
-                                 {key: value for key, value in kwargs.items() if key != "stream"})
+        # LangChain passes its own `stream` flag on to _generate and _stream: not a setting;
+        # a call's `model` names the model (see _body).
+        return generation_fields(self.model_kwargs, {key: value for key, value in kwargs.items()
+                                                     if key not in ("stream", "model")})
 
     def _body(self, stop: Sequence[str] | None, kwargs: Mapping[str, Any], *, stream: bool,
               **content: Any) -> dict[str, Any]:
-        """An OpenAI request body: ``content`` is ``prompt=`` or ``messages=``."""
-        body = {"model": self.model, **content, **self._generation_params(kwargs)}
+        """An OpenAI request body: ``content`` is ``prompt=`` or ``messages=``. A call's
+        ``model`` keyword (LangChain's per-call model override) replaces the adapter's; the
+        router refuses a model it does not serve."""
+        body = {"model": kwargs.get("model") or self.model, **content,
+                **self._generation_params(kwargs)}
         stop = self.stop if stop is None else stop
         if stop:
             body["stop"] = list(stop)
         if stream:
+            if body.get("n", 1) != 1:
+                raise ValueError("n > 1 cannot stream (the adapter streams one answer); "
+                                 "call invoke or generate for several answers")
             body["stream_options"] = {"include_usage": True}
         return body
 
@@ -186,17 +195,18 @@ class RayServeModel(BaseModel):
 
     def _stream_pieces(self, method: str, body: Mapping[str, Any],
                        run_manager: CallbackManagerForLLMRun | None,
-                       piece: Callable[[str], Piece],
+                       piece: Callable[[Mapping[str, Any]], Piece],
                        last: Callable[[StreamState], Piece]) -> Iterator[Piece]:
-        """The router's stream ``method`` as LangChain chunks: ``piece(text)`` for each text
-        as it arrives, then ``last(state)`` carrying the ending and the usage; each one is
-        also a ``on_llm_new_token`` callback."""
+        """The router's stream ``method`` as LangChain chunks: ``piece(choice)`` for each
+        chunk's choice that carries something (text, tool call pieces, logprobs) as it
+        arrives, then ``last(state)`` carrying the ending and the usage; each one is also a
+        ``on_llm_new_token`` callback."""
         state = StreamState()
         for chunk in self._router.stream(method, body):
-            if text := state.text_of(chunk):
-                out = piece(text)
+            if choice := state.passed_on(chunk):
+                out = piece(choice)
                 if run_manager:
-                    run_manager.on_llm_new_token(text, chunk=out)
+                    run_manager.on_llm_new_token(out.text, chunk=out)
                 yield out
         if state.ended:
             out = last(state)
@@ -206,15 +216,15 @@ class RayServeModel(BaseModel):
 
     async def _astream_pieces(self, method: str, body: Mapping[str, Any],
                               run_manager: AsyncCallbackManagerForLLMRun | None,
-                              piece: Callable[[str], Piece],
+                              piece: Callable[[Mapping[str, Any]], Piece],
                               last: Callable[[StreamState], Piece]) -> AsyncIterator[Piece]:
         """``_stream_pieces`` for asyncio callers."""
         state = StreamState()
         async for chunk in self._router.astream(method, body):
-            if text := state.text_of(chunk):
-                out = piece(text)
+            if choice := state.passed_on(chunk):
+                out = piece(choice)
                 if run_manager:
-                    await run_manager.on_llm_new_token(text, chunk=out)
+                    await run_manager.on_llm_new_token(out.text, chunk=out)
                 yield out
         if state.ended:
             out = last(state)
@@ -235,6 +245,8 @@ class RayServeModel(BaseModel):
     def _get_ls_params(self, stop: list[str] | None = None, **kwargs: Any) -> LangSmithParams:
         params = super()._get_ls_params(stop=stop)  # type: ignore[misc]
         params["ls_provider"] = LS_PROVIDER
+        if kwargs.get("model"):  # a call's model override (see _body)
+            params["ls_model_name"] = kwargs["model"]
         generation = self._generation_params(kwargs)
         if "temperature" in generation:
             params["ls_temperature"] = generation["temperature"]
@@ -266,26 +278,37 @@ def app_args_with_device(app_args: Mapping[str, Any] | None,
 
 
 class StreamState:
-    """Reads the router's stream chunks (completion or chat): text to pass on at once,
-    then the ending (finish_reason, its last text) and the usage, which close the stream."""
+    """Reads the router's stream chunks (completion or chat): the choices to pass on at
+    once, then the ending (the choice that carries finish_reason, with its last text or
+    tool call pieces) and the usage, which close the stream."""
 
     def __init__(self) -> None:
-        self.final_text = ""
-        self.finish_reason: str | None = None
+        self.last_choice: Mapping[str, Any] = {}
         self.usage: dict[str, int] | None = None
 
-    def text_of(self, chunk: Mapping[str, Any]) -> str:
-        """The text to stream now ("" when the chunk only ends the answer or counts usage)."""
+    def passed_on(self, chunk: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """The chunk's choice to stream now; None when the chunk only ends the answer,
+        counts usage or carries nothing (a chat stream's opening role-only delta)."""
         if not chunk["choices"]:
             self.usage = chunk.get("usage")
-            return ""
+            return None
         choice = chunk["choices"][0]
-        text = choice["text"] if "text" in choice else choice["delta"].get("content", "")
-        if choice["finish_reason"] is None:
-            return text
-        self.final_text, self.finish_reason = text, choice["finish_reason"]
-        return ""
+        if choice["finish_reason"] is not None:
+            self.last_choice = choice
+            return None
+        return choice if carries_something(choice) else None
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.last_choice.get("finish_reason")
 
     @property
     def ended(self) -> bool:
         return self.finish_reason is not None
+
+
+def carries_something(choice: Mapping[str, Any]) -> bool:
+    """Whether a stream chunk's choice has text, tool call pieces or logprobs."""
+    delta = choice.get("delta") or {}
+    return bool(choice.get("text") or delta.get("content") or delta.get("tool_calls")
+                or choice.get("logprobs"))

@@ -163,11 +163,13 @@ class RayServeLLM(RayServeModel, LLM):
         return f"{method}_stream" if stream else method, bodies
 
     def _result(self, responses: list[dict[str, Any]]) -> LLMResult:
-        """One generation per prompt, with its finish_reason and token usage (also summed
-        in llm_output, as LangChain's OpenAI LLM reports it)."""
+        """Per prompt its generations (``n`` of them, 1 by default), each with its
+        finish_reason, the prompt's token usage (also summed in llm_output, as LangChain's
+        OpenAI LLM reports it) and its logprobs when asked for."""
         generations = [[Generation(text=_text(choice), generation_info=_info(
-            choice["finish_reason"], response["usage"]))]
-            for response in responses for choice in response["choices"]]
+            choice["finish_reason"], response["usage"], choice.get("logprobs")))
+            for choice in sorted(response["choices"], key=lambda choice: choice["index"])]
+            for response in responses]
         return LLMResult(generations=generations, llm_output={
             "token_usage": sum_usage([response["usage"] for response in responses]),
             "model_name": self.model})
@@ -195,17 +197,27 @@ def _streamed_result(answers: list[GenerationChunk], model: str | None) -> LLMRe
 
 
 def _text(choice: Mapping[str, Any]) -> str:
-    return choice["text"] if "text" in choice else choice["message"]["content"]
+    return choice["text"] if "text" in choice else choice["message"]["content"] or ""
 
 
-def _info(finish_reason: str | None, usage: Mapping[str, int] | None) -> dict[str, Any]:
-    return {"finish_reason": finish_reason, "token_usage": dict(usage or {})}
+def _info(finish_reason: str | None, usage: Mapping[str, int] | None,
+          logprobs: Any = None) -> dict[str, Any]:
+    info = {"finish_reason": finish_reason, "token_usage": dict(usage or {})}
+    if logprobs:
+        info["logprobs"] = logprobs
+    return info
 
 
-def _piece(text: str) -> GenerationChunk:
-    return GenerationChunk(text=text)
+def _piece(choice: Mapping[str, Any]) -> GenerationChunk:
+    return GenerationChunk(text=_delta_text(choice), generation_info=(
+        {"logprobs": choice["logprobs"]} if choice.get("logprobs") else None))
+
+
+def _delta_text(choice: Mapping[str, Any]) -> str:
+    """A stream chunk's text: a completion's, or a chat delta's (with ``chat_template``)."""
+    return choice["text"] if "text" in choice else choice["delta"].get("content") or ""
 
 
 def _last_chunk(state: StreamState) -> GenerationChunk:
-    return GenerationChunk(text=state.final_text,
-                           generation_info=_info(state.finish_reason, state.usage))
+    return GenerationChunk(text=_delta_text(state.last_choice), generation_info=_info(
+        state.finish_reason, state.usage, state.last_choice.get("logprobs")))

@@ -33,9 +33,13 @@ from deployments.openai_protocol import ChatCompletionRequest, CompletionRequest
 
 # Request fields that mean the same in model_kwargs, per-call kwargs and OpenAI requests
 # (ignore_eos, min_tokens, top_k: vLLM's extensions, top_k also Hugging Face generate()'s;
-# timeout: the request's deadline in seconds).
+# timeout: the request's deadline in seconds; response_format: json_object or json_schema).
 _OPENAI_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos",
-                  "min_tokens", "timeout")
+                  "min_tokens", "timeout", "presence_penalty", "frequency_penalty",
+                  "logit_bias", "n", "logprobs", "top_logprobs", "response_format")
+# Tool calling (chat only): what ChatRayServe.bind_tools binds, sent as OpenAI's fields.
+# Accepted in model_kwargs and per call, not as the adapter's own fields.
+TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
 # Hugging Face generate() names (IpexLLM's model_kwargs) that become max_tokens, in precedence
 # order. max_length counts prompt + answer there; the adapter does not tokenize, so it caps
 # the answer alone: never shorter than IpexLLM's, never longer than max_length tokens.
@@ -46,7 +50,7 @@ LOAD_KWARGS = ("trust_remote_code", "device")
 # What sets a request's generation: accepted in model_kwargs, as the adapter's own fields
 # (ChatOpenAI's style) and per call.
 GENERATION_KWARGS = frozenset((*_OPENAI_FIELDS, *_MAX_TOKENS_ALIASES, "do_sample"))
-_KNOWN_KWARGS = GENERATION_KWARGS | frozenset(LOAD_KWARGS)
+_KNOWN_KWARGS = GENERATION_KWARGS | frozenset(TOOL_FIELDS) | frozenset(LOAD_KWARGS)
 
 
 # The OpenAI request model each router method takes.
@@ -70,7 +74,8 @@ def generation_fields(*layers: Mapping[str, Any]) -> dict[str, Any]:
     """The OpenAI request fields ``layers`` set, each layer overriding the ones before it
     (``model_kwargs``, then a call's keyword arguments); None values set nothing.
 
-    Accepts OpenAI's names and IpexLLM's Hugging Face ones: ``max_new_tokens`` and
+    Accepts OpenAI's names (tools and ``response_format`` among them) and IpexLLM's Hugging
+    Face ones: ``max_new_tokens`` and
     ``max_length`` become ``max_tokens`` (an explicit ``max_tokens`` in the same layer wins),
     ``do_sample=False`` means greedy (``temperature`` 0, as in Hugging Face whatever the
     temperature), and a later ``do_sample=True`` or ``temperature`` undoes it. Unknown keys
@@ -85,7 +90,8 @@ def generation_fields(*layers: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"unsupported generation keyword(s) {', '.join(unknown)}; "
                              f"supported: {', '.join(sorted(_KNOWN_KWARGS))}")
         given = {key: value for key, value in kwargs.items() if value is not None}
-        fields.update({key: given[key] for key in _OPENAI_FIELDS if key in given})
+        fields.update({key: given[key] for key in (*_OPENAI_FIELDS, *TOOL_FIELDS)
+                       if key in given})
         alias = next((given[key] for key in _MAX_TOKENS_ALIASES if key in given), None)
         if alias is not None and "max_tokens" not in given:
             fields["max_tokens"] = alias

@@ -32,7 +32,7 @@ class BatchingEngine(LLMEngine):
 
     def __init__(self, runner: ModelRunner):
         self.runner = runner
-        self.scheduler = Scheduler(runner, runner.text.decode)
+        self.scheduler = Scheduler(runner)
 
     # ---- text and limits -----------------------------------------------------------------
 
@@ -56,8 +56,9 @@ class BatchingEngine(LLMEngine):
     def encode(self, text: str) -> list[int]:
         return self.runner.text.encode(text)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
-        return self.runner.text.apply_chat_template(messages)
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]],
+                            tools: Sequence[dict[str, Any]] = ()) -> str:
+        return self.runner.text.apply_chat_template(messages, tools)
 
     def warm_up(self) -> None:
         self.runner.warm_up()

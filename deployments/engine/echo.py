@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from typing import Any
 
+from deployments.engine.chat_template import uses_tools, with_tools_as_text
+from deployments.engine.guided import GuideCompiler
 from deployments.engine.options import EchoOptions
 from deployments.engine.plan import RunnerOutput, SequenceState, StepPlan
 from deployments.engine.runner import ModelRunner, RunnerLimits
@@ -30,9 +33,16 @@ class EchoText:
     def decode(self, token_ids: Sequence[int]) -> str:
         return "".join(chr(t) for t in token_ids)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]],
+                            tools: Sequence[dict[str, Any]] = ()) -> str:
+        if uses_tools(messages, tools):
+            messages = with_tools_as_text(messages, tools)
         turns = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
         return turns + "assistant:"
+
+    def guides(self, vocab_size: int, eos_token_ids: Sequence[int]) -> GuideCompiler:
+        tokens = [chr(t).encode() for t in range(vocab_size)]
+        return GuideCompiler.for_token_bytes(tokens, eos_token_ids)
 
 
 class EchoRunner(ModelRunner):

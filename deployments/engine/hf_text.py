@@ -9,6 +9,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from deployments.engine.chat_template import (
+    template_takes_tools,
+    uses_tools,
+    with_tools_as_text,
+)
+from deployments.engine.guided import GuideCompiler
 from deployments.engine.protocol import EngineError
 
 
@@ -21,12 +27,26 @@ class HFTokenizerText:
     def encode(self, text: str) -> list[int]:
         return self._tokenizer.encode(text)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
-        if not getattr(self._tokenizer, "chat_template", None):
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]],
+                            tools: Sequence[dict[str, Any]] = ()) -> str:
+        """Through the model's chat template; tools through it too when it takes them,
+        else written out in the Hermes format (chat_template.py)."""
+        template = getattr(self._tokenizer, "chat_template", None)
+        if not template:
             raise EngineError("this model has no chat template; use /v1/completions",
                               field="messages")
+        extra: dict[str, Any] = {}
+        if uses_tools(messages, tools):
+            if template_takes_tools(template):
+                extra["tools"] = list(tools) or None
+            else:
+                messages = with_tools_as_text(messages, tools)
         return self._tokenizer.apply_chat_template(list(messages), tokenize=False,
-                                                   add_generation_prompt=True)
+                                                   add_generation_prompt=True, **extra)
+
+    def guides(self, vocab_size: int, eos_token_ids: Sequence[int]) -> GuideCompiler:
+        """Grammar constraints over this tokenizer's tokens (guided.py)."""
+        return GuideCompiler.for_hf_tokenizer(self._tokenizer, vocab_size, eos_token_ids)
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """``tokenizer.decode(ids, skip_special_tokens=True)``, straight from the Rust

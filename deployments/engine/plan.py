@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from deployments.contract import TokenLogprob
 from deployments.engine.detokenizer import StopStringTextStream
 from deployments.engine.protocol import FinishReason, GenerationRequest
 
@@ -31,6 +32,8 @@ class SequenceState:
     num_prefilled: int = 0  # prompt tokens whose KV exists (computed or from a prompt cache)
     num_cached: int = 0  # leading prompt tokens whose KV a runner's prompt cache supplied
     finish_reason: FinishReason | None = None
+    # Logprobs of tokens sampled since the last output (text may be held back a while).
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def request_id(self) -> str:

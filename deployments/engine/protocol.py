@@ -19,9 +19,9 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from deployments.contract import ErrorKind, Sampling
+from deployments.contract import ErrorKind, Sampling, TokenLogprob
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -67,6 +67,9 @@ class GenerationOutput:
     finish_reason: FinishReason | None = None
     # Leading prompt tokens whose KV came from the engine's prompt cache (not computed).
     num_cached_prompt_tokens: int = 0
+    # With SamplingParams.logprobs: the tokens generated since the previous output (EOS
+    # that ended the answer excluded), with their logprobs.
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -113,8 +116,11 @@ class LLMEngine(abc.ABC):
         """Token ids of ``text`` as the model sees a prompt (special tokens included)."""
 
     @abc.abstractmethod
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
-        """The prompt text for a chat, ending where the assistant's answer begins."""
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]],
+                            tools: Sequence[dict[str, Any]] = ()) -> str:
+        """The prompt text for a chat (OpenAI-style message dicts: role, content, and
+        tool_calls / tool_call_id), offering ``tools`` (OpenAI tool objects), ending where
+        the assistant's answer begins."""
 
     def warm_up(self) -> None:
         """Prepare the device before the first request (e.g. compile its kernels); called

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from deployments.engine.guided import GuideCompiler
 from deployments.engine.plan import RunnerOutput, SequenceState, StepPlan
 
 
@@ -27,8 +28,13 @@ class TokenizerText(Protocol):
     def decode(self, token_ids: Sequence[int]) -> str:
         """The text of generated ``token_ids`` (special tokens skipped)."""
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
-        """The prompt text for a chat, ending where the assistant's answer begins."""
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]],
+                            tools: Sequence[dict[str, Any]] = ()) -> str:
+        """The prompt text for a chat offering ``tools``, ending where the assistant's
+        answer begins (LLMEngine.apply_chat_template)."""
+
+    def guides(self, vocab_size: int, eos_token_ids: Sequence[int]) -> GuideCompiler:
+        """Grammar constraints over these tokens (guided.py)."""
 
 
 @dataclass(frozen=True)

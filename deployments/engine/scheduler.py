@@ -45,7 +45,9 @@ Imports neither ray nor torch.
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+
+import numpy as np
 
 from deployments.constants import LONG_ROW_FACTOR, LONG_ROW_MIN_TOKENS, LONG_ROW_STRIDE
 from deployments.contract import ErrorKind
@@ -58,13 +60,13 @@ from deployments.engine.protocol import (
     GenerationRequest,
 )
 from deployments.engine.runner import ModelRunner
-from deployments.engine.sampler import Sampler
+from deployments.engine.sampler import Sample, Sampler
 
 
 class Scheduler:
     """Queues, the running batch and the finish rules; the runner answers layout questions."""
 
-    def __init__(self, runner: ModelRunner, decode_text: Callable[[Sequence[int]], str]):
+    def __init__(self, runner: ModelRunner):
         limits = runner.limits
         if limits.short_first and not limits.decodes_row_subsets:
             raise EngineError(f"{type(runner).__name__} decodes its whole batch every step: "
@@ -72,8 +74,10 @@ class Scheduler:
                               kind=ErrorKind.MISCONFIGURED)
         self.limits = limits
         self._runner = runner
-        self._decode_text = decode_text
-        self._sampler = Sampler(limits.eos_token_ids)
+        self._decode_text = runner.text.decode
+        self._sampler = Sampler(
+            limits.eos_token_ids, token_text=lambda token: self._decode_text([token]),
+            guides=runner.text.guides(limits.vocab_size, sorted(limits.eos_token_ids)))
         self._decode_steps = 0  # plans that decoded rows; long rows' turns (short_first)
         self._waiting: collections.deque[SequenceState] = collections.deque()
         self._chunking: SequenceState | None = None  # a long prompt prefilled in chunks
@@ -103,6 +107,7 @@ class Scheduler:
                 f"({request.params.max_tokens}) need {needed} positions of this replica's KV "
                 f"cache, which holds {self.limits.max_kv_tokens}; lower max_tokens or shorten "
                 "the prompt", field="max_tokens")
+        self._sampler.prepare(seq)
         self._known.add(request.request_id)
         self._waiting.append(seq)
 
@@ -212,15 +217,31 @@ class Scheduler:
         """Apply a plan's output: complete prefills join the batch, every sampled sequence
         gets its token; the outputs to stream."""
         sampled = plan.sampled
-        tokens = output.tokens if output.tokens is not None else \
-            self._sampler.sample(output.logits, sampled) if sampled else []
+        samples = self._samples(sampled, output)
         joined = [work.seq for work in plan.prefill if work.complete]
         if joined:
             self._running = [*joined, *self._running] if self.limits.joins_in_front else \
                 [*self._running, *joined]
-        outputs = [self._append(seq, token) for seq, token in zip(sampled, tokens, strict=True)]
+        outputs = [self._append(seq, sample)
+                   for seq, sample in zip(sampled, samples, strict=True)]
         self._collect_finished()
         return [out for out in outputs if out is not None]
+
+    def _samples(self, sampled: list[SequenceState], output: RunnerOutput) -> list[Sample]:
+        """The next token of each sampled sequence: drawn from the runner's logits, or the
+        runner's own token unless the request needs the sampler (a grammar, logprobs,
+        penalties, logit_bias), which then draws from that token made certain."""
+        if output.tokens is None:
+            return self._sampler.sample(output.logits, sampled) if sampled else []
+        samples = []
+        for seq, token in zip(sampled, output.tokens, strict=True):
+            if self._sampler.needed(seq):
+                certain = np.full((1, self.limits.vocab_size), -1e4, dtype=np.float32)
+                certain[0, token] = 0.0
+                samples += self._sampler.sample(certain, [seq])
+            else:
+                samples.append(Sample(token))
+        return samples
 
     # ---- rules ---------------------------------------------------------------------------
 
@@ -241,20 +262,26 @@ class Scheduler:
             self._leaving += finished
             self._running = [seq for seq in self._running if seq.finish_reason is None]
 
-    def _append(self, seq: SequenceState, token: int) -> GenerationOutput | None:
+    def _append(self, seq: SequenceState, sample: Sample) -> GenerationOutput | None:
         """Record one sampled token; the output to stream, if any."""
         if seq.finish_reason is not None:
             return None
         params = seq.request.params
+        token = sample.token
         seq.generated.append(token)
+        self._sampler.accept(seq, token)
         is_eos = token in self.limits.eos_token_ids
+        if sample.logprob is not None and not (is_eos and not params.ignore_eos):
+            seq.pending_logprobs.append(sample.logprob)
         finish: FinishReason | None = None
-        if is_eos and not params.ignore_eos and len(seq.generated) >= max(params.min_tokens, 1):
-            finish = "stop"
+        ended_by_eos = is_eos and not params.ignore_eos and \
+            len(seq.generated) >= max(params.min_tokens, 1)
+        if ended_by_eos or self._sampler.guide_complete(seq):
+            finish = "stop"  # EOS, or a grammar that allows nothing more: the answer is whole
         elif (len(seq.generated) >= params.max_tokens
               or seq.total_tokens >= self.limits.max_context_tokens):
             finish = "length"
-        text_ids = seq.generated[:-1] if finish == "stop" else seq.generated
+        text_ids = seq.generated[:-1] if ended_by_eos else seq.generated
         # As vLLM: stop strings count from min_tokens on (one that ended earlier is text).
         delta = seq.text_stream.update(self._decode_text(text_ids), final=finish is not None,
                                        find_stops=len(seq.generated) >= params.min_tokens)
@@ -280,7 +307,8 @@ def is_long_row(budget: int, tokens_left: int, smallest_budget: int) -> bool:
 
 
 def _output(seq: SequenceState, text: str, reason: FinishReason | None) -> GenerationOutput:
+    logprobs, seq.pending_logprobs = seq.pending_logprobs, []
     return GenerationOutput(
         request_id=seq.request_id, text=text, num_prompt_tokens=len(seq.prompt),
         num_generated_tokens=len(seq.generated), finish_reason=reason,
-        num_cached_prompt_tokens=seq.num_cached)
+        num_cached_prompt_tokens=seq.num_cached, logprobs=logprobs)

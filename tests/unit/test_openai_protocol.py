@@ -129,8 +129,8 @@ def test_chat_specifics():
                                                {"type": "text", "text": "b"}]}],
         max_tokens=9, max_completion_tokens=4, stream=True,
         stream_options={"include_usage": True}))
-    assert request.chat_messages() == [{"role": "system", "content": "be brief"},
-                                       {"role": "user", "content": "ab"}]
+    assert [(t.role, t.content) for t in request.chat_turns()] == [("system", "be brief"),
+                                                                    ("user", "ab")]
     assert request.requested_max_tokens == 4  # max_completion_tokens wins
     assert request.include_usage
 
@@ -168,19 +168,30 @@ def test_bodies_that_are_not_a_json_object(raw, says):
     ({"timeout": True}, "timeout"),
     ({"min_tokens": -1}, "min_tokens"),
     ({"model": 7}, "model"),
-    ({"n": 2}, "n"),
-    ({"logprobs": 5}, "logprobs"),
-    ({"tools": [{"type": "function"}]}, "tools"),
-    ({"echo": True}, "echo"),
+    ({"n": 0}, "n"),
+    ({"n": 17}, "n"),
+    ({"best_of": 3}, "best_of"),
+    ({"logprobs": 21}, "logprobs"),
+    ({"tools": [{"type": "function"}]}, "tools"),  # a chat field
+    ({"echo": "yes"}, "echo"),
+    ({"echo": True, "logprobs": 1}, "echo"),
+    ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"guided_regex": "a(", "max_tokens": 3}, "guided_regex"),
+    ({"guided_choice": []}, "guided_choice"),
+    ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+    ({"guided_regex": "a", "ignore_eos": True}, "ignore_eos"),
     ({"n": True}, "n"),  # JSON true is not 1
     ({"presence_penalty": False}, "presence_penalty"),
     ({"logprobs": True}, "logprobs"),
     ({"top_k": True}, "top_k"),
     ({"top_k": -2}, "top_k"),
     ({"top_k": 1.5}, "top_k"),
-    ({"repetition_penalty": 1.3}, "repetition_penalty"),
-    ({"min_p": 0.05}, "min_p"),
-    ({"guided_json": {"type": "object"}}, "guided_json"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_p": 1.5}, "min_p"),
+    ({"guided_json": {"type": "array", "uniqueItems": True}}, "guided_json"),
     ({"skip_special_tokens": False}, "skip_special_tokens"),
 ])
 def test_wrong_types_and_values_name_the_field(fields, param):
@@ -263,7 +274,10 @@ def test_response_shapes():
     summed = usage(answer(30, 5, cached_tokens=29), answer(10, 7))
     assert summed == {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52,
                       "prompt_tokens_details": {"cached_tokens": 29}}
-    assert chat_chunk("id", MODEL, {"content": "x"}, None)["object"] == "chat.completion.chunk"
+    # n = 2 choices of one prompt: the prompt counts once
+    assert usage(answer(30, 5), answer(30, 7), choices_per_prompt=2)["prompt_tokens"] == 30
+    chunk = chat_chunk("id", MODEL, 1, {"content": "x"}, None)
+    assert chunk["object"] == "chat.completion.chunk" and chunk["choices"][0]["index"] == 1
     assert usage_chunk("id", MODEL, "text_completion", usage(answer(1, 2)))["choices"] == []
 
 

@@ -198,10 +198,17 @@ def test_duplicate_request_ids_are_refused():
         engine.add_request(request(engine, "a", "x a"))
 
 
+class _TokenSampler(Sampler):
+    """The shared sampler, answering token ids only."""
+
+    def sample(self, logits, sequences):
+        return [sample.token for sample in super().sample(logits, sequences)]
+
+
 def _sampled(**params) -> tuple[Sampler, SequenceState]:
     """A sampler (EOS: the echo runner's) and a sequence with these sampling params."""
     request = GenerationRequest("s", (1, 2), SamplingParams(max_tokens=4, **params))
-    return Sampler([ECHO_EOS_TOKEN]), SequenceState(request, StopStringTextStream(()))
+    return _TokenSampler([ECHO_EOS_TOKEN]), SequenceState(request, StopStringTextStream(()))
 
 
 def test_shared_sampler_greedy_and_top_p_keep_the_likeliest_tokens():
@@ -372,7 +379,7 @@ def test_short_first_is_refused_for_a_backend_that_decodes_its_whole_batch():
         return runner
 
     with pytest.raises(EngineError, match="short_first") as refused:
-        Scheduler(whole_batch_runner(short_first=True), EchoRunner.text.decode)
+        Scheduler(whole_batch_runner(short_first=True))
     assert refused.value.kind == ErrorKind.MISCONFIGURED
     engine = BatchingEngine(whole_batch_runner())
     engine.add_request(request(engine, "a", "x ab", max_tokens=3))

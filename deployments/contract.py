@@ -145,6 +145,12 @@ class TokenizeRequest(_Message):
         return self
 
 
+class DetokenizeRequest(_Message):
+    """Token ids to turn back into text (special tokens skipped, as answers are)."""
+
+    tokens: tuple[int, ...]
+
+
 class TokenizeResult(_Message):
     """The tokens of a TokenizeRequest, in vLLM's ``/tokenize`` answer fields."""
 

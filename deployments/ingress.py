@@ -40,6 +40,8 @@ from deployments.choices import (
 )
 from deployments.config import LLMConfig
 from deployments.contract import (
+    ChatTurn,
+    DetokenizeRequest,
     ErrorChunk,
     ErrorKind,
     GenerateRequest,
@@ -47,9 +49,11 @@ from deployments.contract import (
     TokenizeRequest,
 )
 from deployments.errors import ServiceError
+from deployments.grammar import guide_error
 from deployments.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    ResponseFormat,
     chat_chunk,
     chat_response,
     completion_chunk,
@@ -58,6 +62,21 @@ from deployments.openai_protocol import (
     parse_request,
     usage,
     usage_chunk,
+)
+from deployments.responses_api import (
+    ResponseEvents,
+    ResponsesRequest,
+    new_response_id,
+    response_object,
+    usage_of,
+)
+from deployments.responses_api import sse as responses_sse
+from deployments.tokenize_api import (
+    detokenize_response,
+    parse_detokenize_body,
+    parse_tokenize_body,
+    tokenize_response,
+    version_response,
 )
 from deployments.tool_calls import forced_call_guide
 
@@ -286,16 +305,69 @@ class LLMRouter:
         return {"id": self._config.model_name, "object": "model", "created": 0,
                 "owned_by": "ipex-llm-serve"}
 
-    async def tokenize(self, body: TokenizeRequest | dict[str, Any]) -> dict[str, Any]:
-        """A prompt or chat split by the served model's tokenizer (``tokens``, ``count``,
-        ``max_model_len``, as vLLM's ``/tokenize``): what LangChain's ``get_num_tokens``
-        counts with, so it counts this model's tokens, not GPT-2's."""
-        request: TokenizeRequest = body if isinstance(body, TokenizeRequest) else \
-            parse_request(TokenizeRequest, body)
+    async def tokenize(self, body: TokenizeRequest | dict[str, Any] | bytes) -> dict[str, Any]:
+        """A prompt or chat split by the served model's tokenizer, in vLLM's ``/tokenize``
+        shapes (a body of its request, or the contract's TokenizeRequest): what LangChain's
+        ``get_num_tokens`` counts with, so it counts this model's tokens, not GPT-2's."""
+        if isinstance(body, TokenizeRequest):
+            request = body
+        else:
+            parsed = parse_tokenize_body(body)
+            self._check_model(parsed.model)
+            request = parsed.tokenize_request()
         result = await self._server.tokenize.remote(request)
         if isinstance(result, ErrorChunk):
             raise _service_error(result)
-        return result.model_dump()
+        return tokenize_response(result)
+
+    async def detokenize(self, body: dict[str, Any] | bytes) -> dict[str, Any]:
+        """Token ids back to text, in vLLM's ``/detokenize`` shapes."""
+        parsed = parse_detokenize_body(body)
+        self._check_model(parsed.model)
+        request = DetokenizeRequest(tokens=tuple(parsed.tokens))
+        text = await self._server.detokenize.remote(request)
+        if isinstance(text, ErrorChunk):
+            raise _service_error(text)
+        return detokenize_response(text)
+
+    async def version(self) -> dict[str, Any]:
+        return version_response()
+
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self._config.model_name:
+            raise self._unknown_model(model)
+
+    async def responses(self, body: dict[str, Any] | bytes) -> dict[str, Any]:
+        """OpenAI's Responses API, minimal (responses_api.py): text or messages in, text
+        out, ``text.format`` for structured output."""
+        request = self._parse(ResponsesRequest, body)
+        answer = await self._generate(self._responses_request(request))
+        return response_object(request, new_response_id(), int(time.time()),
+                               text=answer.text, finish_reason=answer.finish_reason,
+                               usage=usage_of(answer))
+
+    async def responses_stream(self, body: dict[str, Any] | bytes
+                               ) -> AsyncIterator[dict[str, Any]]:
+        """The Responses API's typed stream events (response.created, ...output_text.delta,
+        response.completed)."""
+        request = self._parse(ResponsesRequest, body)
+        async for event in ResponseEvents(request).stream(
+                self._stream(self._responses_request(request))):
+            yield event
+
+    def _responses_request(self, request: ResponsesRequest) -> GenerateRequest:
+        guide = None
+        if request.response_format() is not None:
+            guide = parse_request(ResponseFormat, request.response_format()).guide()
+            error = guide_error(guide)
+            if error:
+                raise ServiceError(f"`text.format` cannot be enforced: {error}",
+                                   param="text.format")
+        turns = tuple(ChatTurn(**message) for message in request.chat_messages())
+        return GenerateRequest(
+            messages=turns, request_id=new_id("req"), max_tokens=request.max_output_tokens,
+            timeout_s=self._config.request_timeout_s,
+            sampling=request.sampling().model_copy(update={"guide": guide}))
 
     async def completions(self, body: CompletionRequest | dict[str, Any] | bytes
                           ) -> dict[str, Any]:
@@ -438,6 +510,33 @@ class LLMRouter:
     async def http_model(self, model_id: str, request: Request) -> Response:
         return await self._respond(lambda: self.model(model_id), request=request)
 
+    @app.post("/tokenize")
+    async def http_tokenize(self, request: Request) -> Response:
+        return await self._respond_to_body(request, self.tokenize)
+
+    @app.post("/detokenize")
+    async def http_detokenize(self, request: Request) -> Response:
+        return await self._respond_to_body(request, self.detokenize)
+
+    @app.get("/version")
+    async def http_version(self) -> Response:
+        return await self._respond(self.version)
+
+    @app.post("/v1/responses", openapi_extra=_body_schema(ResponsesRequest))
+    async def http_responses(self, request: Request) -> Response:
+        try:
+            self._authorize(request)
+            body = await self._read_body(request)
+            if not _peek_stream_flag(body):
+                return JSONResponse(await self.responses(body))
+            events = self.responses_stream(body)
+            first = await anext(events)  # errors before the answer starts: plain HTTP errors
+        except ServiceError as error:
+            return _error_response(error)
+        return StreamingResponse(responses_sse(_starting_with(first, events)),
+                                 media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
     @app.post("/v1/completions", openapi_extra=_body_schema(CompletionRequest))
     async def http_completions(self, request: Request) -> Response:
         return await self._http_generate(request, self.completions, self.completions_stream)
@@ -463,6 +562,16 @@ class LLMRouter:
             return _error_response(error)
         return StreamingResponse(_sse(first, chunks), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+    async def _respond_to_body(self, request: Request,
+                               operation: Callable[[bytes], Awaitable[dict[str, Any]]]
+                               ) -> Response:
+        try:
+            self._authorize(request)
+            body = await self._read_body(request)
+        except ServiceError as error:
+            return _error_response(error)
+        return await self._respond(lambda: operation(body))
 
     async def _respond(self, operation: Callable[[], Awaitable[dict[str, Any]]],
                        request: Request | None = None) -> Response:
@@ -525,11 +634,11 @@ class LLMRouter:
         if request.timeout is not None and request.timeout > self._config.max_request_timeout_s:
             raise ServiceError(f"`timeout` is capped at {self._config.max_request_timeout_s} s",
                                param="timeout")
-        choices = len(getattr(request, "prompts", (None,))) * request.n
+        choices = len(getattr(request, "prompts", (None,))) * getattr(request, "n", 1)
         if choices > self._config.max_prompts_per_request:
             raise ServiceError(f"at most {self._config.max_prompts_per_request} answers per "
                                "request (prompts x n)",
-                               param="n" if request.n > 1 else "prompt")
+                               param="n" if getattr(request, "n", 1) > 1 else "prompt")
         return request
 
     def _generate_request(self, request: Any, seed: int | None, *,
@@ -547,14 +656,13 @@ class LLMRouter:
             timeout_s=request.timeout or self._config.request_timeout_s, sampling=sampling)
 
     async def _generate(self, request: GenerateRequest) -> OutputChunk:
-        """The whole answer as one chunk: the last one's counts, every chunk's text."""
-        text: list[str] = []
-        last: OutputChunk | None = None
-        async for chunk in self._stream(request):
-            text.append(chunk.text)
-            last = chunk
-        assert last is not None  # a stream ends with a chunk or raises
-        return last.model_copy(update={"text": "".join(text)})
+        """The whole answer as one chunk: the last one's counts, every chunk's text and
+        logprobs."""
+        chunks = [chunk async for chunk in self._stream(request)]
+        assert chunks  # a stream ends with a chunk or raises
+        return chunks[-1].model_copy(update={
+            "text": "".join(chunk.text for chunk in chunks),
+            "logprobs": tuple(lp for chunk in chunks for lp in chunk.logprobs)})
 
     async def _stream(self, request: GenerateRequest) -> AsyncIterator[OutputChunk]:
         """Chunks from a replica; retried once elsewhere if the replica dies before

@@ -31,6 +31,7 @@ from deployments import constants, metrics, placement
 from deployments.checkpoints import cached_copy
 from deployments.config import LLMConfig
 from deployments.contract import (
+    DetokenizeRequest,
     ErrorChunk,
     ErrorKind,
     GenerateRequest,
@@ -199,6 +200,15 @@ class LLMServer:
         token_ids = self._engine.encode(text)
         return TokenizeResult(tokens=token_ids, count=len(token_ids),
                               max_model_len=self._engine.max_context_tokens)
+
+    async def detokenize(self, request: DetokenizeRequest) -> str | ErrorChunk:
+        """The text of the request's token ids, or an ErrorChunk naming an id outside the
+        vocabulary."""
+        vocab = self._engine.vocab_size
+        if any(not 0 <= token < vocab for token in request.tokens):
+            return ErrorChunk(message=f"token ids must lie in [0, {vocab}) for this model",
+                              kind=ErrorKind.INVALID_REQUEST, field="tokens")
+        return self._engine.decode(request.tokens)
 
     async def check_health(self) -> None:
         """Ray's liveness probe: the engine loop is alive and stepping while it has work."""

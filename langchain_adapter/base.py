@@ -48,13 +48,13 @@ class RayServeModel(BaseModel):
         default_factory=dict,
         description="Generation defaults; per-call keyword arguments override them. OpenAI "
                     "names (max_tokens, temperature, top_p, top_k, seed, ignore_eos, min_tokens, "
-                    "timeout, presence_penalty, frequency_penalty, logit_bias, n, logprobs, "
-                    "top_logprobs, response_format; tools, tool_choice, parallel_tool_calls for "
-                    "chat) or IpexLLM's: max_new_tokens and max_length become max_tokens "
-                    "(max_length then caps the answer alone, since the adapter does not "
-                    "tokenize), do_sample=False means temperature 0, trust_remote_code and "
-                    "device ('cpu' or 'xpu': where the replicas run) only matter to "
-                    "from_model_id*, which convert and deploy the model.")
+                    "timeout, presence_penalty, frequency_penalty, repetition_penalty, min_p, "
+                    "logit_bias, n, logprobs, top_logprobs, response_format; tools, "
+                    "tool_choice, parallel_tool_calls for chat) or IpexLLM's: max_new_tokens "
+                    "and max_length become max_tokens (max_length then caps the answer alone, "
+                    "since the adapter does not tokenize), do_sample=False means temperature "
+                    "0, trust_remote_code and device ('cpu' or 'xpu': where the replicas run) "
+                    "only matter to from_model_id*, which convert and deploy the model.")
 
     stop: list[str] | None = Field(None, description="Stop strings for every call; a call's "
                                    "own `stop` replaces them.")

@@ -33,10 +33,12 @@ from deployments.openai_protocol import ChatCompletionRequest, CompletionRequest
 
 # Request fields that mean the same in model_kwargs, per-call kwargs and OpenAI requests
 # (ignore_eos, min_tokens, top_k: vLLM's extensions, top_k also Hugging Face generate()'s;
-# timeout: the request's deadline in seconds; response_format: json_object or json_schema).
+# repetition_penalty, min_p: vLLM's too, repetition_penalty as Hugging Face's; timeout: the
+# request's deadline in seconds; response_format: json_object or json_schema).
 _OPENAI_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos",
                   "min_tokens", "timeout", "presence_penalty", "frequency_penalty",
-                  "logit_bias", "n", "logprobs", "top_logprobs", "response_format")
+                  "repetition_penalty", "min_p", "logit_bias", "n", "logprobs", "top_logprobs",
+                  "response_format")
 # Tool calling (chat only): what ChatRayServe.bind_tools binds, sent as OpenAI's fields.
 # Accepted in model_kwargs and per call, not as the adapter's own fields.
 TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
@@ -79,8 +81,8 @@ def generation_fields(*layers: Mapping[str, Any]) -> dict[str, Any]:
     ``max_length`` become ``max_tokens`` (an explicit ``max_tokens`` in the same layer wins),
     ``do_sample=False`` means greedy (``temperature`` 0, as in Hugging Face whatever the
     temperature), and a later ``do_sample=True`` or ``temperature`` undoes it. Unknown keys
-    raise ValueError naming them: a typo or a knob this server lacks (``repetition_penalty``,
-    ``num_beams``) must not be silently ignored.
+    raise ValueError naming them: a typo or a knob this server lacks (``num_beams``) must not
+    be silently ignored. ``logit_bias`` keys (token ids) go as JSON's strings.
     """
     fields: dict[str, Any] = {}
     greedy = False
@@ -101,6 +103,8 @@ def generation_fields(*layers: Mapping[str, Any]) -> dict[str, Any]:
             greedy = False
     if greedy:
         fields["temperature"] = 0.0
+    if "logit_bias" in fields:  # token ids as JSON keys, as over HTTP (ChatOpenAI takes ints)
+        fields["logit_bias"] = {str(token): bias for token, bias in fields["logit_bias"].items()}
     return fields
 
 

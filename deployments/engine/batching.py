@@ -56,6 +56,9 @@ class BatchingEngine(LLMEngine):
     def encode(self, text: str) -> list[int]:
         return self.runner.text.encode(text)
 
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return self.runner.text.decode(token_ids)
+
     def apply_chat_template(self, messages: Sequence[dict[str, Any]],
                             tools: Sequence[dict[str, Any]] = ()) -> str:
         return self.runner.text.apply_chat_template(messages, tools)

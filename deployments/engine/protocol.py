@@ -116,6 +116,10 @@ class LLMEngine(abc.ABC):
         """Token ids of ``text`` as the model sees a prompt (special tokens included)."""
 
     @abc.abstractmethod
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """The text of ``token_ids`` as an answer shows it (special tokens skipped)."""
+
+    @abc.abstractmethod
     def apply_chat_template(self, messages: Sequence[dict[str, Any]],
                             tools: Sequence[dict[str, Any]] = ()) -> str:
         """The prompt text for a chat (OpenAI-style message dicts: role, content, and

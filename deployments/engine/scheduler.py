@@ -63,6 +63,11 @@ from deployments.engine.runner import ModelRunner
 from deployments.engine.sampler import Sample, Sampler
 
 
+# The logit of a runner's own token when the sampler must still draw (others: 0): certain
+# for any vocabulary, yet within reach of logit_bias and penalties.
+CERTAIN_LOGIT = 50.0
+
+
 class Scheduler:
     """Queues, the running batch and the finish rules; the runner answers layout questions."""
 
@@ -236,8 +241,8 @@ class Scheduler:
         samples = []
         for seq, token in zip(sampled, output.tokens, strict=True):
             if self._sampler.needed(seq):
-                certain = np.full((1, self.limits.vocab_size), -1e4, dtype=np.float32)
-                certain[0, token] = 0.0
+                certain = np.zeros((1, self.limits.vocab_size), dtype=np.float32)
+                certain[0, token] = CERTAIN_LOGIT
                 samples += self._sampler.sample(certain, [seq])
             else:
                 samples.append(Sample(token))

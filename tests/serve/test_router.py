@@ -214,7 +214,8 @@ def test_handle_callers_may_send_the_request_models_themselves(base_url):
 def test_tokenize_splits_a_prompt_or_a_chat_and_refuses_bad_bodies(base_url):
     handle = serve.get_app_handle("llm")
     tokens = handle.tokenize.remote(TokenizeRequest(prompt="hé")).result()
-    assert tokens == {"tokens": [ord("h"), ord("é")], "count": 2, "max_model_len": 4096}
+    assert tokens == {"tokens": [ord("h"), ord("é")], "count": 2, "max_model_len": 4096,
+                      "token_strs": None}
     chat = handle.tokenize.remote({"messages": [{"role": "user", "content": "hi"}]}).result()
     assert chat["tokens"] == [ord(c) for c in "user: hi\nassistant:"]
     for body, field in (({"prompt": 3}, "prompt"), ({}, None),

@@ -3,8 +3,9 @@ and the OpenAI shapes the adapter sends and reads (messages, tools, tool calls, 
 output, response_format, n, logprobs).
 
 The only stand-in is ``FakeRouter``, in place of ``RouterClient`` (the handle calls): it
-records the OpenAI request bodies the adapter builds and answers with OpenAI-shaped
-responses and stream chunks, as the router does. Against the real router, the same
+checks each OpenAI request body the adapter builds against the router's request models
+(as RouterClient does), records it, and answers with OpenAI-shaped responses and stream
+chunks, as the router does. Against the real router, the same
 paths run in tests/serve/test_langchain_standard.py.
 """
 
@@ -31,7 +32,7 @@ from typing_extensions import TypedDict
 from langchain_adapter import ChatRayServe, RayServeLLM
 from langchain_adapter import base as adapter_base
 from langchain_adapter.chat import openai_message
-from langchain_adapter.router_client import generation_fields
+from langchain_adapter.router_client import generation_fields, openai_request
 
 MODEL = "demo-model"
 USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
@@ -53,6 +54,7 @@ class FakeRouter:
         return [body for _, body in self.calls]
 
     def _reply(self, method: str, body: Mapping[str, Any]) -> Any:
+        openai_request(method, body)  # the router's own request models accept it
         self.calls.append((method, json.loads(json.dumps(body))))  # as it would travel
         return self.replies.pop(0)
 
@@ -311,11 +313,11 @@ def test_bind_tools_takes_every_kind_of_tool_and_its_options(router: FakeRouter)
 
     chat = ChatRayServe()
     router.replies.append(chat_response("ok"))
-    chat.bind_tools([Person, greet, Person.model_json_schema(), ADD_TOOL], strict=True,
+    place = {**Person.model_json_schema(), "title": "Place"}
+    chat.bind_tools([Person, greet, place, ADD_TOOL], strict=True,
                     parallel_tool_calls=False, temperature=0).invoke("hi")
     (body,) = router.bodies
-    assert [t["function"]["name"] for t in body["tools"]] == ["Person", "greet", "Person",
-                                                              "add"]
+    assert [t["function"]["name"] for t in body["tools"]] == ["Person", "greet", "Place", "add"]
     assert all(t["function"]["strict"] is True for t in body["tools"][:3])
     assert body["tools"][3] == ADD_TOOL  # an OpenAI tool dict goes as it is
     assert body["tools"][0]["function"]["parameters"]["additionalProperties"] is False

@@ -12,6 +12,8 @@ Imports neither ray nor torch.
 
 from __future__ import annotations
 
+from typing import Any
+
 from deployments.contract import Guide
 
 
@@ -42,3 +44,29 @@ def _one_line(message: str, limit: int = 300) -> str:
     """llguidance's multi-line diagnostics (with carets) as one line for an error JSON."""
     flat = " ".join(message.split())
     return flat if len(flat) <= limit else flat[:limit - 3] + "..."
+
+
+# Decimal places of a number in a strict schema without multipleOf: a grammar allows any
+# number of digits, and a small model sampled at a temperature may never stop writing them.
+STRICT_NUMBER_STEP = 1e-6
+
+
+def strict_schema(schema: Any) -> Any:
+    """``schema`` as OpenAI's strict mode reads it, so that an answer always ends: an object
+    schema that does not say otherwise allows no properties beyond those it declares (or a
+    model may invent keys forever), and a number without ``multipleOf`` has at most six
+    decimal places (``STRICT_NUMBER_STEP``). Every answer still validates against
+    ``schema``."""
+    if isinstance(schema, list):
+        return [strict_schema(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    strict = {key: strict_schema(value) for key, value in schema.items()}
+    if (schema.get("type") == "object" or "properties" in schema) \
+            and "additionalProperties" not in schema:
+        strict["additionalProperties"] = False
+    types = schema.get("type")
+    if (types == "number" or (isinstance(types, list) and "number" in types)) \
+            and "multipleOf" not in schema:
+        strict["multipleOf"] = STRICT_NUMBER_STEP
+    return strict

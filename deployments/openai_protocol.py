@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from deployments.contract import ChatTurn, Guide, OutputChunk, Sampling, Tool, ToolCall
 from deployments.errors import ServiceError
-from deployments.grammar import guide_error
+from deployments.grammar import guide_error, strict_schema
 
 # Known OpenAI fields (and vLLM sampling extensions) we do not implement, with the values
 # that mean "not used" (``null`` always does).
@@ -224,7 +224,10 @@ class ResponseFormat(BaseModel):
         if self.type == "json_object":
             return Guide(kind="json_schema", spec='{"type": "object"}')
         if self.type == "json_schema":
-            return Guide(kind="json_schema", spec=json.dumps(self.json_schema.json_schema))
+            schema = self.json_schema.json_schema
+            if self.json_schema.strict:
+                schema = strict_schema(schema)
+            return Guide(kind="json_schema", spec=json.dumps(schema))
         return None
 
 

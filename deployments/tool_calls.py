@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from deployments.contract import Guide, Tool, ToolCall
+from deployments.grammar import strict_schema
 
 ToolCallParserName = Literal["hermes", "llama3_json"]
 _HERMES_CALL = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
@@ -36,12 +37,14 @@ def new_call_id() -> str:
 
 
 def forced_call_guide(tools: Sequence[Tool], named: str | None, parallel: bool) -> Guide:
-    """The grammar of a forced call: the named tool's arguments, or a list of calls."""
+    """The grammar of a forced call: the named tool's arguments, or a list of calls. The
+    arguments allow no keys beyond those declared unless a schema says otherwise (OpenAI's
+    strict mode; a function takes the arguments it declares)."""
     if named is not None:
         tool = next(t for t in tools if t.name == named)
-        return Guide(kind="json_schema", spec=json.dumps(tool.parameters))
+        return Guide(kind="json_schema", spec=json.dumps(strict_schema(tool.parameters)))
     calls = [{"type": "object", "properties": {"name": {"const": tool.name},
-                                               "arguments": tool.parameters},
+                                               "arguments": strict_schema(tool.parameters)},
               "required": ["name", "arguments"], "additionalProperties": False}
              for tool in tools]
     schema: dict[str, Any] = {"type": "array", "minItems": 1,

@@ -298,9 +298,14 @@ def ai_message(message: Mapping[str, Any], **fields: Any) -> AIMessage:
     tool_calls, invalid = [], []
     for raw in message.get("tool_calls") or ():
         try:
-            tool_calls.append(parse_tool_call(dict(raw), return_id=True))
+            call = parse_tool_call(dict(raw), return_id=True)
         except Exception as error:  # OutputParserException: arguments not JSON
             invalid.append(make_invalid_tool_call(dict(raw), str(error)))
+            continue
+        if call is None or not isinstance(call["args"], dict):
+            invalid.append(make_invalid_tool_call(dict(raw), "arguments are not a JSON object"))
+        else:
+            tool_calls.append(call)
     return AIMessage(content=message.get("content") or "", tool_calls=tool_calls,
                      invalid_tool_calls=invalid, **fields)
 

@@ -62,7 +62,6 @@ from deployments.engine.protocol import (
 from deployments.engine.runner import ModelRunner
 from deployments.engine.sampler import Sample, Sampler
 
-
 # The logit of a runner's own token when the sampler must still draw (others: 0): certain
 # for any vocabulary, yet within reach of logit_bias and penalties.
 CERTAIN_LOGIT = 50.0

@@ -331,14 +331,15 @@ def test_an_unknown_tool_choice_is_refused_at_binding(router: FakeRouter) -> Non
 
 def test_tool_calls_in_the_answer_become_langchain_tool_calls(router: FakeRouter) -> None:
     router.replies.append(chat_response(None, [call("add", '{"a": 1, "b": 2}'),
-                                               call("add", "{not json", "call_2")],
+                                               call("add", "{not json", "call_2"),
+                                               call("add", "[1, 2]", "call_3")],
                                         "tool_calls"))
     answer = ChatRayServe().bind_tools([add]).invoke("add 1 and 2")
     assert answer.content == ""
     assert answer.tool_calls == [{"name": "add", "args": {"a": 1, "b": 2}, "id": "call_1",
                                   "type": "tool_call"}]
-    (invalid,) = answer.invalid_tool_calls
-    assert (invalid["name"], invalid["args"], invalid["id"]) == ("add", "{not json", "call_2")
+    assert [(c["name"], c["args"], c["id"]) for c in answer.invalid_tool_calls] == [
+        ("add", "{not json", "call_2"), ("add", "[1, 2]", "call_3")]
     assert answer.response_metadata["finish_reason"] == "tool_calls"
     assert answer.usage_metadata == {"input_tokens": 7, "output_tokens": 3,
                                      "total_tokens": 10, "input_token_details": {"cache_read": 2}}

@@ -91,24 +91,15 @@ class _SamplingFields(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        """Drop ``null`` values of optional fields, declared or not (OpenAI's API and its
-        SDKs treat ``null`` as "not set"); a required field's ``null`` stays an error."""
-        if not isinstance(data, dict):
-            return data
-        required = {name for name, field in cls.model_fields.items() if field.is_required()}
-        return {k: v for k, v in data.items() if v is not None or k in required}
+        return without_nulls(cls, data)
 
     # Fields of the other endpoint's request, refused here unless at their unused value.
     _OTHER_ENDPOINTS_FIELDS: ClassVar[dict[str, tuple[Any, ...]]] = {}
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _SamplingFields:
-        unsupported = {**UNSUPPORTED_FIELD_DEFAULTS, **self._OTHER_ENDPOINTS_FIELDS}
-        for name, value in (self.model_extra or {}).items():
-            allowed = unsupported.get(name)
-            if allowed is not None and not any(_same_json(value, a) for a in allowed):
-                raise ServiceError(f"`{name}` = {value!r} is not supported by this server",
-                                   param=name)
+        refuse_unsupported(self.model_extra or {},
+                           {**UNSUPPORTED_FIELD_DEFAULTS, **self._OTHER_ENDPOINTS_FIELDS})
         limit = self.requested_max_tokens
         if limit is not None and self.min_tokens > limit:
             raise ServiceError(f"`min_tokens` ({self.min_tokens}) must not exceed the maximum "
@@ -427,6 +418,29 @@ class ChatCompletionRequest(_SamplingFields):
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+
+def without_nulls(model: type[BaseModel], data: Any) -> Any:
+    """``data`` without the ``null`` values of optional fields, declared or not (OpenAI's
+    API and its SDKs treat ``null`` as "not set"); a required field's ``null`` stays an
+    error."""
+    if not isinstance(data, dict):
+        return data
+    required = {name for name, field in model.model_fields.items() if field.is_required()}
+    required |= {field.alias for field in model.model_fields.values()
+                 if field.alias and field.is_required()}
+    return {k: v for k, v in data.items() if v is not None or k in required}
+
+
+def refuse_unsupported(values: Mapping[str, Any],
+                       unsupported: Mapping[str, tuple[Any, ...]]) -> None:
+    """ServiceError 400 naming the first field of ``values`` that ``unsupported`` lists,
+    unless it has one of the values that mean "not used"."""
+    for name, value in values.items():
+        allowed = unsupported.get(name)
+        if allowed is not None and not any(_same_json(value, a) for a in allowed):
+            raise ServiceError(f"`{name}` = {value!r} is not supported by this server",
+                               param=name)
 
 
 def _same_json(value: Any, allowed: Any) -> bool:

@@ -46,6 +46,7 @@ from pydantic import (
 
 from deployments.contract import OutputChunk, Sampling
 from deployments.errors import ServiceError
+from deployments.openai_protocol import refuse_unsupported, without_nulls
 
 logger = logging.getLogger("ray.serve")
 
@@ -80,13 +81,6 @@ _TEXT_PARTS = ("input_text", "output_text")
 _TEXT_FORMATS = ("text", "json_object", "json_schema")
 
 
-def _same_json(value: Any, allowed: Any) -> bool:
-    """JSON equality: ``true`` is not ``1`` (Python's ``True == 1`` is)."""
-    if isinstance(value, bool) or isinstance(allowed, bool):
-        return type(value) is type(allowed) and value == allowed
-    return bool(value == allowed)
-
-
 class _Strict(BaseModel):
     """Strict JSON types; ``null`` in an optional field means its default."""
 
@@ -95,12 +89,7 @@ class _Strict(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        required = {name for name, field in cls.model_fields.items() if field.is_required()}
-        required |= {field.alias for field in cls.model_fields.values()
-                     if field.alias and field.is_required()}
-        return {k: v for k, v in data.items() if v is not None or k in required}
+        return without_nulls(cls, data)
 
 
 class TextPart(_Strict):
@@ -234,11 +223,7 @@ class ResponsesRequest(_Strict):
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> ResponsesRequest:
-        for name, value in (self.model_extra or {}).items():
-            allowed = RESPONSES_UNSUPPORTED_FIELD_DEFAULTS.get(name)
-            if allowed is not None and not any(_same_json(value, a) for a in allowed):
-                raise ServiceError(f"`{name}` = {value!r} is not supported by this server",
-                                   param=name)
+        refuse_unsupported(self.model_extra or {}, RESPONSES_UNSUPPORTED_FIELD_DEFAULTS)
         if isinstance(self.input, list) and not self.input:
             raise ServiceError("`input` must not be empty", param="input")
         return self

@@ -25,7 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from deployments.contract import TokenizeRequest, TokenizeResult
 from deployments.errors import ServiceError
-from deployments.openai_protocol import ChatMessage, TokenId, parse_request
+from deployments.openai_protocol import (
+    ChatMessage,
+    TokenId,
+    parse_request,
+    refuse_unsupported,
+    without_nulls,
+)
 
 # The distribution name of this project ([project] name in pyproject.toml).
 DISTRIBUTION = "ipex-llm-serve"
@@ -43,13 +49,6 @@ TOKENIZE_UNSUPPORTED_FIELD_DEFAULTS: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _same_json(value: Any, allowed: Any) -> bool:
-    """JSON equality: ``true`` is not ``1`` (Python's ``True == 1`` is)."""
-    if isinstance(value, bool) or isinstance(allowed, bool):
-        return type(value) is type(allowed) and value == allowed
-    return bool(value == allowed)
-
-
 class _Body(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")
 
@@ -58,20 +57,13 @@ class _Body(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _null_means_default(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        required = {name for name, field in cls.model_fields.items() if field.is_required()}
-        return {k: v for k, v in data.items() if v is not None or k in required}
+        return without_nulls(cls, data)
 
     @model_validator(mode="after")
     def _refuse_unsupported(self) -> _Body:
         values = {**(self.model_extra or {}),
                   **{name: getattr(self, name) for name in type(self).model_fields}}
-        for name, value in values.items():
-            allowed = TOKENIZE_UNSUPPORTED_FIELD_DEFAULTS.get(name)
-            if allowed is not None and not any(_same_json(value, a) for a in allowed):
-                raise ServiceError(f"`{name}` = {value!r} is not supported by this server",
-                                   param=name)
+        refuse_unsupported(values, TOKENIZE_UNSUPPORTED_FIELD_DEFAULTS)
         return self
 
 

@@ -1,9 +1,10 @@
-"""Build llama.cpp's `llama-server` once, into bench/.cache/, for the peer benchmark.
+"""llama.cpp's `llama-server`, the peer a CPU user would pick: built once into bench/.cache/,
+and run on loopback for the benchmark.
 
 The source is the llama.cpp vendored in the llama-cpp-python sdist on PyPI (the only
 package index these machines reach). A build takes about 20 minutes on 2 cores, so it
 runs under `nice -n 19` (the machine is shared) and the result is cached: `bench.run`
-uses the binary when it is there and skips the llama.cpp peer with a note when not.
+uses the binary when it is there and skips llama-server with a note when not.
 
     python -m bench.build_llama_server          # build (no-op when the binary exists)
     python -m bench.build_llama_server --force  # rebuild
@@ -12,14 +13,20 @@ uses the binary when it is there and skips the llama.cpp peer with a note when n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
+
+import httpx
+
+from bench.machine import free_port, stop_tree, vm_hwm_bytes
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
@@ -31,17 +38,10 @@ BUILD_LOG = CACHE_DIR / "llama-build.log"
 # Static, CPU-only, no network at build time (no HF UI download, no OpenSSL/curl), only
 # what the server needs.
 CMAKE_OPTIONS = (
-    "-DCMAKE_BUILD_TYPE=Release",
-    "-DBUILD_SHARED_LIBS=OFF",
-    "-DGGML_NATIVE=ON",
-    "-DLLAMA_BUILD_SERVER=ON",
-    "-DLLAMA_BUILD_TOOLS=ON",
-    "-DLLAMA_BUILD_COMMON=ON",
-    "-DLLAMA_BUILD_TESTS=OFF",
-    "-DLLAMA_BUILD_EXAMPLES=OFF",
-    "-DLLAMA_BUILD_UI=OFF",
-    "-DLLAMA_USE_PREBUILT_UI=OFF",
-    "-DLLAMA_OPENSSL=OFF",
+    "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON",
+    "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_COMMON=ON",
+    "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_UI=OFF",
+    "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF",
 )
 
 
@@ -94,6 +94,38 @@ def build(force: bool = False, jobs: int | None = None) -> Path:
         os.replace(staging, LLAMA_SERVER_BIN)  # readers never see a half-copied binary
         log.write(f"\nbuilt {LLAMA_SERVER_BIN} in {time.monotonic() - started:.0f} s\n")
     return LLAMA_SERVER_BIN
+
+
+@contextlib.contextmanager
+def running(gguf: str, slots: int = 8, ready_timeout_s: float = 120.0
+            ) -> Iterator[dict[str, Any]]:
+    """The built llama-server on a free loopback port (a thread per CPU this process may
+    use, as engine llama_cpp runs; ``slots`` parallel slots of 512 context tokens;
+    continuous batching; prompt cache at its default, on) until the block ends: ``url``,
+    ``command``, ``ready_s``, and after the block ``peak_rss_bytes``."""
+    binary = llama_server_path()
+    if binary is None:
+        raise FileNotFoundError("llama-server is not built: python -m bench.build_llama_server")
+    port, threads = free_port(), len(os.sched_getaffinity(0))
+    command = [str(binary), "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
+               "-t", str(threads), "-tb", str(threads), "-np", str(slots),
+               "-c", str(512 * slots), "-cb", "--no-webui", "--log-disable"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    info: dict[str, Any] = {"url": f"http://127.0.0.1:{port}", "command": " ".join(command)}
+    started = time.perf_counter()
+    try:
+        while "ready_s" not in info:
+            if process.poll() is not None or time.perf_counter() - started > ready_timeout_s:
+                raise RuntimeError(f"llama-server exited ({process.returncode}) or not ready")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{info['url']}/health", timeout=5).status_code == 200:
+                    info["ready_s"] = time.perf_counter() - started
+            time.sleep(0.1)
+        yield info
+        info["peak_rss_bytes"] = vm_hwm_bytes(process.pid)
+    finally:
+        stop_tree(process, timeout_s=10)
 
 
 def main(argv: list[str] | None = None) -> int:

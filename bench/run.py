@@ -1,226 +1,259 @@
-"""`make bench`: every benchmark section on the demo model, then bench/RESULTS.md and a plot.
+"""`make bench`: every measurement on the demo model, then RESULTS.md and the plot.
 
-    python -m bench.run            # full run (about 30 minutes on 2 quiet cores)
-    python -m bench.run --quick    # smoke check (< 5 minutes): fewer levels, short answers
-    python -m bench.run --sections service,llama   # a subset (report from what ran)
+    python -m bench.run                # full run (about 30 minutes on 2 quiet cores)
+    python -m bench.run --quick        # smoke check, into bench/.cache/quick/
+    python -m bench.run --sections service_ipex_llm,llama_server   # a subset
 
-Each section runs as a child process of this one, with a time limit, and writes JSON; a
-section that fails or overruns is reported as such and the run goes on. Sections:
-``inprocess`` (batched-generate ceiling, one-at-a-time path, engine alone, decode-step
-profile), ``coldstart`` (convert vs load, peak RSS), ``service`` (Ray Serve over HTTP and
-the handle, mixed workload, py-spy), ``llama_cpp_engine`` and ``llama_cpp_service`` (the
-same engine-alone and service measurements with engine llama_cpp on the gguf demo
-checkpoint, serve_config.llama_cpp.yaml; skipped with a note if llama-cpp-python is not
-installed), ``llama`` (llama.cpp's server; skipped with a note until
-``python -m bench.build_llama_server`` has built it, or pass --build-llama), and
-``head_to_head`` (engine llama_cpp's service and llama-server again, in alternating turns,
-for the target that compares them). ``ipex_turns`` does the same for engine ipex_llm's
-targets: its service at 8 clients, then the in-process ceiling and one-at-a-time path, in
-alternating turns.
-
-The full run writes bench/RESULTS.md, bench/results.json and bench/throughput.png; --quick
-writes the same under bench/.cache/quick/ so the committed results stay the full ones.
+Sections (SECTIONS): each engine alone (bench.engine; ipex_llm also with ipex-llm's
+batched generate), cold start (bench.coldstart), our service on each engine (bench.service,
+measured over HTTP by bench.loadgen, the mixed workload included), llama.cpp's server on
+the same GGUF (once ``python -m bench.build_llama_server`` has built it, or with
+--build-llama), and alternating turns: engine llama_cpp's service vs llama-server, and
+engine ipex_llm's service at 8 clients vs ipex-llm's generate at batch 8 and 1. Every
+server starts afresh for its section or turn, alone on the machine. A section that cannot
+run here is skipped with the reason, one that fails is recorded as failed; the run goes on.
+results.json holds summaries only (bench.loadgen's and bench.engine's models, start-up
+figures); bench.report renders RESULTS.md and throughput.png from it.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from bench import build_llama_server, loadgen
 from bench.coldstart import median_load
-from bench.machine import ROOT_PID_ENV, machine_info
-from bench.workload import WORKLOADS, Workload
+from bench.engine import EngineRun
+from bench.machine import ROOT_PID_ENV, machine_info, stop_tree
+from bench.report import write_report
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
-SECTIONS = ("inprocess", "coldstart", "service", "ipex_turns", "llama_cpp_engine",
-            "llama_cpp_service", "llama", "head_to_head")
-# Sections that run engine llama_cpp (they need llama-cpp-python and the gguf checkpoint).
-LLAMA_CPP_SECTIONS = ("llama_cpp_engine", "llama_cpp_service", "head_to_head")
-# Per-section wall-clock limits (s), full / quick: generous for a loaded machine, but bounded.
-TIME_LIMITS_S = {"inprocess": (900, 300), "coldstart": (300, 200), "service": (1800, 600),
-                 "llama_cpp_engine": (600, 200), "llama_cpp_service": (1500, 500),
-                 "llama": (600, 200), "head_to_head": (1200, 400),
-                 "ipex_turns": (1200, 400)}
+SECTIONS = ("engine_ipex_llm", "engine_llama_cpp", "coldstart", "service_ipex_llm",
+            "service_llama_cpp", "llama_server", "turns_llama_cpp", "turns_ipex_llm",
+            "structured")
+WORKLOADS = {
+    "full": {"max_tokens": 128, "clients": [1, 8, 16], "min_requests": 12,
+             "engine_batches": [1, 4, 8, 16], "generate": [1, 8, 16], "mixed_clients": 4,
+             "mixed_rounds": 8, "turns": 3, "turn_clients": [8, 16], "starts": 3},
+    "quick": {"max_tokens": 16, "clients": [1, 8], "min_requests": 4,
+              "engine_batches": [1, 8], "generate": [1, 8], "mixed_clients": 2,
+              "mixed_rounds": 2, "turns": 1, "turn_clients": [8], "starts": 1},
+}
+CHILD_LIMIT_S = 900.0  # any one child process (engine, cold start, service start-up)
 
 
 def _log(message: str) -> None:
     print(f"[bench] {time.strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
 
 
-def run_child(name: str, args: list[str], output: Path, limit_s: float,
-              log_dir: Path) -> dict[str, Any]:
-    """Run ``python -m bench.<module> ...`` with a time limit; its JSON, or why there is none."""
-    from tests.helpers import stop_process_tree
+class Bench:
+    """One run's settings, and the processes it starts (logs under ``scratch``)."""
 
-    output.unlink(missing_ok=True)
-    log_path = log_dir / f"{name}.log"
-    started = time.perf_counter()
-    with open(log_path, "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO_ROOT,
-                                   stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+    def __init__(self, work: dict[str, Any], scratch: Path, checkpoints: dict[str, str]):
+        self.work, self.scratch, self.checkpoints = work, scratch, checkpoints
+
+    def child(self, name: str, args: list[str]) -> dict[str, Any]:
+        """``python -m <args> --out FILE``, within CHILD_LIMIT_S: its JSON."""
+        out, log = self.scratch / f"{name}.json", self.scratch / f"{name}.log"
+        out.unlink(missing_ok=True)
+        with open(log, "w") as log_file:
+            process = subprocess.Popen([sys.executable, "-m", *args, "--out", str(out)],
+                                       cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
+                                       start_new_session=True)
+            try:
+                process.wait(timeout=CHILD_LIMIT_S)
+            except subprocess.TimeoutExpired:
+                stop_tree(process)
+        if process.returncode != 0 or not out.exists():
+            tail = " | ".join(log.read_text(errors="replace").strip().splitlines()[-3:])
+            raise RuntimeError(f"{name}: exit status {process.returncode}; "
+                               f"{log.relative_to(REPO_ROOT)}: {tail}")
+        return json.loads(out.read_text())
+
+    def engine(self, engine: str, batches: list[int], generate: list[int]) -> dict[str, Any]:
+        return self.child(f"engine-{engine}", [
+            "bench.engine", "--engine", engine, "--checkpoint", self.checkpoints[engine],
+            "--batch", ",".join(map(str, batches)), "--generate", ",".join(map(str, generate)),
+            "--max-tokens", str(self.work["max_tokens"])])
+
+    @contextlib.contextmanager
+    def service(self, engine: str, starts: int = 1) -> Iterator[dict[str, Any]]:
+        """bench.service until the block ends: its start-up figures (the replica's peak RSS
+        added after the block)."""
+        info_path = self.scratch / f"service-{engine}.json"
+        info_path.unlink(missing_ok=True)
+        with open(self.scratch / f"service-{engine}.log", "w") as log:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "bench.service", "--engine", engine, "--checkpoint",
+                 self.checkpoints[engine], "--starts", str(starts), "--info", str(info_path)],
+                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        info: dict[str, Any] = {}
         try:
-            process.wait(timeout=limit_s)
-        except subprocess.TimeoutExpired:
-            stop_process_tree(process, timeout_s=30)
-    seconds = time.perf_counter() - started
-    result: dict[str, Any] = {}
-    if output.exists():
-        result = json.loads(output.read_text())
-    if process.returncode != 0 or not result:
-        tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-        reason = (f"over its {limit_s:.0f} s limit" if seconds >= limit_s
-                  else f"exit status {process.returncode}")
-        result["failed"] = f"{reason}; log {log_path.relative_to(REPO_ROOT)}: " + \
-            " | ".join(tail)
-        _log(f"{name} failed: {result['failed']}")
-    result["section_seconds"] = round(seconds, 1)
-    return result
+            deadline = time.monotonic() + CHILD_LIMIT_S
+            while not info_path.exists():
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"bench.service ({engine}) did not start; see "
+                                       f"{log.name} in {self.scratch.relative_to(REPO_ROOT)}")
+                time.sleep(0.5)
+            info.update(json.loads(info_path.read_text()))
+            yield info
+        finally:
+            stop_tree(process, timeout_s=60)
+            if info_path.exists():
+                info.update(json.loads(info_path.read_text()))
+
+    def load(self, url: str, clients: list[int], with_mixed: bool = False) -> loadgen.Run:
+        w = self.work
+        return asyncio.run(loadgen.run(
+            url, loadgen.served_model(url), clients, max_tokens=w["max_tokens"],
+            min_requests=w["min_requests"], with_mixed=with_mixed,
+            mixed_clients=w["mixed_clients"], mixed_rounds=w["mixed_rounds"]))
+
+    def served_side(self, engine: str) -> Callable[[], loadgen.Side]:
+        def measure() -> loadgen.Side:
+            with self.service(engine) as info:
+                return loadgen.side_of(self.load(info["url"], self.work["turn_clients"]).levels)
+        return measure
+
+    def llama_side(self) -> loadgen.Side:
+        with build_llama_server.running(self.checkpoints["gguf"]) as server:
+            return loadgen.side_of(self.load(server["url"], self.work["turn_clients"]).levels)
+
+    def generate_side(self) -> loadgen.Side:
+        run = EngineRun(**self.engine("ipex_llm", [], [1, 8]))
+        return loadgen.Side(tokens_per_s={str(r.batch): r.tokens_per_s for r in run.generate},
+                            foreign_cores=max(r.foreign_cores for r in run.generate))
+
+    def section(self, name: str) -> dict[str, Any]:
+        w = self.work
+        if name.startswith("engine_"):
+            engine = name.removeprefix("engine_")
+            return self.engine(engine, w["engine_batches"],
+                               w["generate"] if engine == "ipex_llm" else [])
+        if name == "coldstart":
+            load = median_load([self.child(f"coldstart-load-{start}", [
+                "bench.coldstart", "load", "--checkpoint", self.checkpoints["ipex_llm"]])
+                for start in range(w["starts"])])
+            return {"load": load, "convert": self.child("coldstart-convert", [
+                "bench.coldstart", "convert", "--gguf", self.checkpoints["gguf"]])}
+        if name == "structured":
+            return self.child("structured", [
+                "bench.structured", "--checkpoint", self.checkpoints["ipex_llm"],
+                "--rounds", str(w["turns"]), "--max-tokens", str(w["max_tokens"])])
+        if name.startswith("service_"):
+            with self.service(name.removeprefix("service_"), w["starts"]) as startup:
+                run = self.load(startup["url"], w["clients"], with_mixed=True)
+            return {"startup": startup, "run": run.model_dump(exclude={"machine"})}
+        if name == "llama_server":
+            with build_llama_server.running(self.checkpoints["gguf"]) as server:
+                run = self.load(server["url"], w["clients"])
+            return {**server, "run": run.model_dump(exclude={"machine"})}
+        clients = [str(c) for c in w["turn_clients"]]
+        if name == "turns_llama_cpp":
+            return loadgen.interleave(w["turns"], ("service", self.served_side("llama_cpp")),
+                                      ("llama_server", self.llama_side),
+                                      pairs=[(c, c) for c in clients]).model_dump()
+        assert name == "turns_ipex_llm"
+        return loadgen.interleave(w["turns"], ("service", self.served_side("ipex_llm")),
+                                  ("generate", self.generate_side),
+                                  pairs=[("8", "8"), ("8", "1")]).model_dump()
 
 
-def llama_cpp_missing() -> str | None:
-    """Why engine llama_cpp cannot run here (``import llama_cpp`` fails, in a child process
-    so that this one loads no llama.cpp), or None."""
-    check = subprocess.run([sys.executable, "-c", "import llama_cpp"], cwd=REPO_ROOT,
-                           capture_output=True, text=True)
-    if check.returncode == 0:
-        return None
-    error = (check.stderr.strip().splitlines() or [f"exit status {check.returncode}"])[-1]
-    return ("llama-cpp-python is not importable (" + error + "); install it with "
-            "`pip install -e '.[llama-cpp]'` (or `make install`)")
+def compact_json(value: Any, depth: int = 0) -> str:
+    """JSON with each object or list of plain values (a level, a row) on one line."""
+    pad = " " * depth
+    if isinstance(value, dict) and any(isinstance(v, dict | list) for v in value.values()):
+        return "{\n" + ",\n".join(f"{pad} {json.dumps(k)}: {compact_json(v, depth + 1)}"
+                                   for k, v in value.items()) + f"\n{pad}}}"
+    if isinstance(value, list) and any(isinstance(v, dict | list) for v in value):
+        return "[\n" + ",\n".join(f"{pad} {compact_json(v, depth + 1)}"
+                                   for v in value) + f"\n{pad}]"
+    return json.dumps(value)
 
 
-def prepare_llama_cpp(sections: list[str]) -> tuple[str | None, str | None]:
-    """The gguf demo checkpoint for the llama_cpp sections (built if needed, ~10 s), or why
-    they are skipped (no llama-cpp-python) or failed (no checkpoint)."""
-    if not set(sections) & set(LLAMA_CPP_SECTIONS):
-        return None, None
-    missing = llama_cpp_missing()
-    if missing:
-        _log(f"skipping {', '.join(LLAMA_CPP_SECTIONS)}: {missing}")
-        return None, missing
-    from deployments.constants import DEMO_GGUF_CHECKPOINT_DIR
-    from deployments.convert import ensure_demo_checkpoint
-
-    return str(ensure_demo_checkpoint(REPO_ROOT / DEMO_GGUF_CHECKPOINT_DIR,
-                                      checkpoint_format="gguf",
-                                      report=lambda m: _log(m))), None
+def skipped(name: str) -> str | None:
+    """Why section ``name`` cannot run here, or None."""
+    if "llama_cpp" in name and subprocess.run([sys.executable, "-c", "import llama_cpp"],
+                                              capture_output=True).returncode != 0:
+        return "llama-cpp-python is not installed (`pip install -e '.[llama-cpp]'`)"
+    if name in ("llama_server", "turns_llama_cpp") and \
+            build_llama_server.llama_server_path() is None:
+        return "llama-server is not built (`python -m bench.build_llama_server`, ~20 min)"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmarks of the serving stack.")
-    parser.add_argument("--quick", action="store_true",
-                        help="reduced run for smoke checks (< 5 minutes)")
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke check (< 5 minutes)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--build-llama", action="store_true",
-                        help="build llama-server first if it is not cached (~20 min)")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="what-if: set an environment variable for every section (and "
-                             "so for the Ray replica too), e.g. BIGDL_LLM_LINEAR_THRESHOLD=17;"
-                             " results go to bench/.cache/env-.../, not bench/RESULTS.md")
+                        help="build llama-server first if it is not (~20 min)")
     args = parser.parse_args(argv)
     sections = [s for s in args.sections.split(",") if s]
-    unknown = set(sections) - set(SECTIONS)
-    if unknown:
+    if unknown := set(sections) - set(SECTIONS):
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
-    work: Workload = WORKLOADS["quick" if args.quick else "full"]
-    extra_env = dict(item.split("=", 1) for item in args.env)
-    os.environ.update(extra_env)
-    variant = work.name + "".join(f"-{k}={v}" for k, v in sorted(extra_env.items()))
-    if extra_env:
-        out_dir = BENCH_DIR / ".cache" / f"env-{variant}"
-    else:
-        out_dir = BENCH_DIR / ".cache" / "quick" if args.quick else BENCH_DIR
-    scratch = BENCH_DIR / ".cache" / "runs" / variant
-    scratch.mkdir(parents=True, exist_ok=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    os.environ[ROOT_PID_ENV] = str(os.getpid())
-    if args.quick:  # no second attempt at disturbed measurements: a smoke run stays short
+    mode = "quick" if args.quick else "full"
+    out_dir = BENCH_DIR / ".cache" / "quick" if args.quick else BENCH_DIR
+    scratch = BENCH_DIR / ".cache" / "runs" / mode
+    for folder in (out_dir, scratch):
+        folder.mkdir(parents=True, exist_ok=True)
+    os.environ[ROOT_PID_ENV] = str(os.getpid())  # children's CPU is ours, not other load
+    if args.quick:  # a smoke run stays short: no second attempt at disturbed measurements
         os.environ["BENCH_MEASUREMENT_ATTEMPTS"] = "1"
     os.environ.pop("RAY_ADDRESS", None)
+    if args.build_llama:
+        _log("building llama-server (nice -n 19) ...")
+        build_llama_server.build()
 
-    from deployments.constants import DEMO_CHECKPOINT_DIR
+    from deployments.constants import DEMO_CHECKPOINT_DIR, DEMO_GGUF_CHECKPOINT_DIR
     from deployments.convert import demo_gguf_path, ensure_demo_checkpoint
 
-    checkpoint = str(ensure_demo_checkpoint(REPO_ROOT / DEMO_CHECKPOINT_DIR,
-                                            report=lambda m: _log(m)))
-    gguf = str(demo_gguf_path())
-    gguf_checkpoint: str | None = None
-    llama_cpp_problem: dict[str, str] = {}
-    try:
-        gguf_checkpoint, skipped = prepare_llama_cpp(sections)
-        if skipped:
-            llama_cpp_problem = {"skipped": skipped}
-    except Exception as error:  # a failed section, not a failed run
-        llama_cpp_problem = {"failed": f"building the gguf demo checkpoint: {error}"}
-        _log(llama_cpp_problem["failed"])
-    if args.build_llama and {"llama", "head_to_head"} & set(sections):
-        from bench.build_llama_server import build
-
-        _log("building llama-server (nice -n 19) ...")
-        build()
-
-    command = "python -m bench.run" + (" --quick" if args.quick else "") + \
-        (f" --sections {args.sections}" if args.sections != ",".join(SECTIONS) else "") + \
-        "".join(f" --env {item}" for item in args.env)
-    results: dict[str, Any] = {"command": command, "machine": machine_info(),
-                               "workload": json.loads(work.to_json()),
-                               "checkpoint": os.path.relpath(checkpoint, REPO_ROOT),
-                               "gguf": gguf, "env": extra_env}
-    if gguf_checkpoint:
-        results["gguf_checkpoint"] = os.path.relpath(gguf_checkpoint, REPO_ROOT)
-    index = 0 if not args.quick else 1
+    checkpoints = {"ipex_llm": ensure_demo_checkpoint(REPO_ROOT / DEMO_CHECKPOINT_DIR,
+                                                      report=_log),
+                   "gguf": demo_gguf_path()}
+    if any("llama_cpp" in s for s in sections) and skipped("engine_llama_cpp") is None:
+        checkpoints["llama_cpp"] = ensure_demo_checkpoint(
+            REPO_ROOT / DEMO_GGUF_CHECKPOINT_DIR, checkpoint_format="gguf", report=_log)
+    bench = Bench(WORKLOADS[mode], scratch, {k: str(v) for k, v in checkpoints.items()})
+    results: dict[str, Any] = {
+        "command": "python -m bench.run" + (" --quick" if args.quick else "")
+        + (f" --sections {args.sections}" if sections != list(SECTIONS) else ""),
+        "machine": machine_info(), "workload": {"name": mode, **bench.work},
+        "checkpoints": {k: str(v.relative_to(REPO_ROOT) if v.is_relative_to(REPO_ROOT) else v)
+                        for k, v in checkpoints.items()},
+        "sections": {}}
     started = time.perf_counter()
-    for section in sections:
-        limit = TIME_LIMITS_S[section][index]
-        _log(f"section {section} (limit {limit} s) ...")
-        if section == "coldstart":
-            results["coldstart"] = {
-                "load": median_load([run_child(f"coldstart-load-{start}", [
-                    "bench.coldstart", "load", "--checkpoint", checkpoint, "--output",
-                    str(scratch / "load.json")], scratch / "load.json", limit, scratch)
-                    for start in range(1, work.ready_starts + 1)]),
-                "convert": run_child("coldstart-convert", [
-                    "bench.coldstart", "convert", "--gguf", gguf, "--output",
-                    str(scratch / "convert.json")], scratch / "convert.json", limit, scratch)}
+    for name in sections:
+        section_started = time.perf_counter()
+        if reason := skipped(name):
+            results["sections"][name] = {"skipped": reason}
+            _log(f"{name}: skipped, {reason}")
             continue
-        if section in LLAMA_CPP_SECTIONS and (llama_cpp_problem or not gguf_checkpoint):
-            results[section] = {**llama_cpp_problem, "section_seconds": 0.0}
-            continue
-        module = {"inprocess": "bench.inprocess", "service": "bench.service",
-                  "llama_cpp_engine": "bench.inprocess", "llama_cpp_service": "bench.service",
-                  "llama": "bench.llama_peer", "head_to_head": "bench.head_to_head",
-                  "ipex_turns": "bench.ipex_turns"}[section]
-        if section == "llama":
-            source = ["--gguf", gguf]
-        elif section == "head_to_head":
-            source = ["--checkpoint", str(gguf_checkpoint), "--gguf", gguf]
-        elif section in LLAMA_CPP_SECTIONS:
-            source = ["--engine", "llama_cpp", "--checkpoint", str(gguf_checkpoint)]
-        else:
-            source = ["--checkpoint", checkpoint]
-        output = scratch / f"{section}.json"
-        results[section] = run_child(section, [module, "--workload", work.name, *source,
-                                               "--output", str(output)],
-                                     output, limit, scratch)
-        _log(f"section {section} done in {results[section]['section_seconds']} s")
-    results["total_seconds"] = round(time.perf_counter() - started, 1)
-    results["finished"] = machine_info()["date"]
-
-    from bench.report import write_report
-
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+        _log(f"{name} ...")
+        try:
+            results["sections"][name] = bench.section(name)
+        except Exception as error:  # a failed section, not a failed run
+            results["sections"][name] = {"failed": f"{type(error).__name__}: {error}"[:500]}
+            _log(f"{name} failed: {results['sections'][name]['failed']}")
+        results["sections"][name]["seconds"] = round(time.perf_counter() - section_started)
+        _log(f"{name} done in {results['sections'][name]['seconds']} s")
+    results.update(total_seconds=round(time.perf_counter() - started),
+                   finished=machine_info()["date"])
+    (out_dir / "results.json").write_text(compact_json(results) + "\n")
     paths = write_report(results, out_dir)
-    _log(f"wrote {', '.join(str(p.relative_to(REPO_ROOT)) for p in paths)} "
-         f"in {results['total_seconds']:.0f} s")
+    _log(f"wrote {', '.join(str(p.relative_to(REPO_ROOT)) for p in paths)} in "
+         f"{results['total_seconds'] / 60:.1f} min")
     return 0
 
 

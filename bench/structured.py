@@ -1,11 +1,11 @@
 """The cost of constrained decoding: tokens/s with and without a JSON schema, at 1 and 8
 concurrent requests, the engine alone and over HTTP (engine ipex_llm, the demo model).
 
-    python -m bench.structured [--checkpoint PATH] [--rounds 3] [--out FILE.json]
+    python -m bench.structured [--checkpoint PATH] [--rounds 3] [--max-tokens 96] [--out F]
 
 Each configuration runs ``--rounds`` times, alternating plain and constrained, and reports
-the median tokens/s (answer tokens over wall time, prefill included; temperature 0.8,
-``max_tokens`` 96). The schema lets the model write a long array of bounded integers, so
+the median tokens/s (answer tokens over wall time, prefill included; temperature 0.8). A
+section of ``make bench``. The schema lets the model write a long array of bounded integers, so
 answers are long with and without it; the target is at most 10% fewer tokens/s at 8.
 """
 
@@ -25,12 +25,12 @@ SCHEMA = {"type": "object", "properties": {"values": {
     "type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 999}}},
     "required": ["values"], "additionalProperties": False}
 PROMPT = "List many numbers between 0 and 999 as JSON."
-MAX_TOKENS = 96
 TEMPERATURE = 0.8
 LEVELS = (1, 8)
+HTTP_PORT = 8731  # the app's, for this run only
 
 
-def engine_alone(checkpoint: str, rounds: int) -> dict[str, Any]:
+def engine_alone(checkpoint: str, rounds: int, max_tokens: int) -> dict[str, Any]:
     """tokens/s of BatchingEngine(IpexLLMRunner) driven in a loop, all requests at once."""
     from deployments.contract import Guide
     from deployments.engine.batching import BatchingEngine
@@ -45,7 +45,7 @@ def engine_alone(checkpoint: str, rounds: int) -> dict[str, Any]:
 
     def run(clients: int, guided: bool, round_: int) -> float:
         for i in range(clients):
-            params = SamplingParams(max_tokens=MAX_TOKENS, temperature=TEMPERATURE,
+            params = SamplingParams(max_tokens=max_tokens, temperature=TEMPERATURE,
                                     seed=round_ * 100 + i, guide=guide if guided else None)
             engine.add_request(GenerationRequest(f"r{round_}-{i}-{guided}", prompt, params))
         tokens, start = 0, time.perf_counter()
@@ -59,20 +59,26 @@ def engine_alone(checkpoint: str, rounds: int) -> dict[str, Any]:
     return _alternating(run, rounds)
 
 
-def over_http(checkpoint: str, rounds: int) -> dict[str, Any]:
+def over_http(checkpoint: str, rounds: int, max_tokens: int) -> dict[str, Any]:
     """tokens/s of concurrent chat requests against the app (Ray Serve real)."""
     import httpx
+    import ray
+    from ray import serve
 
-    from tests.helpers import serve_app
+    from bench.ray_tuning import apply_ray_tuning
+    from deployments.app import build_app
 
-    args = {"checkpoint_path": checkpoint, "max_batch_size": 8}
-    with serve_app(args, server_options={"max_ongoing_requests": 64}) as url, \
-            httpx.Client(base_url=url, timeout=600) as client:
+    apply_ray_tuning()  # the service as shipped
+    ray.init(include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": HTTP_PORT})
+    serve.run(build_app({"checkpoint_path": checkpoint, "max_batch_size": 8}), name="llm",
+              route_prefix="/")
+    with httpx.Client(base_url=f"http://127.0.0.1:{HTTP_PORT}", timeout=600) as client:
 
         def ask(guided: bool, seed: int) -> int:
             body: dict[str, Any] = {
                 "model": DEMO_MODEL_NAME, "messages": [{"role": "user", "content": PROMPT}],
-                "max_tokens": MAX_TOKENS, "temperature": TEMPERATURE, "seed": seed}
+                "max_tokens": max_tokens, "temperature": TEMPERATURE, "seed": seed}
             if guided:
                 body["response_format"] = {"type": "json_schema", "json_schema": {
                     "name": "numbers", "schema": SCHEMA}}
@@ -86,8 +92,12 @@ def over_http(checkpoint: str, rounds: int) -> dict[str, Any]:
                 tokens = sum(pool.map(lambda i: ask(guided, round_ * 100 + i), range(clients)))
             return tokens / (time.perf_counter() - start)
 
-        run(1, True, -1)
-        return _alternating(run, rounds)
+        try:
+            run(1, True, -1)
+            return _alternating(run, rounds)
+        finally:
+            serve.shutdown()
+            ray.shutdown()
 
 
 def _alternating(run: Any, rounds: int) -> dict[str, Any]:
@@ -109,10 +119,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", default=str(Path(DEMO_CHECKPOINT_DIR).resolve()))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=96)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    results = {"engine_alone": engine_alone(args.checkpoint, args.rounds),
-               "over_http": over_http(args.checkpoint, args.rounds)}
+    results = {"engine_alone": engine_alone(args.checkpoint, args.rounds, args.max_tokens),
+               "over_http": over_http(args.checkpoint, args.rounds, args.max_tokens)}
     text = json.dumps(results, indent=1)
     if args.out:
         args.out.write_text(text + "\n")

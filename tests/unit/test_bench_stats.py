@@ -1,16 +1,16 @@
-"""The benchmark's statistics: percentiles, per-request timings, run summaries, parsers."""
+"""The benchmark's arithmetic and rendering: statistics, the load generator's accounting,
+alternating turns, the targets and the report's hand-written notes."""
 
+import asyncio
 import math
+import time
 
 import pytest
 
+from bench.coldstart import median_load
+from bench.loadgen import Level, Side, consume, interleave, mixed, prompt_of, turn_order
 from bench.machine import disturbed, quieter
-from bench.service import (
-    parse_histogram_sums,
-    pyspy_thread_names,
-    server_means,
-    summarize_pyspy,
-)
+from bench.report import NOTES_END, NOTES_START, notes, render, targets, write_report
 from bench.stats import RequestRecord, percentile, ratio, summarize
 
 
@@ -40,48 +40,76 @@ def test_request_record_timings():
     assert record.inter_chunk_gaps == pytest.approx([0.2, 0.3, 0.5])
     # 5 tokens in 4 chunks (one coalesced): TPOT spreads the time over the tokens
     assert record.tpot == pytest.approx((11.5 - 10.5) / 4)
-
-
-def test_request_without_chunks_or_with_error_is_not_ok():
     assert not _record(0.0, [], 1.0, 0).ok
     assert not _record(0.0, [0.5], 1.0, 1, error="HTTP 503").ok
     assert _record(0.0, [0.5], 1.0, 1).tpot is None
 
 
-def test_summarize_throughput_over_wall_time_and_latency_percentiles():
-    records = [_record(0.0, [1.0, 2.0], 2.0, 10), _record(0.0, [0.5, 3.5], 4.0, 10),
+def test_summarize_is_a_level_over_wall_time_with_short_answers_counted():
+    records = [_record(0.0, [1.0, 2.0], 2.0, 10), _record(0.0, [0.5, 3.5], 4.0, 6),
                _record(0.0, [], 1.0, 0, error="boom")]
-    summary = summarize(records, clients=2)
-    assert summary.requests == 2 and summary.errors == 1
-    assert summary.duration_s == pytest.approx(4.0)
-    assert summary.tokens_per_s == pytest.approx(20 / 4.0)
-    assert summary.requests_per_s == pytest.approx(0.5)
-    assert summary.ttft_p50_s == pytest.approx(0.75)
-    assert summary.e2e_p99_s == pytest.approx(2.0 + 0.99 * 2.0)
-    assert summary.itl_p50_s == pytest.approx(2.0)  # gaps 1.0 and 3.0
-    assert summary.completion_tokens == 20
-    assert math.isnan(summary.prompt_cached_share)  # no usage reported prompt tokens
-
-
-def test_summarize_reports_the_share_of_prompt_tokens_the_server_cached():
-    records = [_record(0.0, [1.0], 2.0, 4), _record(0.0, [1.0], 2.0, 4),
-               _record(0.0, [], 1.0, 0, error="boom")]
-    for record, cached in zip(records, (0, 29, 30), strict=True):
+    for record, cached in zip(records, (30, 0, 0), strict=True):
         record.prompt_tokens, record.cached_prompt_tokens = 30, cached
-    assert summarize(records, clients=2).prompt_cached_share == pytest.approx(29 / 60)
+    level = Level(**summarize(records, clients=2, max_tokens=10))
+    assert (level.requests, level.errors, level.first_error) == (2, 1, "boom")
+    assert level.short_answers == 1  # 6 of 10 tokens: the server ignored ignore_eos
+    assert level.duration_s == pytest.approx(4.0)
+    assert level.tokens_per_s == pytest.approx(16 / 4.0)  # the tokens it did send
+    assert level.ttft_p50_s == pytest.approx(0.75)
+    assert level.e2e_p99_s == pytest.approx(2.0 + 0.99 * 2.0)
+    assert level.itl_p99_s == pytest.approx(1.0 + 0.99 * 2.0)  # gaps 1.0 and 3.0
+    assert level.prompt_cached_share == pytest.approx(30 / 60)
+    assert Level.model_validate_json(level.model_dump_json()) == level
 
 
-def test_summarize_with_no_successes_is_nan_not_an_error():
-    summary = summarize([_record(0.0, [], 1.0, 0, error="x")], clients=1)
-    assert summary.requests == 0 and math.isnan(summary.tokens_per_s)
-    assert math.isnan(summary.ttft_p50_s)
+def test_summarize_with_no_successes_gives_none_not_nan():
+    level = Level(**summarize([_record(0.0, [], 1.0, 0, error="x")], clients=1, max_tokens=4))
+    assert level.requests == 0 and level.tokens_per_s is None and level.ttft_p50_s is None
+    assert "NaN" not in level.model_dump_json()
 
 
 def test_ratio_handles_missing_values():
     assert ratio(3.0, 2.0) == 1.5
-    assert math.isnan(ratio(None, 2.0))
-    assert math.isnan(ratio(1.0, 0.0))
-    assert math.isnan(ratio(math.nan, 1.0))
+    assert ratio(None, 2.0) is None
+    assert ratio(1.0, 0.0) is None
+    assert ratio(math.nan, 1.0) is None
+
+
+def _chunks(*chunks):
+    async def gen():
+        for chunk in chunks:
+            yield chunk
+    return gen()
+
+
+def _consume(*chunks, max_tokens=8):
+    return asyncio.run(consume(_chunks(*chunks), RequestRecord(started=time.perf_counter()),
+                               max_tokens))
+
+
+def test_consume_counts_the_tokens_the_server_reports():
+    text = {"choices": [{"text": "a", "finish_reason": None}]}
+    usage = {"choices": [], "usage": {"completion_tokens": 3, "prompt_tokens": 30,
+                                      "prompt_tokens_details": {"cached_tokens": 29}}}
+    record = _consume(text, text, {"choices": [{"text": "", "finish_reason": "stop"}]}, usage)
+    assert record.ok and len(record.chunk_times) == 2
+    assert (record.completion_tokens, record.prompt_tokens, record.cached_prompt_tokens) \
+        == (3, 30, 29)
+
+
+def test_consume_without_usage_falls_back_to_finish_reason_or_chunks():
+    text = {"choices": [{"text": "a"}]}
+    assert _consume(text, {"choices": [{"text": "b", "finish_reason": "length"}]}
+                    ).completion_tokens == 8
+    assert _consume(text, text, {"choices": [{"text": "", "finish_reason": "stop"}]}
+                    ).completion_tokens == 2
+    failed = _consume(text, {"error": {"message": "engine died"}})
+    assert not failed.ok and "engine died" in failed.error
+
+
+def test_prompt_of_repeats_words_to_the_length_asked():
+    assert len(prompt_of(100).split()) == 100
+    assert prompt_of(None) == prompt_of(0) != prompt_of(5)
 
 
 def test_quieter_keeps_the_less_disturbed_measurement():
@@ -92,170 +120,29 @@ def test_quieter_keeps_the_less_disturbed_measurement():
     assert disturbed(busy) and not disturbed(calm)
 
 
-def test_histogram_sums_from_a_prometheus_exposition():
-    text = "\n".join([
-        "# HELP llm_time_to_first_token_seconds x",
-        'llm_time_to_first_token_seconds_bucket{le="0.1",model="m"} 1.0',
-        'llm_time_to_first_token_seconds_sum{model="m",slot="0"} 1.5',
-        'llm_time_to_first_token_seconds_count{model="m",slot="0"} 3.0',
-        'llm_time_to_first_token_seconds_sum{model="m",slot="1"} 0.5',
-        'llm_time_to_first_token_seconds_count{model="m",slot="1"} 1.0',
-        "llm_request_queue_time_seconds_sum 0.2",
-        "llm_request_queue_time_seconds_count 2.0"])
-    sums = parse_histogram_sums(text)
-    assert sums["ttft"] == (2.0, 4.0)
-    assert sums["queue"] == (0.2, 2.0)
-    assert sums["itl"] == (0.0, 0.0)
-    later = {**sums, "ttft": (5.0, 6.0)}
-    means = server_means(sums, later)
-    assert means["server_ttft_mean_s"] == pytest.approx(1.5)
-    assert means["server_itl_mean_s"] is None
-
-
-def test_pyspy_raw_profile_is_split_by_innermost_category():
-    categories = (("matmul", "ggml_matmul", "low_bit_linear.py"),
-                  ("forward", "_forward", "engine/ipex_llm.py"))
-    raw = "\n".join([
-        "thread (1);_run (engine_loop.py:1);_forward (deployments/engine/ipex_llm.py:9);"
-        "ggml_matmul (ipex_llm/transformers/low_bit_linear.py:3) 6",
-        "thread (1);_forward (deployments/engine/ipex_llm.py:9);silu (torch/nn.py:2) 3",
-        "thread (2);run (asyncio/events.py:80) 1",
-        "garbage line"])
-    summary = summarize_pyspy(raw, categories)
-    assert summary["samples"] == 10
-    assert summary["by_category"] == {"matmul": 0.6, "forward": 0.3,
-                                      "other": 0.1}
-    assert summary["top_leaves"][0] == ("ggml_matmul (ipex_llm/transformers/low_bit_linear.py:3)",
-                                        0.6)
-
-
-def test_pyspy_summary_of_one_thread_and_thread_names():
-    raw = "\n".join([
-        "thread (7): llm-engine-loop;_run (deployments/engine_loop.py:1);"
-        "IpexLLMEngine._forward (deployments/engine/ipex_llm.py:9) 3",
-        "thread (8): AsyncIO Thread: default;Thread.run (threading.py:982) 5",
-        "thread (9);native_frame (lib.so) 1"])
-    categories = (("forward", "_forward", "deployments/engine/ipex_llm.py"),)
-    summary = summarize_pyspy(raw, categories, thread="llm-engine-loop")
-    assert summary["samples"] == 3
-    assert summary["by_category"] == {"forward": 1.0}  # Class.method matches the method
-    assert pyspy_thread_names(raw) == {7: "llm-engine-loop", 8: "AsyncIO Thread: default",
-                                       9: "?"}
-
-
-def test_head_to_head_alternates_who_goes_first():
-    from bench.head_to_head import OURS, PEER, turn_order
-
-    assert turn_order(3) == [(OURS, PEER), (PEER, OURS), (OURS, PEER)]
-
-
-def _turn(ours: dict[int, float], peer: dict[int, float]) -> dict:
-    return {"service": [{"clients": c, "tokens_per_s": t} for c, t in ours.items()],
-            "llama_server": [{"clients": c, "tokens_per_s": t} for c, t in peer.items()]}
-
-
-def test_head_to_head_judges_the_median_of_ratios_within_turns():
-    from bench.report import _targets, head_to_head
-
-    # Turn 2 ran on a slower machine: both sides drop, the within-turn ratio does not.
-    turns = [_turn({8: 180, 16: 210}, {8: 200, 16: 200}),
-             _turn({8: 150, 16: 160}, {8: 160, 16: 170}),
-             _turn({8: 190, 16: 220}, {8: 180, 16: 200})]
-    results = {"head_to_head": {"clients": [8, 16], "turns": turns},
-               "llama": {"sweep": [{"clients": 8, "tokens_per_s": 150.0},
-                                   {"clients": 16, "tokens_per_s": 150.0}]},
-               "llama_cpp_service": {"http": [{"clients": 8, "tokens_per_s": 160.0},
-                                              {"clients": 16, "tokens_per_s": 160.0}]}}
-    h2h = head_to_head(results)
-    assert h2h[8]["ratios"] == pytest.approx([0.9, 0.9375, 190 / 180])
-    assert h2h[8]["median"] == pytest.approx(0.9375)
-    assert h2h[16]["median"] == pytest.approx(1.05)
-    lines, values = _targets(results)
-    assert values["lc_http8_vs_llama"] == pytest.approx(0.9375)  # not 160 / 150
-    assert values["lc_http16_vs_llama"] == pytest.approx(1.05)
-    row8 = next(line for line in lines if "llama_cpp, 8 clients over HTTP vs llama" in line)
-    row16 = next(line for line in lines if "llama_cpp, 16 clients over HTTP vs llama" in line)
-    assert "not met" in row8 and "not met" not in row16
-    assert head_to_head({"head_to_head": {"skipped": "llama-server not built"}}) == {}
-
-
-def _load(import_s: float, load_s: float) -> dict:
-    return {"import_s": import_s, "load_low_bit_s": load_s, "verify_s": 0.1}
-
-
-def test_median_load_keeps_the_start_with_the_median_bare_path():
-    from bench.coldstart import median_load
-
-    runs = [_load(2.5, 1.4), _load(1.5, 1.3), {"failed": "exit status 1"}, _load(1.4, 1.2)]
-    chosen = median_load(runs)
-    assert (chosen["import_s"], chosen["load_low_bit_s"]) == (1.5, 1.3)
-    assert chosen["bare_load_runs_s"] == pytest.approx([3.9, 2.8, 2.6])
-    assert median_load([{"failed": "x"}, {"failed": "y"}]) == {"failed": "x"}
-
-
-def test_ready_target_is_judged_on_median_starts_and_shows_every_start():
-    from bench.report import _targets
-
-    # One outlier start (6.6 s) among three: the median (5.1 s) is judged, all are shown.
-    results = {"coldstart": {"load": {**_load(1.5, 1.3), "bare_load_runs_s": [2.8, 3.9, 2.6]}},
-               "service": {"startup": {"serve_run_to_ready_s": 5.1,
-                                       "serve_run_to_ready_runs_s": [6.6, 5.1, 5.0],
-                                       "bare_actor_start_s": 0.2,
-                                       "bare_actor_start_runs_s": [0.2, 0.3, 0.2]}}}
-    lines, values = _targets(results)
-    assert values["ready_ratio"] == pytest.approx(5.1 / 3.0)
-    row = next(line for line in lines if "replica ready" in line)
-    assert "6.6, 5.1, 5.0 s" in row and "2.8, 3.9, 2.6 s" in row
-    assert "**met**" in row
-
-
-def test_ipex_targets_are_judged_on_the_median_of_alternating_turns():
-    from bench.report import _targets, ipex_turns
-
-    def turn(service: float, ceiling: float, sequential: float) -> dict:
-        return {"order": ["service", "inprocess"],
-                "service": [{"clients": 8, "tokens_per_s": service}],
-                "inprocess": {"ceiling": [{"batch_size": 8, "tokens_per_s": ceiling}],
-                              "sequential": {"tokens_per_s": sequential}}}
-
-    # Sections 1 and 3 ran on a slow and a fast minute: 70 / 80 = 0.875x. Within the turns
-    # the service keeps 0.9-0.95x of the ceiling.
-    results = {"inprocess": {"ceiling": [{"batch_size": 8, "tokens_per_s": 80.0}],
-                             "sequential": {"tokens_per_s": 40.0}},
-               "service": {"http": [{"clients": 8, "tokens_per_s": 70.0}],
-                           "handle": [{"clients": 8, "tokens_per_s": 63.0}]},
-               "ipex_turns": {"clients": 8, "turns": [turn(72, 80, 36), turn(57, 60, 30),
-                                                      turn(76, 80, 40)]}}
-    summary = ipex_turns(results)
-    assert [t["vs_ceiling"] for t in summary["turns"]] == pytest.approx([0.9, 0.95, 0.95])
-    assert summary["vs_ceiling"] == pytest.approx(0.95)
-    assert summary["vs_sequential"] == pytest.approx(1.9)
-    lines, values = _targets(results)
-    assert values["http8_vs_ceiling"] == pytest.approx(0.95)  # not 70 / 80
-    row = next(line for line in lines if "vs in-process batched generate" in line)
-    assert "median of 3 alternating turns" in row and "**met**" in row
-    # The handle (not in the turns): its ratio to HTTP in section 3 (0.9x) times the turns'.
-    assert values["handle8_vs_ceiling"] == pytest.approx(0.9 * 0.95)
-    assert ipex_turns({"ipex_turns": {"failed": "exit status 1"}}) == {}
-
-
-def test_alternate_runs_both_measurements_in_turn_order():
-    from bench.head_to_head import alternate
-
+def test_interleave_alternates_and_judges_the_median_of_ratios_within_turns():
+    assert turn_order(3, "a", "b") == [("a", "b"), ("b", "a"), ("a", "b")]
+    # Turn 2 ran on a slower machine: both sides drop, the ratio within the turn does not.
+    ours = iter([{"8": 180.0, "16": 210.0}, {"8": 150.0, "16": None}, {"8": 190.0, "16": 220.0}])
+    peer = iter([{"8": 200.0, "16": 200.0}, {"8": 160.0, "16": 170.0}, {"8": 180.0, "16": 200.0}])
     ran: list[str] = []
-    turns = alternate(3, {"ours": lambda: ran.append("ours") or len(ran),
-                          "peer": lambda: ran.append("peer") or len(ran)}, lambda _: None)
+
+    def side(name, values):
+        return lambda: ran.append(name) or Side(tokens_per_s=next(values))
+
+    result = interleave(3, ("ours", side("ours", ours)), ("peer", side("peer", peer)),
+                        pairs=[("8", "8"), ("16", "16")])
     assert ran == ["ours", "peer", "peer", "ours", "ours", "peer"]
-    assert [t["order"] for t in turns] == [["ours", "peer"], ["peer", "ours"], ["ours", "peer"]]
-    assert turns[1] == {"order": ["peer", "ours"], "peer": 3, "ours": 4}
+    assert [t.order for t in result.turns] == [["ours", "peer"], ["peer", "ours"],
+                                               ["ours", "peer"]]
+    at8, at16 = result.ratios
+    assert at8.per_turn == pytest.approx([0.9, 0.9375, 190 / 180])
+    assert at8.median == pytest.approx(0.9375)
+    assert at16.per_turn[1] is None  # not measured: left out of the median
+    assert at16.median == pytest.approx((1.05 + 1.1) / 2)
 
 
 def test_mixed_load_lets_the_long_requests_running_at_the_end_finish():
-    import asyncio
-    import time
-
-    from bench.loadgen import mixed
-
     async def issue(max_tokens: int) -> RequestRecord:
         record = RequestRecord(started=time.perf_counter())
         await asyncio.sleep(max_tokens / 1000)
@@ -272,3 +159,116 @@ def test_mixed_load_lets_the_long_requests_running_at_the_end_finish():
     # (0.9 s) and no second one starts.
     assert len(long) == 2 and all(r.ok and r.e2e >= 0.9 for r in long)
     assert time.perf_counter() - started < 2.5
+
+
+def _load(import_s: float, load_s: float) -> dict:
+    return {"import_s": import_s, "dynamo_import_s": 0.0, "load_low_bit_s": load_s}
+
+
+def test_median_load_keeps_the_start_with_the_median_bare_path():
+    chosen = median_load([_load(2.5, 1.4), _load(1.5, 1.3), _load(1.4, 1.2)])
+    assert (chosen["import_s"], chosen["load_low_bit_s"]) == (1.5, 1.3)
+    assert chosen["bare_load_runs_s"] == pytest.approx([3.9, 2.8, 2.6])
+    # an even count: the lower middle
+    assert median_load([_load(2.5, 1.4), _load(1.4, 1.2)])["import_s"] == 1.4
+
+
+# ---- the report -------------------------------------------------------------------------
+
+
+def _levels(**tokens_per_s: float) -> dict:
+    return {"run": {"levels": [{"clients": int(c), "tokens_per_s": t}
+                               for c, t in tokens_per_s.items()]}}
+
+
+def _turns(a: str, b: str, pairs: dict[tuple[str, str], list[float]]) -> dict:
+    return {"a": a, "b": b, "turns": [], "ratios": [
+        {"a_key": ka, "b_key": kb, "per_turn": per, "median": sorted(per)[len(per) // 2]}
+        for (ka, kb), per in pairs.items()]}
+
+
+def _row(rows, starts: str) -> tuple:
+    return next(row for row in rows if row[0].startswith(starts))
+
+
+def test_targets_prefer_the_alternating_turns_to_separate_sections():
+    results = {"sections": {
+        "service_llama_cpp": _levels(**{"8": 160.0, "16": 160.0}),
+        "llama_server": _levels(**{"8": 150.0, "16": 150.0}),
+        "turns_llama_cpp": _turns("service", "llama_server",
+                                  {("8", "8"): [0.9, 0.95, 1.2], ("16", "16"): [1.0, 1.0]})}}
+    rows = targets(results)
+    row8 = _row(rows, "engine llama_cpp, 8 clients over HTTP vs llama-server")
+    assert row8[1] == "alternating turns 0.90x, 0.95x, 1.20x: median 0.95x; separate " \
+        "sections: 1.07x"
+    assert row8[3] == "**not met**"  # 0.95x, though the separate sections say 1.07x
+    # "> 1x" is strict: a median of exactly 1.00x does not meet it
+    assert _row(rows, "engine llama_cpp, 16 clients")[3] == "**not met**"
+    del results["sections"]["turns_llama_cpp"]
+    row8 = _row(targets(results), "engine llama_cpp, 8 clients over HTTP vs llama-server")
+    assert row8[1] == "160.0 / 150.0 tok/s = 1.07x" and row8[3] == "**met**"
+
+
+def test_ready_target_is_serve_run_over_the_bare_path():
+    results = {"sections": {
+        "coldstart": {"load": _load(1.5, 1.3)},
+        "service_ipex_llm": {"startup": {"serve_run_to_ready_s": 5.1, "bare_actor_start_s": 0.2,
+                                         "serve_run_to_ready_runs_s": [6.6, 5.1, 5.0]}}}}
+    row = _row(targets(results), "engine ipex_llm, replica ready")
+    assert "6.6, 5.1, 5.0" in row[1] and row[1].endswith(f"= {5.1 / 3.0:.2f}x")
+    assert row[3] == "**met**"
+    assert _row(targets({"sections": {}}), "engine ipex_llm, replica ready")[3] \
+        == "not measured"
+
+
+def _results() -> dict:
+    machine = {"cpu_model": "Test CPU", "logical_cpus": 2, "physical_cores": 2,
+               "memory_gib": 8, "kernel": "6", "python": "3.11", "date": "2026-01-01 00:00 UTC",
+               "git_commit": "abc1234", "versions": {"torch": "2"}}
+    return {"command": "python -m bench.run --quick", "machine": machine,
+            "workload": {"name": "quick", "max_tokens": 32, "clients": [1, 8],
+                         "min_requests": 4, "mixed_clients": 2, "mixed_rounds": 3},
+            "checkpoints": {"ipex_llm": "checkpoints/x"},
+            "sections": {"engine_ipex_llm": {"failed": "RuntimeError: boom"},
+                         "llama_server": {"skipped": "llama-server is not built"}}}
+
+
+def test_report_renders_tables_and_says_why_a_section_is_missing():
+    text = render(_results(), notes(""), plot=None)
+    assert text.startswith("# Benchmarks (quick smoke run")
+    assert "`python -m bench.run --quick`" in text and "commit abc1234" in text
+    assert "_`engine_ipex_llm`: RuntimeError: boom._" in text
+    assert "_`llama_server`: llama-server is not built._" in text
+    assert "_`service_ipex_llm`: not run._" in text
+    assert "_No plot" in text
+
+
+def test_report_keeps_the_hand_written_notes_when_it_rewrites(tmp_path):
+    write_report(_results(), tmp_path)
+    first = (tmp_path / "RESULTS.md").read_text()
+    assert NOTES_START in first and NOTES_END in first
+    edited = first.replace("_None yet: add a dated note here by hand._",
+                           "2026-01-02: the machine was busy.")
+    (tmp_path / "RESULTS.md").write_text(edited.replace("Test CPU", "stale table"))
+    results = _results()
+    results["machine"]["git_commit"] = "def5678"
+    write_report(results, tmp_path)
+    second = (tmp_path / "RESULTS.md").read_text()
+    assert "2026-01-02: the machine was busy." in second
+    assert "stale table" not in second and "commit def5678" in second
+    assert second.count(NOTES_START) == 1
+
+
+def test_results_json_keeps_each_level_on_one_line():
+    import json
+
+    from bench.run import compact_json
+
+    results = {"sections": {"x": {"run": {"levels": [{"clients": 1, "tokens_per_s": 1.5},
+                                                     {"clients": 8, "tokens_per_s": None}]}}},
+               "workload": {"clients": [1, 8]}}
+    text = compact_json(results)
+    assert json.loads(text) == results
+    lines = [line.strip() for line in text.splitlines()]
+    assert '{"clients": 8, "tokens_per_s": null}' in lines
+    assert '"clients": [1, 8]' in lines and len(lines) == 15

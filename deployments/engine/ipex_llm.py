@@ -234,19 +234,30 @@ class IpexLLMRunner(ModelRunner):
         return logits + (self._prefill_whole(batch) if batch else [])
 
     def _prefill_whole(self, sequences: Sequence[SequenceState]) -> list[torch.Tensor]:
+        """Whole prompts as one left-padded batch. A prompt given more than once (the
+        choices of an ``n`` > 1 request) is computed once and its row copied."""
         import torch
 
-        width = max(len(s.prompt) for s in sequences)
-        ids = torch.full((len(sequences), width), self._pad_id, dtype=torch.long)
-        mask = torch.zeros((len(sequences), width), dtype=torch.long)
-        for row, seq in enumerate(sequences):
-            ids[row, width - len(seq.prompt):] = torch.tensor(seq.prompt)
-            mask[row, width - len(seq.prompt):] = 1
+        rows: dict[tuple[int, ...], int] = {}  # prompt -> its row in the computed batch
+        row_of = [rows.setdefault(seq.prompt, len(rows)) for seq in sequences]
+        prompts = list(rows)
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self._pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, width - len(prompt):] = torch.tensor(prompt)
+            mask[row, width - len(prompt):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         logits, cache = self._forward(ids, mask, positions, None)
+        kv = _cache_tensors(cache)
+        if len(prompts) < len(sequences):
+            index = torch.tensor(row_of, dtype=torch.long)
+            logits, mask = logits.index_select(0, index), mask.index_select(0, index)
+            kv = [(key.index_select(0, index), value.index_select(0, index))
+                  for key, value in kv]
         for row, seq in enumerate(sequences):
             self._keep_prompt_logits(seq, logits[row])
-        self._pending.append(_Rows(_cache_tensors(cache), mask))
+        self._pending.append(_Rows(kv, mask))
         return list(logits)
 
     def _prefill_chunk(self, work: PrefillWork) -> torch.Tensor | None:

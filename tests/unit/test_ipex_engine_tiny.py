@@ -91,6 +91,25 @@ def test_stepwise_decode_matches_transformers_generate(tiny):
     assert ours.split() == text.split()
 
 
+def test_a_prompt_given_n_times_is_prefilled_once_and_answers_as_alone(tiny):
+    shared, other = prompt(2, 9), prompt(5, 6)
+
+    def sampled(rid: str, ids: tuple[int, ...], seed: int) -> GenerationRequest:
+        return GenerationRequest(rid, ids, SamplingParams(max_tokens=8, temperature=1.0,
+                                                          seed=seed, ignore_eos=True))
+
+    requests = [sampled(f"n{i}", shared, i) for i in range(3)] + [sampled("o", other, 9)]
+    alone = {r.request_id: run(make_engine(tiny, prompt_cache=False), [r])[r.request_id]
+             for r in requests}
+    engine = make_engine(tiny, prompt_cache=False)
+    rows: list[int] = []
+    forward = engine.runner._forward
+    engine.runner._forward = lambda ids, *rest: rows.append(ids.shape) or forward(ids, *rest)
+    assert run(engine, requests) == alone
+    assert rows[0] == (2, 9)  # one prefill: the shared prompt's row and the other one
+    assert len({alone[f"n{i}"] for i in range(3)}) > 1  # seeds differ: so do answers
+
+
 def test_joining_and_leaving_a_batch_changes_no_ones_tokens(tiny):
     shapes = {"a": (2, 5, 20), "b": (3, 17, 6), "c": (4, 3, 14), "d": (5, 11, 9)}
     alone = {rid: run(make_engine(tiny), [greedy(rid, prompt(i, n), m)])[rid]

@@ -34,30 +34,51 @@ class PrefixEntry(Generic[KV]):
     positions: int = 0
 
 
+class _Node:
+    """A token trie node: the entries whose tokens pass through it, the one ending here."""
+
+    __slots__ = ("children", "ending", "through")
+
+    def __init__(self) -> None:
+        self.children: dict[int, _Node] = {}
+        self.through: set[tuple[int, ...]] = set()
+        self.ending: tuple[int, ...] | None = None
+
+
 class PrefixStore(Generic[KV]):
-    """Up to ``capacity`` positions of finished sequences' KV, least recently used first out."""
+    """Up to ``capacity`` positions of finished sequences' KV, least recently used first out.
+
+    Entries are indexed by a token trie (as SGLang's radix cache and vLLM's block hashes
+    index theirs): a lookup walks the prompt's tokens once, whatever the number of entries.
+    """
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self._entries: collections.OrderedDict[tuple[int, ...], PrefixEntry[KV]] = \
             collections.OrderedDict()  # least recently used first
+        self._root = _Node()
+        self._last_used: dict[tuple[int, ...], int] = {}
+        self._clock = 0
         self.positions = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def longest_prefix(self, prompt: Sequence[int]) -> tuple[PrefixEntry[KV] | None, int]:
-        """The entry sharing the longest prefix with ``prompt`` and that prefix's length
-        (``None, 0`` if none shares a token); the entry counts as just used."""
-        best: PrefixEntry[KV] | None = None
-        best_length = 0
-        for entry in self._entries.values():
-            length = shared_prefix(entry.tokens, prompt)
-            if length > best_length:
-                best, best_length = entry, length
-        if best is not None:
-            self._entries.move_to_end(best.tokens)
-        return best, best_length
+        """The entry sharing the longest prefix with ``prompt`` (of several, the one used
+        last) and that prefix's length (``None, 0`` if none shares a token); the entry
+        counts as just used."""
+        node, depth = self._root, 0
+        for token in prompt:
+            child = node.children.get(token)
+            if child is None:
+                break
+            node, depth = child, depth + 1
+        if depth == 0:
+            return None, 0
+        key = max(node.through, key=self._last_used.__getitem__)
+        self._use(key)
+        return self._entries[key], depth
 
     def put(self, tokens: Sequence[int], make_kv: Callable[[], KV],
             prompt_logits: tuple[int, Any] | None = None, logits_positions: int = 0) -> bool:
@@ -70,21 +91,50 @@ class PrefixStore(Generic[KV]):
         size = len(key) + logits_positions
         if not key or size > self.capacity:
             return False
-        for entry in list(self._entries.values()):
-            shared = shared_prefix(entry.tokens, key)
-            if shared == len(key):
-                self._entries.move_to_end(entry.tokens)
-                return False
-            if shared == len(entry.tokens):
-                self._drop(entry.tokens)
+        node, extended = self._root, []
+        for token in key:
+            node = node.children.get(token)
+            if node is None:
+                break
+            if node.ending is not None:
+                extended.append(node.ending)
+        else:  # every token is on the trie: an entry starts with ``tokens``
+            self._use(max(node.through, key=self._last_used.__getitem__))
+            return False
+        for shorter in extended:
+            self._drop(shorter)
         while self.positions + size > self.capacity:
             self._drop(next(iter(self._entries)))
         self._entries[key] = PrefixEntry(key, make_kv(), prompt_logits, size)
+        self._insert(key)
+        self._use(key)
         self.positions += size
         return True
 
+    def _use(self, key: tuple[int, ...]) -> None:
+        self._clock += 1
+        self._last_used[key] = self._clock
+        self._entries.move_to_end(key)
+
+    def _insert(self, key: tuple[int, ...]) -> None:
+        node = self._root
+        for token in key:
+            node = node.children.setdefault(token, _Node())
+            node.through.add(key)
+        node.ending = key
+
     def _drop(self, key: tuple[int, ...]) -> None:
         self.positions -= self._entries.pop(key).positions
+        del self._last_used[key]
+        node = self._root
+        for token in key:
+            child = node.children[token]
+            child.through.discard(key)
+            if not child.through:
+                del node.children[token]  # nothing else below: the branch goes
+                return
+            node = child
+        node.ending = None
 
 
 def shared_prefix(cached: Sequence[int], prompt: Sequence[int]) -> int:

@@ -66,3 +66,18 @@ def test_prompt_logits_are_kept_with_their_entry_and_count_against_the_capacity(
     assert store.put((7,), lambda: "kv3")  # the first entry (7 positions) goes
     assert store.positions == 4 and store.longest_prefix((1,)) == (None, 0)
     assert not store.put((8,), lambda: "big", prompt_logits=(1, "x"), logits_positions=10)
+
+
+def test_lookups_walk_the_prompt_not_the_entries(monkeypatch):
+    from deployments.engine import prefix_store
+
+    store = PrefixStore(100_000)
+    for i in range(500):
+        store.put((i // 50, i % 50, 7, 7), lambda i=i: i)
+    monkeypatch.setattr(prefix_store, "shared_prefix", lambda *_: 1 / 0)  # no scan allowed
+    entry, length = store.longest_prefix((3, 21, 7, 9))
+    assert (entry.kv, length) == (171, 3)
+    assert store.longest_prefix((99,)) == (None, 0)
+    store.put((3, 21), lambda: "short")  # served by (3, 21, 7, 7): not kept twice
+    store.put((3, 21, 7, 7, 1), lambda: "longer")  # extends it: the shorter one goes
+    assert len(store) == 500 and store.longest_prefix((3, 21, 7, 7, 1))[0].kv == "longer"

@@ -97,7 +97,7 @@ HEALTH_CHECK_TIMEOUT_S = 30.0
 ENGINE_IDLE_POLL_S = 0.5
 # The LangChain adapter waits this long for the router to name its model (it may be starting).
 ADAPTER_CONNECT_TIMEOUT_S = 60.0
-# Short-first decoding (deployments/engine/batching.py): a row is long when its request's
+# Short-first decoding (deployments/engine/scheduler.py): a row is long when its request's
 # token budget is at least LONG_ROW_FACTOR times the smallest running one's and it has at
 # least LONG_ROW_MIN_TOKENS to go; long rows then decode every LONG_ROW_STRIDE-th step.
 LONG_ROW_MIN_TOKENS = 32
@@ -110,3 +110,12 @@ LONG_ROW_STRIDE = 2
 IPEX_LINEAR_THRESHOLD_ROWS = "17"
 # Engine ipex_llm: dummy prompt positions of the warm-up's prefill.
 IPEX_WARMUP_PROMPT_TOKENS = 8
+# OpenAI requests: alternatives per token with logprobs (vLLM's default max_logprobs), and
+# choices per request (`n`; prompts x n is also capped by max_prompts_per_request).
+MAX_LOGPROBS = 20
+MAX_CHOICES = 16
+# Structured output: compiled grammars kept per replica (a new request with a cached guide
+# copies the compiled matcher), and the step of a number in a strict JSON schema without
+# multipleOf (six decimals: a grammar alone lets a model write digits forever).
+GUIDE_CACHE_SIZE = 64
+STRICT_NUMBER_STEP = 1e-6

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from deployments.constants import STRICT_NUMBER_STEP
 from deployments.contract import Guide
 
 
@@ -46,9 +47,6 @@ def _one_line(message: str, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[:limit - 3] + "..."
 
 
-# Decimal places of a number in a strict schema without multipleOf: a grammar allows any
-# number of digits, and a small model sampled at a temperature may never stop writing them.
-STRICT_NUMBER_STEP = 1e-6
 
 
 def strict_schema(schema: Any) -> Any:

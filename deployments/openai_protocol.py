@@ -19,6 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from deployments import constants
 from deployments.contract import ChatTurn, Guide, OutputChunk, Sampling, Tool, ToolCall
 from deployments.errors import ServiceError
 from deployments.grammar import guide_error, strict_schema
@@ -48,8 +49,8 @@ UNSUPPORTED_FIELD_DEFAULTS: dict[str, tuple[Any, ...]] = {
     "guided_whitespace_pattern": (),
     "structured_outputs": (),
 }
-MAX_LOGPROBS = 20  # alternatives per token, as vLLM's default max_logprobs
-MAX_CHOICES = 16  # `n`; prompts x n is also capped by the config's max_prompts_per_request
+MAX_LOGPROBS = constants.MAX_LOGPROBS
+MAX_CHOICES = constants.MAX_CHOICES
 
 MAX_SEED = 2**63 - 1
 # Token ids are never negative and fit an int32 index (the model's vocabulary is smaller).

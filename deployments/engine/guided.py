@@ -25,11 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from deployments.constants import GUIDE_CACHE_SIZE
 from deployments.contract import Guide
 from deployments.engine.protocol import EngineError
 from deployments.grammar import grammar_of
 
-GUIDE_CACHE_SIZE = 64  # compiled grammars kept per tokenizer
 # The request field a guide came from, for errors (the router maps every guide form to it).
 GUIDE_FIELD = "response_format"
 

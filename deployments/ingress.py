@@ -309,6 +309,7 @@ class LLMRouter:
         """A prompt or chat split by the served model's tokenizer, in vLLM's ``/tokenize``
         shapes (a body of its request, or the contract's TokenizeRequest): what LangChain's
         ``get_num_tokens`` counts with, so it counts this model's tokens, not GPT-2's."""
+        request: TokenizeRequest
         if isinstance(body, TokenizeRequest):
             request = body
         else:

@@ -117,8 +117,8 @@ def test_the_schedulers_tests_run_with_torch_unimportable():
 
 # What may cross a handle: the contract's models and OpenAI's request models, and the
 # functions that build them.
-HANDLE_MODELS = {"GenerateRequest", "TokenizeRequest", "CompletionRequest",
-                 "ChatCompletionRequest"}
+HANDLE_MODELS = {"GenerateRequest", "TokenizeRequest", "DetokenizeRequest",
+                 "CompletionRequest", "ChatCompletionRequest"}
 HANDLE_MODEL_FACTORIES = {"openai_request", "parse_request", "TokenizeRequest"}
 
 

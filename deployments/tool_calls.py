@@ -55,16 +55,26 @@ def forced_call_guide(tools: Sequence[Tool], named: str | None, parallel: bool) 
 
 
 def forced_calls(text: str, named: str | None) -> list[ToolCall]:
-    """The calls of a forced answer (``text``: what ``forced_call_guide`` allowed); an
-    answer cut short (max_tokens) that does not parse gives its text as the arguments."""
+    """The calls of a forced answer (``text``: what ``forced_call_guide`` allowed). Cut
+    short by max_tokens, a named call keeps its text as the arguments (unparseable: the
+    client sees it was cut), and a list keeps the calls it completed."""
     if named is not None:
         return [ToolCall(id=new_call_id(), name=named, arguments=text)]
-    try:
-        calls = json.loads(text)
-    except json.JSONDecodeError:
-        return []
-    return [ToolCall(id=new_call_id(), name=call["name"],
-                     arguments=json.dumps(call["arguments"])) for call in calls]
+    return [ToolCall(id=new_call_id(), name=call["name"], arguments=json.dumps(call["arguments"]))
+            for call in _whole_items(text)]
+
+
+def _whole_items(text: str) -> list[Any]:
+    """The complete items of a JSON list, even when the list itself was cut off."""
+    decoder, items, index = json.JSONDecoder(), [], text.find("[") + 1
+    while 0 < index < len(text):
+        try:
+            item, index = decoder.raw_decode(text, index)
+        except json.JSONDecodeError:
+            break
+        items.append(item)
+        index += 1  # the comma (compact JSON: no whitespace)
+    return items
 
 
 def parse_hermes(text: str) -> tuple[str | None, list[ToolCall]]:

@@ -153,6 +153,9 @@ def test_a_named_call_generates_its_arguments_and_required_a_list_of_calls():
         ["weather", "clock"]
     calls = forced_calls('[{"name":"clock","arguments":{}}]', None)
     assert [(c.name, c.arguments) for c in calls] == [("clock", "{}")]
+    cut = forced_calls('[{"name":"clock","arguments":{}},{"name":"weather","argu', None)
+    assert [c.name for c in cut] == ["clock"]  # the completed call survives a cut answer
+    assert forced_calls("[", None) == []
     (call,) = forced_calls('{"city":"Oslo"}', "weather")
     assert call.name == "weather" and json.loads(call.arguments) == {"city": "Oslo"}
 

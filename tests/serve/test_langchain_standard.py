@@ -28,6 +28,7 @@ from deployments.constants import DEMO_CHECKPOINT_DIR, DEMO_MODEL_NAME
 from deployments.convert import ensure_demo_checkpoint
 from langchain_adapter import ChatRayServe
 from tests.helpers import serve_app
+from tests.langchain_capabilities import ChatRayServeCapabilities
 
 pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]
 
@@ -62,42 +63,21 @@ def demo_app() -> Iterator[str]:
         yield url
 
 
-class TestChatRayServeStandard(ChatModelIntegrationTests):
-    @property
-    def chat_model_class(self) -> type[ChatRayServe]:
-        return ChatRayServe
+class TestChatRayServeStandard(ChatRayServeCapabilities, ChatModelIntegrationTests):
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
         return {"app_name": APP, "temperature": 0, "max_tokens": MAX_TOKENS}
 
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
 
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
 
-    @property
-    def has_structured_output(self) -> bool:
-        return True
 
     @property
     def structured_output_kwargs(self) -> dict[str, Any]:
         return {"method": "json_schema", **STRUCTURED_SETTINGS}
 
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
 
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
 
-    @property
-    def supports_model_override(self) -> bool:
-        return False  # an application serves one model
 
     @pytest.mark.xfail(reason=FORCED_ANY, strict=False)
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)

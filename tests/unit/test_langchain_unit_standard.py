@@ -33,6 +33,7 @@ from langchain_adapter import ChatRayServe, RayServeLLM
 from langchain_adapter import base as adapter_base
 from langchain_adapter.chat import openai_message
 from langchain_adapter.router_client import generation_fields, openai_request
+from tests.langchain_capabilities import ChatRayServeCapabilities
 
 MODEL = "demo-model"
 USAGE = {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
@@ -147,7 +148,7 @@ def joined(chunks: list[AIMessageChunk]) -> AIMessageChunk:
 # ---- LangChain's standard unit suite -------------------------------------------------------
 
 
-class TestChatRayServeStandard(ChatModelUnitTests):
+class TestChatRayServeStandard(ChatRayServeCapabilities, ChatModelUnitTests):
     """ChatModelUnitTests on ChatRayServe, with FakeRouter for the application.
 
     ChatRayServe asks the application for its model when it is made (a wrong app_name or
@@ -160,9 +161,6 @@ class TestChatRayServeStandard(ChatModelUnitTests):
     def _fake_application(self, router: FakeRouter) -> None:
         """Every adapter the suite makes finds FakeRouter as its application."""
 
-    @property
-    def chat_model_class(self) -> type[ChatRayServe]:
-        return ChatRayServe
 
     @property
     def chat_model_params(self) -> dict[str, Any]:
@@ -177,33 +175,15 @@ class TestChatRayServeStandard(ChatModelUnitTests):
         del params["api_key"], params["max_retries"]
         return params
 
-    @property
-    def has_tool_calling(self) -> bool:
-        return True
 
-    @property
-    def has_tool_choice(self) -> bool:
-        return True
 
-    @property
-    def has_structured_output(self) -> bool:
-        return True
 
     @property
     def structured_output_kwargs(self) -> dict[str, Any]:
         return {"method": "json_schema"}
 
-    @property
-    def supports_json_mode(self) -> bool:
-        return True
 
-    @property
-    def returns_usage_metadata(self) -> bool:
-        return True
 
-    @property
-    def supports_model_override(self) -> bool:
-        return False  # an application serves one model
 
 
 def test_the_standard_parameters_reach_the_request(router: FakeRouter) -> None:

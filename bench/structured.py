@@ -46,7 +46,7 @@ def engine_alone(checkpoint: str, rounds: int, max_tokens: int) -> dict[str, Any
     def run(clients: int, guided: bool, round_: int) -> float:
         for i in range(clients):
             params = SamplingParams(max_tokens=max_tokens, temperature=TEMPERATURE,
-                                    seed=round_ * 100 + i, guide=guide if guided else None)
+                                    seed=abs(round_) * 100 + i, guide=guide if guided else None)
             engine.add_request(GenerationRequest(f"r{round_}-{i}-{guided}", prompt, params))
         tokens, start = 0, time.perf_counter()
         while engine.has_unfinished_requests():
@@ -89,7 +89,8 @@ def over_http(checkpoint: str, rounds: int, max_tokens: int) -> dict[str, Any]:
         def run(clients: int, guided: bool, round_: int) -> float:
             start = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool:
-                tokens = sum(pool.map(lambda i: ask(guided, round_ * 100 + i), range(clients)))
+                tokens = sum(pool.map(lambda i: ask(guided, abs(round_) * 100 + i),
+                                      range(clients)))
             return tokens / (time.perf_counter() - start)
 
         try:

@@ -92,14 +92,6 @@ class TestChatRayServeStandard(ChatRayServeCapabilities, ChatModelIntegrationTes
     def test_tool_calling_with_no_arguments(self, model: ChatRayServe) -> None:
         super().test_tool_calling_with_no_arguments(model)
 
-    @pytest.mark.xfail(reason=f"{FORCED_ANY}; and it must copy a Chinese and a Japanese name "
-                       "into the arguments", strict=False)
-    def test_unicode_tool_call_integration(self, model: ChatRayServe, *,
-                                           tool_choice: str | None = None,
-                                           force_tool_call: bool = True) -> None:
-        super().test_unicode_tool_call_integration(model, tool_choice=tool_choice,
-                                                   force_tool_call=force_tool_call)
-
     @pytest.mark.xfail(reason=f"{QUALITY}: after the tool's answer it must stop calling the "
                        "tool and answer in words, with tool_choice auto", strict=False)
     @pytest.mark.parametrize("model", [{}, {"output_version": "v1"}], indirect=True)

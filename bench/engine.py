@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from bench.loadgen import PROMPT
-from bench.machine import machine_info, measure_quietly
+from bench.machine import emit_result, machine_info, measure_quietly
 
 
 class BatchRow(BaseModel):
@@ -139,11 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         for row in rows:
             print(f"[engine] {kind} batch {row.batch}: {row.tokens_per_s:.1f} tok/s",
                   file=sys.stderr)
-    text = result.model_dump_json(indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
+    emit_result(result, args.out)
     return 0
 
 

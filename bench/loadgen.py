@@ -34,7 +34,7 @@ from typing import Any
 import aiohttp
 from pydantic import BaseModel, Field
 
-from bench.machine import machine_info, measure_quietly_async
+from bench.machine import emit_result, machine_info, measure_quietly_async
 from bench.stats import RequestRecord, median, ratio, summarize
 
 PROMPT = ("You are a helpful assistant. Write a long, detailed story about a small robot who "
@@ -446,11 +446,7 @@ def main(argv: list[str] | None = None) -> int:
                                                          clients, prompt=prompt, **levels))
                                           for url in (a, b)),
                             pairs=[(str(c), str(c)) for c in clients])
-    text = result.model_dump_json(indent=1)
-    if args.out:
-        args.out.write_text(text + "\n")
-    else:
-        print(text)
+    emit_result(result, args.out)
     return 0
 
 

@@ -141,3 +141,12 @@ def measure_quietly(measure: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         return measure()
 
     return asyncio.run(measure_quietly_async(in_this_thread))
+
+
+def emit_result(result: Any, out: Path | None) -> None:
+    """A bench CLI's result model as JSON: into ``out`` when given, else on stdout."""
+    text = result.model_dump_json(indent=1)
+    if out:
+        out.write_text(text + "\n")
+    else:
+        print(text)

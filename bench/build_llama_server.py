@@ -33,6 +33,8 @@ CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 SOURCE_DIR = CACHE_DIR / "src"
 BUILD_DIR = CACHE_DIR / "llama-build"
 LLAMA_SERVER_BIN = CACHE_DIR / "bin" / "llama-server"
+# llama.cpp's quantizer, built beside the server: it makes the 1.1B model's GGUF Q4_0.
+LLAMA_QUANTIZE_BIN = CACHE_DIR / "bin" / "llama-quantize"
 BUILD_LOG = CACHE_DIR / "llama-build.log"
 
 # Static, CPU-only, no network at build time (no HF UI download, no OpenSSL/curl), only
@@ -47,7 +49,8 @@ CMAKE_OPTIONS = (
 
 def llama_server_path() -> Path | None:
     """The cached binary, or None when it has not been built."""
-    if LLAMA_SERVER_BIN.is_file() and os.access(LLAMA_SERVER_BIN, os.X_OK):
+    binaries = (LLAMA_SERVER_BIN, LLAMA_QUANTIZE_BIN)
+    if all(path.is_file() and os.access(path, os.X_OK) for path in binaries):
         return LLAMA_SERVER_BIN
     return None
 
@@ -86,33 +89,42 @@ def build(force: bool = False, jobs: int | None = None) -> Path:
         _run([*nice, "cmake", "-S", str(tree), "-B", str(BUILD_DIR), "-G", generator,
               *CMAKE_OPTIONS], log)
         _run([*nice, "cmake", "--build", str(BUILD_DIR), "--target", "llama-server",
-              "-j", str(jobs)], log)
-        built = BUILD_DIR / "bin" / "llama-server"
-        LLAMA_SERVER_BIN.parent.mkdir(parents=True, exist_ok=True)
-        staging = LLAMA_SERVER_BIN.with_suffix(".tmp")
-        shutil.copy2(built, staging)
-        os.replace(staging, LLAMA_SERVER_BIN)  # readers never see a half-copied binary
+              "llama-quantize", "-j", str(jobs)], log)
+        for binary in (LLAMA_QUANTIZE_BIN, LLAMA_SERVER_BIN):
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            staging = binary.with_suffix(".tmp")
+            shutil.copy2(BUILD_DIR / "bin" / binary.name, staging)
+            os.replace(staging, binary)  # readers never see a half-copied binary
         log.write(f"\nbuilt {LLAMA_SERVER_BIN} in {time.monotonic() - started:.0f} s\n")
     return LLAMA_SERVER_BIN
 
 
 @contextlib.contextmanager
-def running(gguf: str, slots: int = 8, ready_timeout_s: float = 120.0
-            ) -> Iterator[dict[str, Any]]:
-    """The built llama-server on a free loopback port (a thread per CPU this process may
-    use, as engine llama_cpp runs; ``slots`` parallel slots of 512 context tokens;
-    continuous batching; prompt cache at its default, on) until the block ends: ``url``,
-    ``command``, ``ready_s``, and after the block ``peak_rss_bytes``."""
+def running(gguf: str, slots: int = 8, ready_timeout_s: float = 120.0, *,
+            threads: int | None = None, spare_cpus: list[int] | None = None,
+            compute_cpus: list[int] | None = None) -> Iterator[dict[str, Any]]:
+    """The built llama-server on a free loopback port (``threads`` compute threads, by
+    default a thread per CPU this process may use, as engine llama_cpp runs; ``slots``
+    parallel slots of 512 context tokens; continuous batching; prompt cache at its default,
+    on) until the block ends: ``url``, ``command``, ``pid``, ``ready_s``, and after the block
+    ``peak_rss_bytes``.
+
+    With ``spare_cpus`` and ``compute_cpus``, the server starts on the spare CPUs and, once
+    ready, its main thread, which runs every decode (the first of its compute threads), moves
+    to the compute CPUs; its HTTP threads stay spare. Meant for one compute thread."""
     binary = llama_server_path()
     if binary is None:
         raise FileNotFoundError("llama-server is not built: python -m bench.build_llama_server")
-    port, threads = free_port(), len(os.sched_getaffinity(0))
+    port, threads = free_port(), threads or len(os.sched_getaffinity(0))
     command = [str(binary), "-m", gguf, "--host", "127.0.0.1", "--port", str(port),
                "-t", str(threads), "-tb", str(threads), "-np", str(slots),
                "-c", str(512 * slots), "-cb", "--no-webui", "--log-disable"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
-    info: dict[str, Any] = {"url": f"http://127.0.0.1:{port}", "command": " ".join(command)}
+                               start_new_session=True,
+                               preexec_fn=(lambda: os.sched_setaffinity(0, spare_cpus))
+                               if spare_cpus else None)
+    info: dict[str, Any] = {"url": f"http://127.0.0.1:{port}", "command": " ".join(command),
+                            "pid": process.pid}
     started = time.perf_counter()
     try:
         while "ready_s" not in info:
@@ -122,6 +134,9 @@ def running(gguf: str, slots: int = 8, ready_timeout_s: float = 120.0
                 if httpx.get(f"{info['url']}/health", timeout=5).status_code == 200:
                     info["ready_s"] = time.perf_counter() - started
             time.sleep(0.1)
+        if compute_cpus:
+            os.sched_setaffinity(process.pid, compute_cpus)  # the main thread only
+            info["compute_cpus"], info["spare_cpus"] = compute_cpus, spare_cpus
         yield info
         info["peak_rss_bytes"] = vm_hwm_bytes(process.pid)
     finally:

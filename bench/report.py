@@ -150,9 +150,104 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         *((f"json_schema answers vs plain ones, 8 clients, {where.replace('_', ' ')}",
            *_measured(*_structured(r, where, "8")), ">= 0.9")
           for where in ("engine_alone", "over_http")),
+        *_pinned_targets(r),
     ]
     return [(name, text, goal if goal == "-" else f"{goal}x", _verdict(value, goal))
             for name, text, value, goal in rows]
+
+
+PINNED = {"pinned_demo": "demo model", "pinned_1b": "1.1B model"}
+
+
+def _pinned_tps(section: dict[str, Any], engine: str, where: str, clients: int
+                ) -> float | None:
+    """tokens/s at ``clients`` of one row of a like-for-like section: ``alone`` (the
+    engine, batch = clients), ``http``, ``handle``, or ``llama_server``."""
+    if where == "llama_server":
+        levels = ((section.get("llama_server") or {}).get("run") or {}).get("levels", [])
+    elif where == "alone":
+        rows = ((section.get(engine) or {}).get("alone") or {}).get("batches", [])
+        return next((b["tokens_per_s"] for b in rows if b["batch"] == clients), None)
+    else:
+        service = (section.get(engine) or {}).get("service") or {}
+        levels = (service.get(where) or {}).get("levels", [])
+    return next((lv["tokens_per_s"] for lv in levels if lv["clients"] == clients), None)
+
+
+def _pinned_targets(r: dict[str, Any]) -> list[tuple[str, str, float | None, str]]:
+    rows: list[tuple[str, str, float | None, str]] = []
+    for name, model in PINNED.items():
+        sec = _sec(r, name)
+        for engine in ("ipex_llm", "llama_cpp"):
+            rows += [(f"same cores, {model}: engine {engine}, 8 clients {where} vs its engine "
+                      "alone at batch 8",
+                      *_measured(_pinned_tps(sec, engine, where, 8),
+                                 _pinned_tps(sec, engine, "alone", 8)), ">= 0.9")
+                     for where in ("http", "handle")]
+        rows += [(f"same cores, {model}: engine llama_cpp, {c} clients over HTTP vs "
+                  "llama-server", *_measured(_pinned_tps(sec, "llama_cpp", "http", c),
+                                             _pinned_tps(sec, "", "llama_server", c)), ">= 1")
+                 for c in (8, 16)]
+    demo = _sec(r, "pinned_demo")
+    for engine in ("ipex_llm", "llama_cpp"):
+        service = (demo.get(engine) or {}).get("service") or {}
+        mixed = (service.get("http") or {}).get("mixed") or {}
+        rows.append((f"same cores, demo model: engine {engine}, short requests' p50 next to "
+                     "long ones vs alone", _x(mixed.get("short_p50_ratio")),
+                     mixed.get("short_p50_ratio"), "<= 1.5"))
+        cost = (service.get("cost") or {}).get("cpu_ms_per_token")
+        rows.append((f"same cores, demo model: engine {engine}, serving cost at 8 clients "
+                     "(CPU ms per token outside the compute threads)",
+                     f"{_num(cost, 3)} ms", cost, "<= 1"))
+        idle = service.get("idle_cores")
+        rows.append((f"same cores, demo model: engine {engine}, idle stack (cores)",
+                     _num(idle, 3), idle, "<= 0.05"))
+    return rows
+
+
+def _pinned_tables(r: dict[str, Any]) -> list[str]:
+    lines = ["## Same cores for everyone (bench.pinned)", "",
+             "Every system computes on the same core(s) and runs everything else on the same "
+             "spare core(s): the engine alone with its threads on the compute cores; our "
+             "service started through the core reservation (`reserved_cores: 1`: Ray, Serve, "
+             "the router and the replica's other threads on the spare core); llama-server "
+             "with `-t` = compute cores, its decoding main thread on the compute core and its "
+             "HTTP threads on the spare one. Load generators on the spare core. tokens/s; "
+             "serving cost = CPU of the service's processes outside the model's compute "
+             "threads.", ""]
+    for name, model in PINNED.items():
+        sec = _sec(r, name)
+        lines += [f"### {model}" + (f" ({sec['model']}, {sec['workload']})"
+                                    if sec.get("model") else ""), ""]
+        if not _ok(sec):
+            lines += _missing(r, name)
+            continue
+        lines.append(f"Compute CPUs {sec['compute_cpus']}, spare CPUs {sec['spare_cpus']}.")
+        lines.append("")
+        rows = []
+        for clients in (8, 16):
+            rows.append((clients, *(_num(_pinned_tps(sec, e, w, clients))
+                                    for e in ("ipex_llm", "llama_cpp")
+                                    for w in ("alone", "http", "handle")),
+                         _num(_pinned_tps(sec, "", "llama_server", clients))))
+        lines += _table(("clients", "ipex_llm alone", "ipex_llm HTTP", "ipex_llm handle",
+                         "llama_cpp alone", "llama_cpp HTTP", "llama_cpp handle",
+                         "llama-server"), rows)
+        cost_rows = []
+        for engine in ("ipex_llm", "llama_cpp"):
+            service = (sec.get(engine) or {}).get("service") or {}
+            cost = service.get("cost") or {}
+            if cost:
+                cost_rows.append((engine, _num(service.get("idle_cores"), 3),
+                                  _num(cost.get("cpu_ms_per_token"), 3),
+                                  _num(cost.get("outside_cpu_s"), 2), cost.get("tokens"),
+                                  _num(cost.get("wall_s"), 1)))
+        if cost_rows:
+            lines += ["", *_table(("engine", "idle stack (cores)",
+                                   "CPU ms/token outside compute, 8 clients",
+                                   "outside CPU s", "tokens", "wall s"), cost_rows)]
+        lines.append("")
+    return lines
 
 
 def _structured(r: dict[str, Any], where: str, clients: str
@@ -395,7 +490,7 @@ def render(r: dict[str, Any], kept_notes: str, plot: str | None) -> str:
     lines += [f"![throughput and TTFT]({plot})" if plot else
               "_No plot: matplotlib is not installed (`pip install -e '.[bench]'`)._", ""]
     lines += _engine_tables(r) + _server_tables(r) + _mixed_table(r) + _turn_tables(r)
-    lines += _startup_tables(r) + _structured_table(r)
+    lines += _startup_tables(r) + _structured_table(r) + _pinned_tables(r)
     return "\n".join(lines).rstrip() + "\n\n" + kept_notes + "\n"
 
 

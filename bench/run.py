@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench import build_llama_server, loadgen
+from bench import build_llama_server, loadgen, pinned
 from bench.coldstart import median_load
 from bench.engine import EngineRun
 from bench.machine import ROOT_PID_ENV, machine_info, stop_tree
@@ -40,7 +40,10 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 SECTIONS = ("engine_ipex_llm", "engine_llama_cpp", "coldstart", "service_ipex_llm",
             "service_llama_cpp", "llama_server", "turns_llama_cpp", "turns_ipex_llm",
-            "structured")
+            "structured", "pinned_demo", "pinned_1b")
+# The 1.1B model decodes ~8x slower than the demo model: shorter answers keep its section
+# within minutes (lengths stay fixed with ignore_eos).
+WORK_1B = {"max_tokens": 32, "min_requests": 8}
 WORKLOADS = {
     "full": {"max_tokens": 128, "clients": [1, 8, 16], "min_requests": 12,
              "engine_batches": [1, 4, 8, 16], "generate": [1, 8, 16], "mixed_clients": 4,
@@ -61,15 +64,21 @@ class Bench:
 
     def __init__(self, work: dict[str, Any], scratch: Path, checkpoints: dict[str, str]):
         self.work, self.scratch, self.checkpoints = work, scratch, checkpoints
+        self.node_cpus = sorted(os.sched_getaffinity(0))  # before any section narrows it
 
-    def child(self, name: str, args: list[str]) -> dict[str, Any]:
-        """``python -m <args> --out FILE``, within CHILD_LIMIT_S: its JSON."""
+    def child(self, name: str, args: list[str], cpus: list[int] | None = None
+              ) -> dict[str, Any]:
+        """``python -m <args> --out FILE`` (on ``cpus``, one thread each, when given), within
+        CHILD_LIMIT_S: its JSON."""
         out, log = self.scratch / f"{name}.json", self.scratch / f"{name}.log"
         out.unlink(missing_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": str(len(cpus))} if cpus else None
         with open(log, "w") as log_file:
             process = subprocess.Popen([sys.executable, "-m", *args, "--out", str(out)],
                                        cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT,
-                                       start_new_session=True)
+                                       start_new_session=True, env=env,
+                                       preexec_fn=(lambda: os.sched_setaffinity(0, cpus))
+                                       if cpus else None)
             try:
                 process.wait(timeout=CHILD_LIMIT_S)
             except subprocess.TimeoutExpired:
@@ -87,17 +96,23 @@ class Bench:
             "--max-tokens", str(self.work["max_tokens"])])
 
     @contextlib.contextmanager
-    def service(self, engine: str, starts: int = 1) -> Iterator[dict[str, Any]]:
-        """bench.service until the block ends: its start-up figures (the replica's peak RSS
-        added after the block)."""
+    def service(self, engine: str, starts: int = 1, checkpoint: str | None = None,
+                reserved: bool = False) -> Iterator[dict[str, Any]]:
+        """bench.service until the block ends: its start-up figures and ``pid`` (the
+        replica's peak RSS added after the block). ``reserved``: started through the core
+        reservation (one core for the serving stack)."""
         info_path = self.scratch / f"service-{engine}.json"
         info_path.unlink(missing_ok=True)
+        launcher = [sys.executable, "-m", "deployments.core_reservation", "--cores", "1",
+                    "--"] if reserved else []
         with open(self.scratch / f"service-{engine}.log", "w") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "bench.service", "--engine", engine, "--checkpoint",
-                 self.checkpoints[engine], "--starts", str(starts), "--info", str(info_path)],
-                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        info: dict[str, Any] = {}
+                [*launcher, sys.executable, "-m", "bench.service", "--engine", engine,
+                 "--checkpoint", checkpoint or self.checkpoints[engine], "--starts",
+                 str(starts), "--info", str(info_path)],
+                cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=lambda: os.sched_setaffinity(0, self.node_cpus))
+        info: dict[str, Any] = {"pid": process.pid}
         try:
             deadline = time.monotonic() + CHILD_LIMIT_S
             while not info_path.exists():
@@ -150,6 +165,13 @@ class Bench:
             return self.child("structured", [
                 "bench.structured", "--checkpoint", self.checkpoints["ipex_llm"],
                 "--rounds", str(w["turns"]), "--max-tokens", str(w["max_tokens"])])
+        if name == "pinned_demo":
+            return pinned.section(self, self.checkpoints, with_mixed=True)
+        if name == "pinned_1b":
+            bench_1b = Bench({**w, **WORK_1B}, self.scratch, self.checkpoints)
+            bench_1b.node_cpus = self.node_cpus
+            return {"model": "tinyllama-1.1b (random weights)", "workload": WORK_1B,
+                    **pinned.section(bench_1b, model_1b_checkpoints(), with_mixed=False)}
         if name.startswith("service_"):
             with self.service(name.removeprefix("service_"), w["starts"]) as startup:
                 run = self.load(startup["url"], w["clients"], with_mixed=True)
@@ -181,12 +203,19 @@ def compact_json(value: Any, depth: int = 0) -> str:
     return json.dumps(value)
 
 
+def model_1b_checkpoints() -> dict[str, str]:
+    """The 1.1B model's checkpoints (bench.model_1b builds them once, cached)."""
+    from bench import model_1b
+
+    return model_1b.ensure_checkpoints()
+
+
 def skipped(name: str) -> str | None:
     """Why section ``name`` cannot run here, or None."""
     if "llama_cpp" in name and subprocess.run([sys.executable, "-c", "import llama_cpp"],
                                               capture_output=True).returncode != 0:
         return "llama-cpp-python is not installed (`pip install -e '.[llama-cpp]'`)"
-    if name in ("llama_server", "turns_llama_cpp") and \
+    if name in ("llama_server", "turns_llama_cpp", "pinned_1b") and \
             build_llama_server.llama_server_path() is None:
         return "llama-server is not built (`python -m bench.build_llama_server`, ~20 min)"
     return None
@@ -197,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke check (< 5 minutes)")
     parser.add_argument("--sections", default=",".join(SECTIONS),
                         help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the sections of the existing results.json not run now")
     parser.add_argument("--build-llama", action="store_true",
                         help="build llama-server first if it is not (~20 min)")
     args = parser.parse_args(argv)
@@ -250,6 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         _log(f"{name} done in {results['sections'][name]['seconds']} s")
     results.update(total_seconds=round(time.perf_counter() - started),
                    finished=machine_info()["date"])
+    if args.merge and (out_dir / "results.json").exists():
+        previous = json.loads((out_dir / "results.json").read_text())
+        kept = {name: {**section, "from_run": section.get("from_run") or previous.get("finished")}
+                for name, section in previous.get("sections", {}).items()
+                if name not in results["sections"]}
+        results["sections"] = {**kept, **results["sections"]}
     (out_dir / "results.json").write_text(compact_json(results) + "\n")
     paths = write_report(results, out_dir)
     _log(f"wrote {', '.join(str(p.relative_to(REPO_ROOT)) for p in paths)} in "

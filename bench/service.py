@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     server_options=options)))
         url = f"http://127.0.0.1:{port}"
         replica_pid = httpx.get(f"{url}/health", timeout=30).json()["replica"]["pid"]
-        info.update(url=url, bare_actor_start_s=median(actors),
+        info.update(url=url, gcs_address=ray.get_runtime_context().gcs_address,
+                    bare_actor_start_s=median(actors),
                     bare_actor_start_runs_s=[round(x, 3) for x in actors],
                     serve_run_to_ready_s=median(ready),
                     serve_run_to_ready_runs_s=[round(x, 3) for x in ready],

@@ -13,8 +13,10 @@
 # command per NUMA node N of the host (`numactl --hardware` lists them; on a host with
 # sub-NUMA clustering, give a socket's nodes together, e.g. 0,1):
 #
-#   numactl --cpunodebind=N --membind=N \
+#   numactl --cpunodebind=N --membind=N python -m deployments.core_reservation -- \
 #       ray start --address="$RAY_HEAD" --num-gpus=0 --resources '{"cpu_socket": 1}'
+#
+# (the reservation is then taken from that socket's cores).
 #
 # Each such raylet is a Ray node of its own; the replica sees one socket in its affinity and
 # takes it.
@@ -29,8 +31,14 @@ Discovers this host's CPU sockets and Intel GPU tiles (python -m deployments.pla
 and runs:
   ray start --address=$RAY_HEAD --num-gpus=<tiles> --resources='{"cpu_socket": <sockets>}'
 
+Ray starts on the cores reserved for the serving stack (RESERVED_CORES): its processes, Serve's
+proxy and the replicas' own threads run there, the models' compute threads on the other
+cores (python -m deployments.core_reservation).
+
 Environment:
   RAY_HEAD                   address of the Ray head node (required)
+  RESERVED_CORES             physical cores kept for the serving stack: a number, or auto
+                             (default: 1 on hosts of 8 or more cores, else none)
   PYTHON                     interpreter with this project installed (default: python)
   ZE_FLAT_DEVICE_HIERARCHY   exported as FLAT unless set, so each GPU tile is a device
 EOF
@@ -57,5 +65,6 @@ sockets="$("$PYTHON" -m deployments.placement --count cpu)"
 tiles="$("$PYTHON" -m deployments.placement --count xpu)"
 echo "start-node: ${sockets} CPU socket(s), ${tiles} Intel GPU tile(s); joining ${RAY_HEAD}" >&2
 
-exec ray start --address="$RAY_HEAD" --num-gpus="$tiles" \
+exec "$PYTHON" -m deployments.core_reservation --cores "${RESERVED_CORES:-auto}" -- \
+    ray start --address="$RAY_HEAD" --num-gpus="$tiles" \
     --resources="{\"cpu_socket\": ${sockets}}" "$@"

@@ -112,6 +112,22 @@ class LLMConfig(BaseModel):
                     "cores, but the replica then starves Ray Serve's proxy and routers on "
                     "the same node under load; off by default.")
 
+    reserved_cores: int | Literal["auto"] = Field(
+        "auto", description="Physical cores of each node kept out of every model slot for "
+        "the serving stack (Ray's processes, Serve's proxy and routers, the replicas' "
+        "non-compute threads); the model's compute threads run one per core on the rest. "
+        "`auto`: 1 on nodes of 8 or more physical cores, else 0 (measured: "
+        "bench/RESULTS.md). A node whose Ray was started through "
+        "`python -m deployments.core_reservation` (`make serve`, cluster/start-node.sh) "
+        "uses the reservation it was started with.")
+
+    @field_validator("reserved_cores")
+    @classmethod
+    def _reserved_cores_not_negative(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be 0 or more, or auto")
+        return value
+
     @model_validator(mode="before")
     @classmethod
     def _options_of_the_engine(cls, data: Any) -> Any:

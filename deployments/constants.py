@@ -119,3 +119,10 @@ MAX_CHOICES = 16
 # multipleOf (six decimals: a grammar alone lets a model write digits forever).
 GUIDE_CACHE_SIZE = 64
 STRICT_NUMBER_STEP = 1e-6
+
+# Reserved cores (`reserved_cores: auto`): keep AUTO_RESERVED_CORES physical cores of a node
+# for the serving stack once it has AUTO_RESERVE_FROM_CORES or more. Below that a core
+# taken from the model costs more than the stack's preemption does (bench/RESULTS.md,
+# "Reserved cores", measured on a 2-core node).
+AUTO_RESERVE_FROM_CORES = 8
+AUTO_RESERVED_CORES = 1

@@ -171,12 +171,17 @@ class Slot:
 class PinningReport:
     """What ``pin_to_slot`` applied; a replica logs it and exposes it in its status.
 
+    ``cpus`` are the slot's CPUs the model computes on; ``reserved_cpus`` the node's CPUs
+    kept for the serving stack, where the replica's other threads run (empty: none kept,
+    and every thread runs on ``cpus``).
+
     ``membind_error`` says why memory binding was not applied (no libnuma, a container that
     forbids ``set_mempolicy``, a slot with no known NUMA node); it is never raised.
     """
 
     slot: Slot
     cpus: tuple[int, ...]
+    reserved_cpus: tuple[int, ...]
     threads_pinned: int
     torch_threads: int | None
     membind: bool
@@ -184,7 +189,8 @@ class PinningReport:
     env: dict[str, str]
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "slot": self.slot.to_dict(), "cpus": list(self.cpus)}
+        return {**dataclasses.asdict(self), "slot": self.slot.to_dict(), "cpus": list(self.cpus),
+                "reserved_cpus": list(self.reserved_cpus)}
 
 
 class SlotUnavailableError(RuntimeError):
@@ -267,6 +273,13 @@ def _core_of(sysfs_root: str | Path, cpu: int) -> tuple[int, frozenset[int]]:
     except FileNotFoundError:
         return 0, frozenset({cpu})
     return package, siblings
+
+
+def core_groups(cpus: Iterable[int], sysfs_root: str | Path = "/sys") -> list[tuple[int, ...]]:
+    """``cpus`` grouped by physical core (hyper-thread siblings together), lowest CPU first."""
+    chosen = set(cpus)
+    groups = {tuple(sorted(chosen & _core_of(sysfs_root, cpu)[1] | {cpu})) for cpu in chosen}
+    return sorted(groups)
 
 
 def _numa_node_of_cpus(sysfs_root: str | Path) -> dict[int, int]:
@@ -717,7 +730,9 @@ def _open_xpu(slot: Slot, xpu_module: Any, env: Mapping[str, str]) -> Slot:
 def pin_to_slot(
     slot: Slot,
     *,
+    reserved_cpus: Sequence[int] = (),
     xmx_disabled: bool = False,
+    sysfs_root: str | Path = "/sys",
     proc_root: str | Path = "/proc",
     set_affinity: Callable[[int, Iterable[int]], None] = os.sched_setaffinity,
     set_membind: Callable[[Sequence[int]], None] = bind_memory,
@@ -731,7 +746,10 @@ def pin_to_slot(
     ``xpu:0`` becomes torch's current device and its name goes into the report's slot
     (``restrict_to_gpus`` must have run: the runtime reads its device mask on this first
     touch). Raises SlotUnavailableError when torch sees no Intel GPU.
-    CPU: every thread's affinity, torch threads = the slot's physical cores (one compute
+    CPU: every thread's affinity (the ``reserved_cpus`` when the node keeps some for the
+    serving stack: the engine thread then moves itself to the slot's other CPUs,
+    ``core_reservation.enter_compute_cpus``; else the slot's), torch threads = the physical
+    cores the model computes on (one compute
     thread per core, as Intel's launcher does: hyper-thread siblings share the core's vector
     units), ``OMP_NUM_THREADS`` to match (it only takes effect for a torch imported later,
     and for child processes; torch's libgomp ignores ``KMP_*``), and memory binding to the
@@ -748,19 +766,24 @@ def pin_to_slot(
         slot = _open_xpu(slot, xpu_module, env)
         masks = {key: env[key] for key in ("ZE_AFFINITY_MASK", "ONEAPI_DEVICE_SELECTOR")
                  if key in env}
-        report = PinningReport(slot, (), 0, None, False, "not applicable to XPU slots",
+        report = PinningReport(slot, (), (), 0, None, False, "not applicable to XPU slots",
                                {**masks, **applied})
         logger.info("pinned to %s: %s", slot.describe(), report.to_dict())
         return report
-    threads = max(slot.physical_cores, 1)
+    reserved = tuple(sorted(set(reserved_cpus)))
+    compute = tuple(cpu for cpu in slot.cpus if cpu not in set(reserved))
+    if not compute:
+        raise SlotUnavailableError(f"the reserved CPUs {format_cpulist(reserved)} leave "
+                                   f"{slot.describe()} no CPU to compute on")
+    threads = len(core_groups(compute, sysfs_root)) if reserved else max(slot.physical_cores, 1)
     applied = {"OMP_NUM_THREADS": str(threads)}
     env.update(applied)
-    pinned = _pin_all_threads(slot.cpus, proc_root, set_affinity)
+    pinned = _pin_all_threads(reserved or compute, proc_root, set_affinity)
     membind_error = _membind(slot, set_membind)
     torch = torch_module if torch_module is not None else importlib.import_module("torch")
     torch.set_num_threads(threads)
     report = PinningReport(
-        slot, slot.cpus, pinned, threads, membind_error is None, membind_error, applied
+        slot, compute, reserved, pinned, threads, membind_error is None, membind_error, applied
     )
     logger.info("pinned to %s: %s", slot.describe(), report.to_dict())
     return report

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ import httpx
 import psutil
 import pytest
 import ray
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
@@ -110,6 +112,42 @@ def wait_until_healthy(base_url: str, process: subprocess.Popen, timeout_s: floa
     raise TimeoutError(f"{base_url}/health not ready after {timeout_s} s")
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _without_ray_address() -> dict[str, str]:
+    """serve run must start its own local cluster, never join one named in the environment."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+@contextlib.contextmanager
+def serve_run(config_file: str, tmp_path: Path, *, launcher: Sequence[str] = (),
+              ready_timeout_s: float = 240) -> Iterator[str]:
+    """``serve run`` of a shipped config, changed only to a free port (run through
+    ``launcher``, e.g. the core reservation's, when given); yields the base URL."""
+    config = yaml.safe_load((REPO_ROOT / config_file).read_text())
+    port = free_port()
+    config["http_options"]["port"] = port
+    config_path = tmp_path / config_file
+    config_path.write_text(yaml.safe_dump(config))
+    serve_cli = Path(sys.executable).parent / "serve"
+    log_path = tmp_path / "serve-run.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([*launcher, str(serve_cli), "run", str(config_path)],
+                                   cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True, env=_without_ray_address())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            wait_until_healthy(base, process, timeout_s=ready_timeout_s)
+        except (RuntimeError, TimeoutError) as error:
+            tail = log_path.read_text(errors="replace").splitlines()[-30:]
+            raise RuntimeError(f"{error}; its log ends:\n" + "\n".join(tail)) from None
+        yield base
+    finally:
+        stop_process_tree(process)
+
+
 @contextlib.contextmanager
 def read_only_view(source: Path, mount_point: Path) -> Iterator[Path]:
     """``source`` bind-mounted read-only at ``mount_point`` (as a replica's NFS mount is):
@@ -140,12 +178,15 @@ def socket_nodes(cpus: int) -> list[dict[str, Any]]:
 
 @contextlib.contextmanager
 def local_cluster(workers: Sequence[dict[str, Any]], *,
-                  runtime_env: dict[str, Any] | None = None
+                  runtime_env: dict[str, Any] | None = None,
+                  head_args: dict[str, Any] | None = None,
+                  http_port: int | None = None
                   ) -> Iterator[tuple[Any, list[Any]]]:
-    """A one-machine Ray cluster: a head with 2 CPUs and no slot (no GPU, no socket) and one
-    worker node per entry of ``workers`` (``Cluster.add_node`` arguments), connected with
-    ``runtime_env``, with Serve started (no HTTP); always shut down. Yields the cluster and
-    its worker nodes."""
+    """A one-machine Ray cluster: a head with 2 CPUs and no slot (no GPU, no socket; more
+    ``Cluster`` head arguments in ``head_args``) and one worker node per entry of
+    ``workers`` (``Cluster.add_node`` arguments), connected with ``runtime_env``, with Serve
+    started (no HTTP, or a proxy on the head at 127.0.0.1:``http_port``); always shut down.
+    Yields the cluster and its worker nodes."""
     from ray.cluster_utils import Cluster
 
     with pytest.MonkeyPatch.context() as patch:
@@ -155,11 +196,15 @@ def local_cluster(workers: Sequence[dict[str, Any]], *,
         patch.setattr(ray._private.utils, "write_ray_address", lambda *args, **kwargs: None)
         patch.setattr(ray._common.utils, "reset_ray_address", lambda *args, **kwargs: None)
         cluster = Cluster(initialize_head=True, head_node_args={
-            "num_cpus": 2, "num_gpus": 0, "include_dashboard": False})
+            "num_cpus": 2, "num_gpus": 0, "include_dashboard": False, **(head_args or {})})
         try:
             nodes = [cluster.add_node(**node) for node in workers]
             ray.init(address=cluster.address, runtime_env=runtime_env)
-            serve.start(proxy_location="Disabled")
+            if http_port is None:
+                serve.start(proxy_location="Disabled")
+            else:
+                serve.start(proxy_location="HeadOnly",
+                            http_options={"host": "127.0.0.1", "port": http_port})
             yield cluster, nodes
         finally:
             if ray.is_initialized():

@@ -3,33 +3,23 @@
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from tests.helpers import (
-    free_port,
     scrape,
     serve_app,
+    serve_run,
     server_stats,
     sse_events,
-    stop_process_tree,
     total,
-    wait_until_healthy,
 )
 
 pytestmark = pytest.mark.model
 
 MODEL = "smollm2-135m-instruct"
 FRANCE = {"role": "user", "content": "What is the capital of France?"}
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_64_concurrent_requests_are_batched_and_stay_correct(demo_checkpoint):
@@ -57,31 +47,6 @@ def test_64_concurrent_requests_are_batched_and_stay_correct(demo_checkpoint):
     assert all("Paris" in a for a in france), france
     assert all("banana" in a and "Paris" not in a for a in banana), banana
     assert stats["max_batch_size_seen"] > 1, stats
-
-
-def _without_ray_address() -> dict[str, str]:
-    """serve run must start its own local cluster, never join one named in the environment."""
-    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-
-
-@contextlib.contextmanager
-def serve_run(config_file: str, tmp_path: Path) -> Iterator[str]:
-    """``serve run`` of a shipped config, changed only to a free port; yields the base URL."""
-    config = yaml.safe_load((REPO_ROOT / config_file).read_text())
-    port = free_port()
-    config["http_options"]["port"] = port
-    config_path = tmp_path / config_file
-    config_path.write_text(yaml.safe_dump(config))
-    serve = Path(sys.executable).parent / "serve"
-    process = subprocess.Popen([str(serve), "run", str(config_path)], cwd=REPO_ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True, env=_without_ray_address())
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_healthy(base, process, timeout_s=240)
-        yield base
-    finally:
-        stop_process_tree(process)
 
 
 def assert_chat_answers(base: str, question: str, expected: str) -> None:

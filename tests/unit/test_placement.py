@@ -826,16 +826,24 @@ def test_start_node_script_requires_the_head_address() -> None:
 def test_start_node_script_advertises_this_hosts_slots(tmp_path: Path) -> None:
     fake_ray = tmp_path / "bin" / "ray"
     fake_ray.parent.mkdir()
-    fake_ray.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/ray-args\n')
+    fake_ray.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {tmp_path}/ray-args\n'
+                        f'grep Cpus_allowed_list: /proc/$$/status > {tmp_path}/ray-cpus\n'
+                        f'echo "$LLM_SERVE_RESERVED_CPUS" >> {tmp_path}/ray-cpus\n')
     fake_ray.chmod(fake_ray.stat().st_mode | stat.S_IEXEC)
     env = {
         **os.environ,
         "PATH": f"{fake_ray.parent}:{os.environ['PATH']}",
         "PYTHON": sys.executable,
         "RAY_HEAD": "10.0.0.1:6379",
+        "RESERVED_CORES": "1" if len(os.sched_getaffinity(0)) > 1 else "0",
     }
 
     subprocess.run(["bash", str(START_NODE), "--block"], env=env, check=True, timeout=120)
+
+    # Ray starts on the reserved core, and its workers learn the node's split from the env
+    allowed, reserved = (tmp_path / "ray-cpus").read_text().splitlines()
+    if env["RESERVED_CORES"] == "1":
+        assert allowed.split()[-1] == reserved == str(min(os.sched_getaffinity(0)))
 
     args = (tmp_path / "ray-args").read_text().splitlines()
     sockets = len(discover_cpu_sockets())

@@ -19,14 +19,14 @@ RAY_TUNING := $(shell grep -v '^\#' cluster/ray_tuning.env)
 # Ray (and so every process of the service) starts on the cores the config reserves for
 # the serving stack; the model's compute threads move to the others (deployments.core_reservation).
 RESERVED := $(PY) -m deployments.core_reservation --config
+LLAMA_CPP_CONFIG := serve_config.llama_cpp.yaml
 
 serve: $(INSTALLED) demo-checkpoint
 	env $(RAY_TUNING) $(RESERVED) serve_config.yaml -- $(VENV)/bin/serve run serve_config.yaml
 
 # The same service on engine llama_cpp (the faster CPU path) and the GGUF demo checkpoint.
 serve-llama-cpp: $(INSTALLED) $(LLAMA_CPP) demo-checkpoint-gguf
-	env $(RAY_TUNING) $(RESERVED) serve_config.llama_cpp.yaml -- \
-		$(VENV)/bin/serve run serve_config.llama_cpp.yaml
+	env $(RAY_TUNING) $(RESERVED) $(LLAMA_CPP_CONFIG) -- $(VENV)/bin/serve run $(LLAMA_CPP_CONFIG)
 
 test: $(INSTALLED) $(LLAMA_CPP) demo-checkpoint
 	$(PY) -m pytest

@@ -1,4 +1,5 @@
-"""The shipped Ray Serve settings (cluster/ray_tuning.env) name settings Ray Serve reads."""
+"""The shipped Ray settings (cluster/ray_tuning.env) name settings Ray Serve or Ray's
+dashboard agent reads."""
 
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 def test_every_setting_is_read_by_ray_serve_and_takes_effect() -> None:
     settings = ray_tuning_env()
     assert settings, "cluster/ray_tuning.env is empty"
-    source = Path(importlib.import_module("ray.serve._private.constants").__file__).read_text()
+    modules = ("ray.serve._private.constants", "ray.dashboard.modules.reporter.reporter_consts")
+    source = "".join(Path(importlib.import_module(m).__file__).read_text() for m in modules)
     for key in settings:
-        assert f'"{key}"' in source, f"Ray Serve no longer reads {key}"
-    # In a fresh interpreter with the settings, each one changes a Ray Serve constant to
-    # its value (compared with an interpreter without them).
-    probe = ("import json, ray.serve._private.constants as c; print(json.dumps("
-             "{k: v for k, v in vars(c).items() if k.isupper() and "
-             "isinstance(v, (int, float)) and not isinstance(v, bool)}))")
+        assert f'"{key}"' in source, f"Ray no longer reads {key}"
+    # In a fresh interpreter with the settings, each one changes one of those modules'
+    # constants to its value (compared with an interpreter without them).
+    probe = ("import importlib, json; print(json.dumps({f'{m}.{k}': v for m in "
+             f"{list(modules)!r} for k, v in vars(importlib.import_module(m)).items() if "
+             "k.isupper() and isinstance(v, (int, float)) and not isinstance(v, bool)}))")
 
     def constants(env: dict[str, str]) -> dict[str, float]:
         out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
@@ -37,7 +39,7 @@ def test_every_setting_is_read_by_ray_serve_and_takes_effect() -> None:
     plain, tuned = constants(plain_env), constants({**plain_env, **settings})
     changed = {tuned[k] for k in tuned if tuned[k] != plain.get(k)}
     for key, value in settings.items():
-        assert float(value) in changed, f"{key}={value} changed no Ray Serve constant"
+        assert float(value) in changed, f"{key}={value} changed no Ray constant"
 
 
 def test_make_serve_runs_with_the_settings() -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-requests", type=int, default=12)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
+    # A local cluster started by ray.init() uses token authentication; a driver joining it
+    # by address must say so (the token itself is in ~/.ray).
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     import ray
 
     ray.init(address=args.address, log_to_driver=False)

@@ -51,8 +51,12 @@ LOCAL_CACHE_DIR = "/var/cache/ipex-llm-serve/checkpoints"
 CLUSTER_DEVICE = "xpu"
 # The llama.cpp variant, reading the checkpoint `llm-checkpoint demo --format gguf` makes
 # (`device: auto` places a CPU-only engine on CPU sockets or the whole host, never a GPU).
+# Every slot holds the demo model's whole context (8192 tokens), as engine ipex_llm's rows
+# may: a long prompt is served by both engines alike. llama.cpp allocates the cells of all
+# max_batch_size slots up front (for this model's 23 KB per cell, about 3 GB at 16 slots).
 LLAMA_CPP_ARGS = {"engine": "llama_cpp",
-                  "checkpoint_path": "checkpoints/smollm2-135m-instruct-gguf"}
+                  "checkpoint_path": "checkpoints/smollm2-135m-instruct-gguf",
+                  "engine_options": {"context_tokens": 8192}}
 
 HEADER = ("# Generated from serve_config.yaml by cluster/render_serve_configs.py: edit those, not "
           "this.\n")

@@ -240,6 +240,33 @@ def test_launcher_workers_advertise_slots_through_start_node_script() -> None:
     assert "--num-gpus=0" in head  # no replica on the head
 
 
+def env_assignments(command: str, program: str) -> dict[str, str]:
+    """The ``NAME=value`` words before ``program`` in the shell command list ``command``."""
+    for part in command.split(";"):
+        words = shlex.split(part)
+        programs = [i for i, word in enumerate(words) if word.endswith(program)]
+        if programs:
+            return dict(word.split("=", 1) for word in words[:programs[0]])
+    raise AssertionError(f"no {program} in {command!r}")
+
+
+def test_launcher_keeps_the_gcs_in_redis_and_workers_wait_for_a_new_head() -> None:
+    """GCS fault tolerance: the head's `ray start` gets the external Redis (Ray 2.60 reads
+    RAY_REDIS_ADDRESS; `--address` on a head is deprecated) and its password, not written
+    in this file; workers outwait a head restart, as KubeRay makes its workers do."""
+    config = launcher()
+    (head,) = [c for c in config["head_start_ray_commands"] if "--head" in c]
+    host, port = env_assignments(head, "/ray")["RAY_REDIS_ADDRESS"].rsplit(":", 1)
+    assert host and int(port) > 0
+    (password,) = [w for w in shlex.split(head.split(";")[-1])
+                   if w.startswith("--redis-password=")]
+    assert password.startswith("--redis-password=$(cat ")  # read on the head, at start
+    script = START_NODE.relative_to(REPO).as_posix()
+    (worker,) = [c for c in config["worker_start_ray_commands"] if script in c]
+    timeout = env_assignments(worker, script)["RAY_gcs_rpc_server_reconnect_timeout_s"]
+    assert int(timeout) >= 300  # Ray's default of 60 s is shorter than a head restart
+
+
 def test_launcher_syncs_and_installs_the_project() -> None:
     config = launcher()
     (remote,) = [path for path, local in config["file_mounts"].items() if local == "."]
@@ -286,6 +313,27 @@ def test_rayservice_manifest_is_well_formed(driver: str) -> None:
     claim = kinds["PersistentVolumeClaim"]
     assert "ReadWriteMany" in claim["spec"]["accessModes"]
     assert "ReadWriteMany" in kinds["PersistentVolume"]["spec"]["accessModes"]
+
+
+@pytest.mark.parametrize("driver", list(RAYSERVICES))
+def test_rayservice_keeps_the_gcs_in_redis_with_a_password_from_a_secret(driver: str) -> None:
+    """GCS fault tolerance on (KubeRay's gcsFaultToleranceOptions): a head pod that dies is
+    replaced without losing the cluster or the Serve application."""
+    cluster = rayservice(RAYSERVICES[driver])["spec"]["rayClusterConfig"]
+    options = cluster["gcsFaultToleranceOptions"]
+    host, port = options["redisAddress"].rsplit(":", 1)
+    assert host and int(port) > 0
+    password = options["redisPassword"]
+    assert "value" not in password  # never in the manifest itself
+    secret = password["valueFrom"]["secretKeyRef"]
+    assert secret["name"] and secret["key"]
+    # KubeRay refuses a password both here and in rayStartParams, and the older annotation
+    # (ray.io/ft-enabled) together with these options.
+    assert "redis-password" not in cluster["headGroupSpec"]["rayStartParams"]
+    annotations = rayservice(RAYSERVICES[driver])["metadata"].get("annotations", {})
+    assert "ray.io/ft-enabled" not in annotations
+    create = f"kubectl create secret generic {secret['name']} --from-literal={secret['key']}="
+    assert create in RAYSERVICE.read_text() and create in (CLUSTER / "README.md").read_text()
 
 
 @pytest.mark.parametrize("driver", list(RAYSERVICES))

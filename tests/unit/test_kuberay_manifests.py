@@ -246,6 +246,12 @@ BREAKAGES: dict[str, tuple[Callable[[dict[str, Any]], None], str, bool]] = {
     "maxReplicas beyond int32": (
         lambda s: _worker(s).update(maxReplicas=2 ** 31), "workerGroupSpecs.0.maxReplicas",
         False),
+    "misspelt GCS fault tolerance field (redisAdress)": (
+        lambda s: s["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"].update(
+            redisAdress="redis:6379"), "rayClusterConfig.gcsFaultToleranceOptions", False),
+    "Redis password as a plain string": (
+        lambda s: s["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"].update(
+            redisPassword="secret"), "gcsFaultToleranceOptions.redisPassword", True),
     "minReplicas null (dropped: a no-op)": (
         lambda s: _worker(s).update(minReplicas=None), "workerGroupSpecs.0.minReplicas",
         True),

@@ -337,6 +337,30 @@ def test_rayservice_keeps_the_gcs_in_redis_with_a_password_from_a_secret(driver:
 
 
 @pytest.mark.parametrize("driver", list(RAYSERVICES))
+def test_rayservice_workers_start_ray_on_their_reserved_cores(driver: str) -> None:
+    """KubeRay runs the containers' own commands (overwrite-container-cmd), which start its
+    generated `ray start` through the core reservation on workers, as is on the head."""
+    service = rayservice(RAYSERVICES[driver])
+    assert service["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["command"] == ["/bin/bash", "-lc", "--"]
+        (script,) = container["args"]
+        assert script.startswith("ulimit -n 65536; exec ")  # KubeRay's own ulimit, kept
+        assert script.endswith("$KUBERAY_GEN_RAY_START_CMD")
+        reserved = "python -m deployments.core_reservation --cores ${RESERVED_CORES:-auto} --"
+        assert (reserved in script) == (group is not cluster["headGroupSpec"])
+    assert (REPO / "deployments" / "core_reservation.py").is_file()  # in the image
+    assert "COPY deployments ./deployments" in (CLUSTER / "Dockerfile.xpu").read_text()
+    # the launcher's workers: start-node.sh reserves them
+    start = " ".join(launcher()["worker_start_ray_commands"])
+    assert "RESERVED_CORES=" in start and "deployments.core_reservation" in \
+        START_NODE.read_text()
+
+
+@pytest.mark.parametrize("driver", list(RAYSERVICES))
 def test_rayservice_gpu_workers_request_intel_gpus_and_advertise_tiles(driver: str) -> None:
     groups = gpu_groups(RAYSERVICES[driver])
     assert groups

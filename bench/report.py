@@ -152,8 +152,13 @@ def targets(r: dict[str, Any]) -> list[tuple[str, str, str, str]]:
           for where in ("engine_alone", "over_http")),
         *_pinned_targets(r),
     ]
-    return [(name, text, goal if goal == "-" else f"{goal}x", _verdict(value, goal))
-            for name, text, value, goal in rows]
+    return [(name, text, goal if goal == "-" else f"{goal}{_unit(name)}",
+             _verdict(value, goal)) for name, text, value, goal in rows]
+
+
+def _unit(target: str) -> str:
+    """The unit of a target's goal: a ratio unless the target names another."""
+    return " ms" if "serving cost" in target else " cores" if "idle stack" in target else "x"
 
 
 PINNED = {"pinned_demo": "demo model", "pinned_1b": "1.1B model"}

@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     checkpoints = {"ipex_llm": ensure_demo_checkpoint(REPO_ROOT / DEMO_CHECKPOINT_DIR,
                                                       report=_log),
                    "gguf": demo_gguf_path()}
-    if any("llama_cpp" in s for s in sections) and skipped("engine_llama_cpp") is None:
+    if any("llama_cpp" in s or s.startswith("pinned") for s in sections) and \
+            skipped("engine_llama_cpp") is None:
         checkpoints["llama_cpp"] = ensure_demo_checkpoint(
             REPO_ROOT / DEMO_GGUF_CHECKPOINT_DIR, checkpoint_format="gguf", report=_log)
     bench = Bench(WORKLOADS[mode], scratch, {k: str(v) for k, v in checkpoints.items()})

@@ -24,15 +24,20 @@ tests use this module without the model stack installed.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import glob
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 
@@ -66,6 +71,9 @@ _TRACKED_LIBRARIES: dict[str, dict[str, tuple[str, int]]] = {
     },
 }
 _HASH_CHUNK_BYTES = 4 << 20
+# Errors of the file system being written to, whatever file they name.
+_DESTINATION_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+logger = logging.getLogger(__name__)
 # Files a checkpoint of each format cannot load without, and what the weights end with.
 _REQUIRED_FILES: dict[str, tuple[str, ...]] = {"ipex_llm": ("config.json",),
                                                "gguf": (GGUF_MODEL_FILE,)}
@@ -261,7 +269,8 @@ def publish_checkpoint(build: Callable[[Path], None], destination: str | os.Path
     (see the module docstring for the layout). An existing ``destination`` is refused unless
     ``force``, which publishes a new version and leaves the old one in place for its readers.
     Concurrent publishers are serialised by a file lock; the last one to finish wins the
-    name. If anything fails, the temporary folder is removed.
+    name. If anything fails, the temporary folder is removed; a file-system error (a full
+    disk, say) becomes a one-line CheckpointError.
 
     Returns the new version folder.
     """
@@ -285,10 +294,19 @@ def publish_checkpoint(build: Callable[[Path], None], destination: str | os.Path
             staging.rename(version)
             staging = version  # unpublished until the pointer switches: still ours to remove
             _point(destination, version)
-    except BaseException:
+    except BaseException as error:
         # An interrupt can land just after the pointer switched: then the version is out.
         if os.path.realpath(destination) != os.path.realpath(staging):
             shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):  # a full disk, a lost mount: one line, not a traceback
+            # (A full disk names whichever file the failing call had: maybe the source.)
+            where = "" if error.errno in _DESTINATION_ERRNOS or not error.filename else \
+                f" ({error.filename})"
+            raise CheckpointError(
+                f"cannot publish the checkpoint at {destination}: "
+                f"{error.strerror or error}{where}; nothing was published and its partial "
+                "build was removed (the name still points at its previous version, if "
+                "any)") from None
         raise
     return version
 
@@ -330,6 +348,83 @@ def cached_copy(checkpoint: str | os.PathLike[str], cache_root: str | os.PathLik
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return target
+
+
+@dataclass(frozen=True)
+class ReplicaCheckpoint:
+    """The checkpoint version a replica loads, and where that copy came from."""
+
+    folder: Path  # a version folder (or node-local copy): never changes under the replica
+    manifest: Manifest
+    digest: str  # manifest_digest: tells versions apart
+    hashes_verified: bool  # the files were hashed against the manifest on this node
+    origin: str  # "shared", "local cache", or "local cache (shared path unreadable)"
+
+    def describe(self) -> dict[str, str]:
+        """What /health reports: which version this replica serves, and from where."""
+        return {"name": self.manifest.name, "created_at": self.manifest.created_at,
+                "manifest_sha256": self.digest, "folder": str(self.folder),
+                "origin": self.origin}
+
+
+def replica_checkpoint(checkpoint: str | os.PathLike[str],
+                       cache_root: str | os.PathLike[str] | None = None) -> ReplicaCheckpoint:
+    """The version a starting replica loads: the one ``checkpoint`` names now, resolved
+    once (a later publish under the name reaches new replicas only), through the node-local
+    cache when ``cache_root`` is set.
+
+    If the shared path cannot be read (unmounted, gone, an I/O error) and ``cache_root``
+    holds a verified copy of a checkpoint of that name, the newest such copy is used, so a
+    node keeps starting replicas through a storage outage. A checkpoint that reads but is
+    defective is never replaced by a cached one. Raises CheckpointError, one line naming
+    the path and the problem, when there is nothing to load.
+    """
+    given = Path(checkpoint).expanduser().absolute()
+    try:
+        if cache_root:
+            folder, origin = cached_copy(given, cache_root), "local cache"
+        else:
+            folder, origin = resolve_checkpoint(given), "shared"
+        return ReplicaCheckpoint(folder, read_manifest(folder), manifest_digest(folder),
+                                 hashes_verified=bool(cache_root), origin=origin)
+    except (CheckpointError, OSError) as error:
+        reason = str(error) if isinstance(error, CheckpointError) else \
+            f"checkpoint {given}: cannot be read: {error.strerror or error}"
+        if _readable(given) or not cache_root:
+            raise CheckpointError(reason) from None
+        fallback = newest_cached_copy(given.name, cache_root)
+        if fallback is None:
+            raise CheckpointError(f"{reason}; and local_cache_dir {cache_root} holds no "
+                                  f"verified copy of {given.name}") from None
+    logger.warning("%s; serving the node-local copy %s instead", reason, fallback)
+    return ReplicaCheckpoint(fallback, read_manifest(fallback), manifest_digest(fallback),
+                             hashes_verified=True,
+                             origin="local cache (shared path unreadable)")
+
+
+def newest_cached_copy(name: str, cache_root: str | os.PathLike[str]) -> Path | None:
+    """The most recently published checkpoint called ``name`` among the finished copies in
+    ``cache_root`` (by manifest; sizes checked), or None."""
+    found: list[tuple[str, Path]] = []
+    with contextlib.suppress(OSError):
+        for folder in Path(cache_root).glob(f"{glob.escape(name)}-*"):
+            with contextlib.suppress(OSError, CheckpointError):
+                manifest = read_manifest(folder)
+                if manifest.name == name and _holds_copy(folder, manifest_digest(folder)):
+                    found.append((manifest.created_at, folder))
+    return max(found)[1] if found else None
+
+
+def _readable(path: Path) -> bool:
+    """Whether the checkpoint's storage answers: the name resolves and its manifest can be
+    opened (a defect inside is then the checkpoint's, not the storage's)."""
+    try:
+        with open(path.resolve(strict=True) / MANIFEST_FILE, "rb"):
+            return True
+    except FileNotFoundError:
+        return os.path.isdir(path.resolve())  # a folder without a manifest: a defect
+    except (OSError, RuntimeError):
+        return False
 
 
 def manifest_digest(folder: str | os.PathLike[str]) -> str:

@@ -26,7 +26,12 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    RayActorError,
+    TaskCancelledError,
+)
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -118,10 +123,22 @@ async def _http_error(request: Request, error: StarletteHTTPException) -> JSONRe
 
 
 @app.exception_handler(Exception)
-async def _unexpected_error(request: Request, error: Exception) -> JSONResponse:
+async def _unexpected_error(request: Request, error: Exception) -> Response:
     """A bug still answers in OpenAI's shape (and is logged), never as plain text."""
+    if _client_gone(error):  # nobody to answer, and nothing went wrong: no traceback
+        logger.info("client went away during %s %s", request.method, request.url.path)
+        return Response(status_code=499)  # nginx's "client closed request"; never sent
     logger.exception("unexpected error on %s %s", request.method, request.url.path)
     return _error_response(ServiceError(f"internal error: {type(error).__name__}", 500))
+
+
+def _client_gone(error: BaseException) -> bool:
+    """Whether ``error`` is Ray cancelling the request because its HTTP client hung up
+    (Starlette meets it in ``receive()`` while streaming): every client that leaves
+    mid-stream would otherwise log a traceback."""
+    if isinstance(error, BaseExceptionGroup):
+        return all(_client_gone(inner) for inner in error.exceptions)
+    return isinstance(error, TaskCancelledError)
 
 
 def _body_schema(model: type) -> dict[str, Any]:

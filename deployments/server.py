@@ -20,6 +20,7 @@ import asyncio
 import collections
 import logging
 import os
+import threading
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -27,8 +28,8 @@ from typing import Any
 import ray
 from ray import serve
 
-from deployments import constants, metrics, placement
-from deployments.checkpoints import cached_copy
+from deployments import constants, core_reservation, metrics, placement
+from deployments.checkpoints import replica_checkpoint
 from deployments.config import LLMConfig
 from deployments.contract import (
     DetokenizeRequest,
@@ -71,20 +72,29 @@ class LLMServer:
         node_id = context.get_node_id()
         if slot_placement == "xpu":  # first: the XPU runtime reads its mask when it starts
             placement.restrict_to_gpus(context.get_accelerator_ids().get("GPU", []))
-        self._claim = placement.claim_slot(slot_placement, node_id=node_id)
+        self._cores = core_reservation.node_reservation(config.reserved_cores)
+        self._claim = placement.claim_slot(slot_placement, node_id=node_id,
+                                           affinity=self._cores.node_cpus)
         self._labels = metrics.labels_for(config.model_name, self._claim.slot.kind,
                                           str(self._claim.slot.index))
         metrics.prepare_multiprocess_dir(metrics_dir)
-        self._pinning = placement.pin_to_slot(self._claim.slot, xmx_disabled=config.xmx_disabled)
+        self._pinning = placement.pin_to_slot(self._claim.slot,
+                                              reserved_cpus=self._cores.reserved_cpus,
+                                              xmx_disabled=config.xmx_disabled)
+        self._compute_threads: dict[int, int] = {}  # tid -> CPU, set after the warm-up
         self._slot = self._pinning.slot  # with the device's name, for an XPU
-        checkpoint = config.checkpoint_path
-        if config.local_cache_dir:  # hashed once per node, as it is copied there
-            checkpoint = str(cached_copy(checkpoint, config.local_cache_dir))
+        # Resolved once (a later publish under the name reaches new replicas only), through
+        # the node cache if set. Echo reads no checkpoint: it resolves one only for a cache.
+        self._checkpoint = (
+            replica_checkpoint(config.checkpoint_path, config.local_cache_dir)
+            if config.engine != "echo" or config.local_cache_dir else None)
+        checkpoint = str(self._checkpoint.folder) if self._checkpoint else config.checkpoint_path
         self._engine = load_engine(
             config.runner_class_path, checkpoint, device=self._slot.device,
             max_batch_size=config.max_batch_size,
             max_prefill_tokens_per_step=config.max_prefill_tokens_per_step,
-            options=config.engine_options, hashes_verified=bool(config.local_cache_dir))
+            options=config.engine_options,
+            hashes_verified=bool(self._checkpoint and self._checkpoint.hashes_verified))
         self._batch_sizes: collections.Counter[int] = collections.Counter()
         self._engine_thread_niceness: int | None = None  # set by the engine thread
         self._streaming = 0  # answers being streamed (their chunks share a budget)
@@ -158,14 +168,23 @@ class LLMServer:
         return min(self._streaming / budget, constants.MAX_STREAM_INTERVAL_S)
 
     def _prepare_engine_thread(self) -> None:
-        """Runs first on the engine thread: its torch threads, its priority, then the
-        engine's warm-up (the model's first forward pass must run on this thread)."""
+        """Runs first on the engine thread: onto the compute CPUs, its torch threads, its
+        priority, then the engine's warm-up (the model's first forward pass must run on this
+        thread: it starts the OpenMP pool, which inherits all three), then the pool one
+        thread per core."""
+        # An XPU replica pins no CPUs of its own: its engine thread (host side of every
+        # step) leaves the node's reserved cores for the rest, as a CPU slot's does.
+        engine_cpus = self._pinning.cpus or self._cores.compute_cpus(self._cores.node_cpus)
+        core_reservation.enter_compute_cpus(engine_cpus, self._cores.reserved_cpus)
         placement.apply_torch_threads(self._pinning)
         niceness = self._config.engine_thread_niceness
         self._engine_thread_niceness = (
             os.getpriority(os.PRIO_PROCESS, 0) if niceness is None
             else placement.raise_engine_thread_priority(niceness))
         self._engine.warm_up()
+        if self._pinning.reserved_cpus:
+            self._compute_threads = core_reservation.pin_compute_pool(
+                self._pinning.cpus, threading.get_native_id())
 
     async def health(self) -> dict[str, Any]:
         """What /health reports for this replica; raises when the engine loop is not alive."""
@@ -173,7 +192,12 @@ class LLMServer:
         return {"model": self._config.model_name, "engine": self._config.engine,
                 "slot": self._slot.to_dict(),
                 "engine_thread_niceness": self._engine_thread_niceness,
+                "cores": {**self._cores.to_dict(),
+                          "compute_cpus": placement.format_cpulist(self._pinning.cpus),
+                          "compute_threads": {str(tid): cpu for tid, cpu
+                                              in self._compute_threads.items()}},
                 "pinning": self._pinning.to_dict(), "pid": os.getpid(),
+                "checkpoint": self._checkpoint.describe() if self._checkpoint else None,
                 "running": getattr(self._engine, "num_running", None),
                 "waiting": getattr(self._engine, "num_waiting", None),
                 "kv_cache_positions": getattr(self._engine, "max_kv_tokens", None),

@@ -315,6 +315,28 @@ def test_an_aborted_chunked_prompt_lets_go_of_its_claim(tiny):
     assert engine.runner._claims == {} and engine.runner._chunk is None
 
 
+def test_aborting_mid_chunked_prefill_frees_the_slot_at_the_next_step(tiny):
+    """A long prompt aborted between two of its chunks: the next step drops its partial KV
+    and prefills the waiting request, which answers as it would alone."""
+    engine = make_engine(tiny, max_batch_size=1, max_prefill_tokens_per_step=16,
+                         prompt_cache=False)
+    alone = run(make_engine(tiny, prompt_cache=False), [greedy("next", prompt(4, 12), 4)])
+    engine.add_request(greedy("long", prompt(3, 120), 4))
+    engine.add_request(greedy("next", prompt(4, 12), 4))
+    for _ in range(3):  # chosen for chunking, then two of its chunks
+        engine.step()
+    assert engine.runner._chunk is not None and engine.runner._chunk[0] == "long"
+    engine.abort("long")
+    result = engine.step()
+    assert {o.request_id: o.finish_reason for o in result.outputs if o.finished} == \
+        {"long": "abort"}
+    assert result.num_prefill_tokens == 12  # the waiting prompt, no chunk of the aborted one
+    assert engine.runner._chunk is None and (engine.num_running, engine.num_waiting) == (1, 0)
+    texts = run(engine, [])
+    first = "".join(o.text for o in result.outputs if o.request_id == "next")
+    assert first + texts["next"] == alone["next"]
+
+
 def _record_decodes(engine: BatchingEngine) -> list[tuple[int, int]]:
     """(rows decoded, rows running) of each decode step the engine runs from now on."""
     steps: list[tuple[int, int]] = []

@@ -172,6 +172,30 @@ def test_abort_frees_the_slot_and_reports_abort():
     assert texts["b"] == "bbb"
 
 
+def test_aborting_a_prompt_mid_chunked_prefill_frees_its_slot_at_the_next_step():
+    """A client that hangs up during a long prompt's chunked prefill: the next step drops
+    it (the runner lets go of its chunk state) and admits the next waiting prompt, with no
+    further chunk of the aborted prompt computed."""
+    engine = make_engine(max_batch_size=1, max_prefill_tokens_per_step=16)
+    plans = record_plans(engine)
+    engine.add_request(request(engine, "long", "y" * 100 + " tail", max_tokens=2))
+    engine.add_request(request(engine, "next", "x nxt", max_tokens=3))
+    for _ in range(3):  # chosen for chunking, then two of its seven chunks
+        engine.step()
+    assert [w.seq.request_id for p in plans for w in p.prefill] == ["long", "long"]
+    assert (engine.num_running, engine.num_waiting) == (1, 1)
+    engine.abort("long")
+    plans.clear()
+    outputs = engine.step().outputs
+    assert {o.request_id: o.finish_reason for o in outputs if o.finished} == {"long": "abort"}
+    assert [s.request_id for s in plans[0].leaving] == ["long"]  # released before admission
+    assert [w.seq.request_id for p in plans for w in p.prefill] == ["next"]  # no more chunks
+    assert (engine.num_running, engine.num_waiting) == (1, 0)
+    first = "".join(o.text for o in outputs if o.request_id == "next")
+    texts, reasons, _ = run(engine)
+    assert reasons == {"next": "length"} and first + texts["next"] == "nxt"
+
+
 def test_aborting_a_waiting_request_never_runs_it():
     engine = make_engine(max_batch_size=1)
     engine.add_request(request(engine, "a", "x aaa", max_tokens=5))

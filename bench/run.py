@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(WORKLOADS[mode], scratch, {k: str(v) for k, v in checkpoints.items()})
     results: dict[str, Any] = {
         "command": "python -m bench.run" + (" --quick" if args.quick else "")
-        + (f" --sections {args.sections}" if sections != list(SECTIONS) else ""),
+        + (f" --sections {args.sections}" if sections != list(SECTIONS) else "")
+        + (" --merge" if args.merge else ""),
         "machine": machine_info(), "workload": {"name": mode, **bench.work},
         "checkpoints": {k: str(v.relative_to(REPO_ROOT) if v.is_relative_to(REPO_ROOT) else v)
                         for k, v in checkpoints.items()},

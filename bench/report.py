@@ -315,7 +315,12 @@ def _header(r: dict[str, Any]) -> list[str]:
         "- Other load: CPU cores other processes used during a measurement (0.2 or more: "
         "measured once more, the quieter attempt kept).",
         "- Fields: bench/loadgen.py (`Run`, `Level`, `Mixed`, `Interleaved`) and "
-        "bench/engine.py (`EngineRun`) document results.json.", ""]
+        "bench/engine.py (`EngineRun`) document results.json.",
+        *(["- Kept from an earlier run (`--merge`): " + ", ".join(
+            f"{name} ({section['from_run']})" for name, section in r["sections"].items()
+            if section.get("from_run"))]
+          if any(section.get("from_run") for section in r["sections"].values()) else []),
+        ""]
 
 
 def _engine_tables(r: dict[str, Any]) -> list[str]:

@@ -9,10 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import psutil
@@ -211,3 +212,59 @@ def local_cluster(workers: Sequence[dict[str, Any]], *,
                 serve.shutdown()
                 ray.shutdown()
             cluster.shutdown()
+
+
+def app_status(app: str = "llm") -> str | None:
+    """The Serve application's status (RUNNING, DEPLOY_FAILED, ...), None if it is absent."""
+    status = serve.status().applications.get(app)
+    return None if status is None else status.status.value
+
+
+def replica_states(app: str = "llm", deployment: str = "LLMServer") -> dict[str, int]:
+    """{replica state: count} of one deployment of the application ({} while it is absent)."""
+    status = serve.status().applications.get(app)
+    if status is None or deployment not in status.deployments:
+        return {}
+    # ReplicaState members are str enums; keys compare by their value either way.
+    return {str(getattr(state, "value", state)): count
+            for state, count in status.deployments[deployment].replica_states.items()}
+
+
+class ClientThreads:
+    """``count`` daemon threads running ``self._run(name)`` between ``with`` and its end;
+    the end stops them and fails if one is still running after ``join_timeout_s`` (a hung
+    client). Subclasses loop in ``_run`` until ``self._stop`` is set."""
+
+    def __init__(self, count: int, join_timeout_s: float = 90) -> None:
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._join_timeout_s = join_timeout_s
+        self._threads = [threading.Thread(target=self._run, args=(f"w{i}",), daemon=True)
+                         for i in range(count)]
+
+    def _run(self, name: str) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=self._join_timeout_s)
+        assert not any(thread.is_alive() for thread in self._threads), "a client hung"
+
+
+def wait_for_app(condition: Callable[[], bool], timeout_s: float, what: str,
+                 fail_if: Callable[[], bool] = lambda: False, *, app: str = "llm",
+                 poll_s: float = 0.25) -> None:
+    """Poll ``condition`` until it holds; fail naming ``what`` and the application's status
+    when ``fail_if`` holds first or ``timeout_s`` passes."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        details = f"{serve.status().applications.get(app)}"
+        assert not fail_if(), f"gave up waiting for {what}: {details}"
+        assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}: {details}"
+        time.sleep(poll_s)

@@ -37,14 +37,21 @@ import psutil
 import pytest
 import ray
 import yaml
-from ray import serve
 from ray._private import ray_constants
 from ray.serve.context import _get_global_client
 from ray.serve.schema import ServeDeploySchema
 
 from bench.ray_tuning import ray_tuning_env
 from deployments.placement import CPU_SOCKET_RESOURCE
-from tests.helpers import free_port, local_cluster, socket_nodes, sse_events
+from tests.helpers import (
+    app_status,
+    free_port,
+    local_cluster,
+    replica_states,
+    socket_nodes,
+    sse_events,
+    wait_for_app,
+)
 
 SERVE_CONFIG = Path(__file__).resolve().parents[1] / "serve_config.yaml"
 APP = "llm"
@@ -143,22 +150,9 @@ def deploy(args: dict[str, Any], timeout_s: float) -> None:
                                                "resources": {HEAD_RESOURCE: 0.01}}
     config = ServeDeploySchema.model_validate({"applications": [app]})
     _get_global_client().deploy_apps(config)
-    wait_for(lambda: replica_states() == {"RUNNING": 2} and app_status() == "RUNNING",
+    wait_for_app(lambda: replica_states() == {"RUNNING": 2} and app_status() == "RUNNING",
              timeout_s, "the app to run with two replicas",
              fail_if=lambda: app_status() == "DEPLOY_FAILED")
-
-
-def app_status() -> str | None:
-    status = serve.status().applications.get(APP)
-    return None if status is None else status.status.value
-
-
-def replica_states() -> dict[str, int]:
-    status = serve.status().applications.get(APP)
-    if status is None or SERVER not in status.deployments:
-        return {}
-    return {str(getattr(state, "value", state)): count
-            for state, count in status.deployments[SERVER].replica_states.items()}
 
 
 def sockets_in_use() -> float:
@@ -171,16 +165,6 @@ def server_replica_nodes() -> dict[str, str]:
     actors = ray._private.state.actors().values()  # the GCS's table: no dashboard needed
     return {actor["Name"]: actor["Address"]["NodeID"] for actor in actors
             if actor["State"] == "ALIVE" and f"#{SERVER}#" in actor["Name"]}
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str,
-             fail_if: Callable[[], bool] = lambda: False) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        details = f"{serve.status().applications.get(APP)}"
-        assert not fail_if(), f"gave up waiting for {what}: {details}"
-        assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}: {details}"
-        time.sleep(POLL_S)
 
 
 def node_alive(node_id: str) -> bool:
@@ -350,11 +334,11 @@ def run_node_loss(cluster: Cluster, bodies: list[dict[str, Any]], streams_before
 def bring_node_back(cluster: Cluster, timeout_s: float) -> str:
     """Once the lost replica is gone, a node like the lost one joins; Serve starts the
     replacement replica there. Returns the replacement's actor name."""
-    wait_for(lambda: replica_states().get("RUNNING") == 1, timeout_s,
+    wait_for_app(lambda: replica_states().get("RUNNING") == 1, timeout_s,
              "the lost replica to be gone")
     node = cluster.ray_cluster.add_node(**socket_nodes(1)[0])
     cluster.nodes.append(node)
-    wait_for(lambda: replica_states() == {"RUNNING": 2}, timeout_s,
+    wait_for_app(lambda: replica_states() == {"RUNNING": 2}, timeout_s,
              "a replacement replica on the new node")
     assert sockets_in_use() == 2
     (replacement,) = [name for name, node_id in server_replica_nodes().items()

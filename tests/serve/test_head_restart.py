@@ -41,7 +41,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -56,7 +55,7 @@ import yaml
 
 from deployments.checkpoints import publish_checkpoint
 from deployments.placement import CPU_SOCKET_RESOURCE
-from tests.helpers import free_port, write_tiny_model
+from tests.helpers import ClientThreads, free_port, write_tiny_model
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -482,30 +481,16 @@ def replicas(details: dict[str, Any]) -> dict[str, tuple[str, str, int]]:
 OUTCOMES = ("completed", "refused", "errored", "hung")
 
 
-class Load:
+class Load(ClientThreads):
     """LOAD_THREADS clients, one completion after another, each outcome counted."""
 
     def __init__(self, url: str) -> None:
+        super().__init__(LOAD_THREADS, join_timeout_s=REQUEST_TIMEOUT_S + 10)
         self.url = url
         self.phase = "before"
         self.counts: Counter[tuple[str, str]] = Counter()
         self.statuses: Counter[int] = Counter()  # HTTP status codes answered
         self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-        self._threads = [threading.Thread(target=self._run, args=(f"w{i}",), daemon=True)
-                         for i in range(LOAD_THREADS)]
-
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=REQUEST_TIMEOUT_S + 10)
-        assert not any(thread.is_alive() for thread in self._threads)
 
     def total(self, outcome: str, phase: str | None = None) -> int:
         with self._lock:

@@ -17,9 +17,8 @@ own disk, which makes that one copy per node.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,14 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments.checkpoints import publish_checkpoint, verify_checkpoint
 from deployments.placement import CPU_SOCKET_RESOURCE
-from tests.helpers import local_cluster, socket_nodes
+from tests.helpers import (
+    ClientThreads,
+    app_status,
+    local_cluster,
+    replica_states,
+    socket_nodes,
+    wait_for_app,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -45,7 +51,6 @@ MAX_TOKENS = 30
 LOAD_CONCURRENCY = 6  # in flight, against target_ongoing_requests=2: wants 3 replicas, gets 2
 DEPLOY_TIMEOUT_S = 90.0
 SCALE_TIMEOUT_S = 60.0
-POLL_S = 0.25
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +87,7 @@ def deploy(server_options: dict[str, Any], checkpoint_root: Path, cache_dir: Pat
     config = ServeDeploySchema.model_validate({"applications": [app]})
     # What `serve run serve_config.yaml` does after starting Serve (ray/serve/scripts.py).
     _get_global_client().deploy_apps(config)
-    wait_for(lambda: app_status() == "RUNNING", DEPLOY_TIMEOUT_S, "the app to run",
+    wait_for_app(lambda: app_status() == "RUNNING", DEPLOY_TIMEOUT_S, "the app to run",
              fail_if=lambda: app_status() == "DEPLOY_FAILED")
 
 
@@ -92,20 +97,6 @@ def delete_app(cluster: Cluster) -> Iterator[None]:
     serve.delete(APP)
 
 
-def app_status() -> str | None:
-    status = serve.status().applications.get(APP)
-    return None if status is None else status.status.value
-
-
-def replica_states() -> dict[str, int]:
-    status = serve.status().applications.get(APP)
-    if status is None or SERVER not in status.deployments:
-        return {}
-    # ReplicaState members are str enums; keys compare by their value either way.
-    return {str(getattr(state, "value", state)): count
-            for state, count in status.deployments[SERVER].replica_states.items()}
-
-
 def running_replicas() -> int:
     return replica_states().get("RUNNING", 0)
 
@@ -113,16 +104,6 @@ def running_replicas() -> int:
 def sockets_in_use() -> float:
     total = ray.cluster_resources().get(CPU_SOCKET_RESOURCE, 0)
     return total - ray.available_resources().get(CPU_SOCKET_RESOURCE, 0)
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str,
-             fail_if: Callable[[], bool] = lambda: False) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        details = f"{serve.status().applications.get(APP)}"
-        assert not fail_if(), f"gave up waiting for {what}: {details}"
-        assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}: {details}"
-        time.sleep(POLL_S)
 
 
 def complete(word: str) -> str:
@@ -136,27 +117,13 @@ def echo_of(word: str) -> str:
     return (word * MAX_TOKENS)[:MAX_TOKENS]
 
 
-class SustainedLoad:
+class SustainedLoad(ClientThreads):
     """LOAD_CONCURRENCY threads, each sending one request after another until stopped."""
 
     def __init__(self) -> None:
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
+        super().__init__(LOAD_CONCURRENCY)
         self.completed = 0
         self.wrong: list[str] = []
-        self._threads = [threading.Thread(target=self._run, args=(f"w{i}",), daemon=True)
-                         for i in range(LOAD_CONCURRENCY)]
-
-    def __enter__(self) -> SustainedLoad:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=90)
-        assert not any(thread.is_alive() for thread in self._threads)
 
     def _run(self, word: str) -> None:
         while not self._stop.is_set():
@@ -179,7 +146,7 @@ def test_replicas_on_both_nodes_share_one_cached_checkpoint_copy(
     deploy({"num_replicas": 2}, checkpoint_root, cache_dir)
 
     assert running_replicas() == 2
-    wait_for(lambda: sockets_in_use() == 2, 10, "both sockets to be held")
+    wait_for_app(lambda: sockets_in_use() == 2, 10, "both sockets to be held")
     # Two replicas, one socket per worker node, both held: one replica on each node.
     assert complete("hello") == echo_of("hello")
 
@@ -213,21 +180,21 @@ def test_sustained_load_adds_a_replica_on_the_other_node_and_removes_it_after(
 
     started = time.monotonic()
     with SustainedLoad() as load:
-        wait_for(lambda: running_replicas() == 2, SCALE_TIMEOUT_S, "a second replica")
+        wait_for_app(lambda: running_replicas() == 2, SCALE_TIMEOUT_S, "a second replica")
         upscaled_after_s = time.monotonic() - started
-        wait_for(lambda: sockets_in_use() == 2, 10, "the second node's socket to be held")
+        wait_for_app(lambda: sockets_in_use() == 2, 10, "the second node's socket to be held")
         served_before = load.completed
-        wait_for(lambda: load.completed >= served_before + 2 * LOAD_CONCURRENCY,
+        wait_for_app(lambda: load.completed >= served_before + 2 * LOAD_CONCURRENCY,
                  SCALE_TIMEOUT_S, "requests served by two replicas")
     assert load.wrong == []
     assert replica_states() == {"RUNNING": 2}  # max_replicas holds although 6 > 2 x 2
 
     idle_since = time.monotonic()
-    wait_for(lambda: replica_states() == {"RUNNING": 1}, SCALE_TIMEOUT_S,
+    wait_for_app(lambda: replica_states() == {"RUNNING": 1}, SCALE_TIMEOUT_S,
              "the extra replica to go")
     downscaled_after_s = time.monotonic() - idle_since
     assert downscaled_after_s >= autoscaling["downscale_delay_s"] - 1
-    wait_for(lambda: sockets_in_use() == 1, 10, "the second socket to be released")
+    wait_for_app(lambda: sockets_in_use() == 1, 10, "the second socket to be released")
     assert complete("after") == echo_of("after")
     print(f"upscaled after {upscaled_after_s:.1f} s of load, "
           f"downscaled after {downscaled_after_s:.1f} s idle, {load.completed} requests")

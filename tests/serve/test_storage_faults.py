@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -37,7 +36,7 @@ from deployments.checkpoints import (
     verify_checkpoint,
 )
 from deployments.convert import demo_gguf_path
-from tests.helpers import free_port, sse_events, write_tiny_model
+from tests.helpers import ClientThreads, free_port, sse_events, write_tiny_model
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -230,35 +229,21 @@ def ask(client: httpx.Client, word: str, stream: bool) -> str:
     return "".join(e["choices"][0]["text"] for e in events[:-1] if e["choices"])
 
 
-class Load:
+class Load(ClientThreads):
     """LOAD_THREADS clients sending requests back to back over HTTP until stopped; every
     answer is checked against the echo engine's."""
 
     def __init__(self, base_url: str) -> None:
+        super().__init__(LOAD_THREADS)
         self._base_url = base_url
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
         self.completed = 0
         self.errors: list[str] = []
-        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True)
-                         for i in range(LOAD_THREADS)]
 
-    def __enter__(self) -> Load:
-        for thread in self._threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        for thread in self._threads:
-            thread.join(timeout=90)
-        assert not any(t.is_alive() for t in self._threads), "a client hung"
-
-    def _run(self, index: int) -> None:
+    def _run(self, name: str) -> None:
         with httpx.Client(base_url=self._base_url, timeout=60) as client:
             sent = 0
             while not self._stop.is_set():
-                word = f"w{index}n{sent}"
+                word = f"{name}n{sent}"
                 text = ask(client, word, stream=sent % 2 == 0)
                 sent += 1
                 with self._lock:

@@ -404,15 +404,16 @@ def replica_checkpoint(checkpoint: str | os.PathLike[str],
 
 def newest_cached_copy(name: str, cache_root: str | os.PathLike[str]) -> Path | None:
     """The most recently published checkpoint called ``name`` among the finished copies in
-    ``cache_root`` (by manifest; sizes checked), or None."""
-    found: list[tuple[str, Path]] = []
+    ``cache_root`` (by manifest; sizes checked), or None. ``created_at`` counts seconds, so
+    two versions published within one second are told apart by which was copied last."""
+    found: list[tuple[str, float, Path]] = []
     with contextlib.suppress(OSError):
         for folder in Path(cache_root).glob(f"{glob.escape(name)}-*"):
             with contextlib.suppress(OSError, CheckpointError):
                 manifest = read_manifest(folder)
                 if manifest.name == name and _holds_copy(folder, manifest_digest(folder)):
-                    found.append((manifest.created_at, folder))
-    return max(found)[1] if found else None
+                    found.append((manifest.created_at, folder.stat().st_mtime_ns, folder))
+    return max(found)[2] if found else None
 
 
 def _readable(path: Path) -> bool:

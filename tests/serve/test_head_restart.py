@@ -79,7 +79,9 @@ GCS_RECONNECT_TIMEOUT_S = "600"
 OBJECT_STORE_BYTES = 100 * 1024 * 1024
 # Ray 2.60 turns token authentication on when ~/.ray/auth_token exists (someone else's
 # cluster on this machine may have made one): this private cluster runs without.
-RAY_ENV = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+# Never another cluster's address: these nodes start and join their own.
+RAY_ENV = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
+           "RAY_AUTH_MODE": "disabled"}
 
 
 def redis_server_binary() -> str | None:
@@ -267,8 +269,11 @@ class RayNode:
                          alive=self.process)
                 return attempt
             except AssertionError as error:
-                print(f"{self.what}: start attempt {attempt} failed: {error}")
-                failures.append(str(error))
+                said = [line for line in self.log.read_text(errors="replace").splitlines()
+                        if line.strip()][-3:]
+                print(f"{self.what}: start attempt {attempt} failed: {error}; its log ends: "
+                      + " | ".join(said))
+                failures.append(f"{error}; its log ends: {' | '.join(said)}")
                 stop_tree(self.process)
                 self.forget_address()
         message = f"{self.what} did not start in {START_ATTEMPTS} attempts: {failures[-1]}"

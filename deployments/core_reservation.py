@@ -92,7 +92,8 @@ class CoreReservation:
 
     def compute_cpus(self, slot_cpus: Iterable[int]) -> tuple[int, ...]:
         """The slot's CPUs the model may compute on: all but the reserved ones."""
-        return tuple(cpu for cpu in slot_cpus if cpu not in set(self.reserved_cpus))
+        reserved = set(self.reserved_cpus)
+        return tuple(cpu for cpu in slot_cpus if cpu not in reserved)
 
     def to_dict(self) -> dict[str, Any]:
         return {"node_cpus": format_cpulist(self.node_cpus),

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 
+from bench.pinned import thread_placement
 from deployments.core_reservation import choose_reserved_cpus
 from deployments.placement import format_cpulist
 from tests.helpers import serve_run
@@ -25,19 +25,6 @@ pytestmark = [pytest.mark.model, pytest.mark.timeout(420),
               pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs")]
 
 LAUNCHER = (sys.executable, "-m", "deployments.core_reservation", "--cores", "1", "--")
-
-
-def _thread_cpus(pid: int) -> dict[int, str]:
-    """{tid: Cpus_allowed_list} of every thread of ``pid`` (threads that exit are skipped)."""
-    cpus = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            status = (task / "status").read_text()
-        except OSError:
-            continue
-        line = next(row for row in status.splitlines() if row.startswith("Cpus_allowed_list"))
-        cpus[int(task.name)] = line.split(":", 1)[1].strip()
-    return cpus
 
 
 def _serving_processes() -> list[psutil.Process]:
@@ -68,7 +55,7 @@ def _check_split(base: str, question: str) -> None:
     elsewhere = []
     for process in processes:
         try:
-            threads = _thread_cpus(process.pid)
+            threads = {int(tid): cpus for tid, cpus in thread_placement(process.pid).items()}
         except OSError:
             continue
         for tid, allowed in threads.items():

@@ -11,15 +11,17 @@ records the RSS and open file descriptors (/proc/PID/fd) of the model replica, t
 the HTTP proxy and the Serve controller, and the Ray object store's bytes in use (the
 raylet's store stats, read over its GCS without joining the cluster as a driver).
 
-Reported: RSS growth of each process from the end of warm-up (``--warmup`` requests) to
-the end (target below 5%), fd counts after warm-up (flat: max - min), and the outcome of
-every request (an unexpected outcome is any 5xx but a timed-out request's 504, or a broken
-connection).
+Reported: RSS growth of each process from the end of warm-up to the end (target below 5%).
+Warm-up is ``--warmup`` requests and, beyond that, until the replica's prompt cache is full:
+it fills up to a fixed bound by design (/health reports its bytes and bound), so growth
+before then says nothing about leaks. Also: the replica's growth beyond its prompt cache,
+fd counts after warm-up (flat: max - min), and the outcome of every request (an
+unexpected outcome is any 5xx but a timed-out request's 504, or a broken connection).
 
 ``--start`` runs ``serve run serve_config.yaml`` (with cluster/ray_tuning.env, as ``make
 serve``) in a session of its own, waits for /health, and stops it by PID at the end;
 otherwise the service at ``--url`` must be running (``make serve``). Not part of ``make
-test``: it takes about 20 minutes on a 2-core machine.
+test``: 20,000 requests take 10-20 minutes on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -51,12 +53,15 @@ MODEL = "smollm2-135m-instruct"
 MIX = (("completion", 0.30), ("stream", 0.30), ("cancelled", 0.10), ("timed_out", 0.10),
        ("bad_input", 0.20))
 RSS_GROWTH_TARGET = 0.05
+PROMPT_CACHE_FULL = 0.95  # of its bound: the replica's prompt cache has filled
 BAD_BODIES: tuple[dict[str, Any], ...] = (
     {"model": MODEL, "prompt": "hi", "max_tokens": -1},
     {"model": MODEL, "prompt": "hi", "temperature": "hot"},
     # Not {"model": ...} alone: a completion without a prompt is valid (OpenAI's default).
     {"model": MODEL, "prompt": "hi", "max_tokens": "5"},
-    {"model": MODEL, "prompt": "hi", "no_such_field": 1},
+    # Not an unknown field: those are ignored (OpenAI's clients send fields servers lack), and
+    # such a body is a valid request for default_max_tokens.
+    {"model": MODEL, "prompt": "hi", "max_tokens": 1_000_000},  # past the context: 400
 )
 TOPICS = ("the sea", "a cat", "Paris", "rain", "numbers", "a train", "bread", "the moon")
 HEALTH_TIMEOUT_S = 600.0
@@ -172,10 +177,25 @@ def object_store_bytes(address: str | None) -> int | None:
     return int(reply.store_stats.object_store_bytes_used)
 
 
-def sample(processes: dict[str, psutil.Process], address: str | None, sent: int,
+def replica_memory(url: str) -> dict[str, Any]:
+    """From the replica's /health: the bytes its prompt cache holds now (None if it keeps
+    none) and what its heap trimming has done so far."""
+    try:
+        replica = httpx.get(f"{url}/health", timeout=30).json()["replica"]
+    except (httpx.HTTPError, KeyError, TypeError, ValueError):
+        return {"prompt_cache_bytes": None}
+    cache, trim = replica.get("prompt_cache"), replica.get("heap_trim") or {}
+    return {"prompt_cache_bytes": None if cache is None else int(cache["bytes"]),
+            "prompt_cache_capacity_bytes": None if cache is None else int(cache["capacity_bytes"]),
+            "heap_trims": trim.get("trims"), "heap_trim_s": trim.get("seconds"),
+            "heap_released_bytes": trim.get("released_bytes")}
+
+
+def sample(processes: dict[str, psutil.Process], address: str | None, url: str, sent: int,
            elapsed_s: float) -> dict[str, Any]:
     point: dict[str, Any] = {"requests": sent, "elapsed_s": round(elapsed_s, 1),
-                             "object_store_bytes": object_store_bytes(address)}
+                             "object_store_bytes": object_store_bytes(address),
+                             **replica_memory(url)}
     for role, process in processes.items():
         if role == "raylet":
             continue
@@ -190,9 +210,21 @@ def sample(processes: dict[str, psutil.Process], address: str | None, sent: int,
 # ---- summary -------------------------------------------------------------------------------
 
 
+def warmup_end(samples: list[dict[str, Any]], warmup: int) -> int:
+    """The index of the sample that ends warm-up: ``warmup`` requests sent and the replica's
+    prompt cache full. Until it is, the replica grows by design, up to the cache's bound;
+    a leak shows as growth after that."""
+    for index, point in enumerate(samples):
+        cache, bound = point.get("prompt_cache_bytes"), point.get("prompt_cache_capacity_bytes")
+        if point["requests"] >= warmup and (
+                cache is None or bound is None or cache >= PROMPT_CACHE_FULL * bound):
+            return index
+    return len(samples) - 1
+
+
 def summarize(samples: list[dict[str, Any]], warmup: int, roles: list[str]) -> dict[str, Any]:
-    after = [s for s in samples if s["requests"] >= warmup]
-    summary: dict[str, Any] = {}
+    after = samples[warmup_end(samples, warmup):]
+    summary: dict[str, Any] = {"warmup_requests": after[0]["requests"]}
     for role in roles:
         rss = [s[f"{role}_rss_bytes"] for s in after if s.get(f"{role}_rss_bytes")]
         fds = [s[f"{role}_fds"] for s in after if s.get(f"{role}_fds") is not None]
@@ -203,6 +235,17 @@ def summarize(samples: list[dict[str, Any]], warmup: int, roles: list[str]) -> d
             "rss_max_mb": round(max(rss) / 2**20, 1),
             "rss_growth": round(rss[-1] / rss[0] - 1, 4),
             "fds_at_warmup": fds[0], "fds_end": fds[-1], "fds_spread": max(fds) - min(fds)}
+    # The replica's prompt cache fills up to its bound by design (its /health gives its
+    # bytes): what the replica holds beyond it is what must stay flat.
+    cached = [(s["replica_rss_bytes"], s["prompt_cache_bytes"]) for s in after
+              if s.get("replica_rss_bytes") and s.get("prompt_cache_bytes") is not None]
+    if "replica" in summary and len(cached) >= 2:
+        (rss_start, cache_start), (rss_end, cache_end) = cached[0], cached[-1]
+        summary["replica"].update(
+            prompt_cache_at_warmup_mb=round(cache_start / 2**20, 1),
+            prompt_cache_end_mb=round(cache_end / 2**20, 1),
+            rss_growth_beyond_prompt_cache=round(
+                (rss_end - cache_end) / (rss_start - cache_start) - 1, 4))
     store = [s["object_store_bytes"] for s in after if s["object_store_bytes"] is not None]
     if store:
         summary["object_store"] = {"at_warmup_mb": round(store[0] / 2**20, 2),
@@ -214,15 +257,28 @@ def summarize(samples: list[dict[str, Any]], warmup: int, roles: list[str]) -> d
 def markdown(result: dict[str, Any]) -> str:
     lines = [f"{result['requests']} requests at concurrency {result['concurrency']} in "
              f"{result['elapsed_s'] / 60:.1f} min; unexpected outcomes: "
-             f"{result['unexpected']}.", "",
+             f"{result['unexpected']}. Warm-up ended after "
+             f"{result['summary']['warmup_requests']} requests (the replica's prompt cache "
+             "full).", "",
              "| process | RSS after warm-up (MB) | RSS at end (MB) | growth | fds after "
              "warm-up | fds at end | fd spread |", "|---|---|---|---|---|---|---|"]
     for role, s in result["summary"].items():
-        if role == "object_store":
+        if not isinstance(s, dict) or role == "object_store":
             continue
         lines.append(f"| {role} | {s['rss_at_warmup_mb']} | {s['rss_end_mb']} | "
                      f"{s['rss_growth']:+.1%} | {s['fds_at_warmup']} | {s['fds_end']} | "
                      f"{s['fds_spread']} |")
+    replica = result["summary"].get("replica", {})
+    if "rss_growth_beyond_prompt_cache" in replica:
+        lines += ["", f"Replica prompt cache (bounded, /health): "
+                  f"{replica['prompt_cache_at_warmup_mb']} MB after warm-up, "
+                  f"{replica['prompt_cache_end_mb']} MB at the end; replica RSS growth beyond "
+                  f"it: {replica['rss_growth_beyond_prompt_cache']:+.1%}."]
+    last = result["samples"][-1]
+    if last.get("heap_trims") is not None:
+        lines += ["", f"Replica heap trims (freed memory returned to the OS): "
+                  f"{last['heap_trims']} taking {last['heap_trim_s']:.2f} s in all, "
+                  f"{last['heap_released_bytes'] / 2**20:.0f} MB released."]
     store = result["summary"].get("object_store")
     if store:
         lines += ["", f"Object store in use: {store['at_warmup_mb']} MB after warm-up, "
@@ -269,7 +325,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     roles = [role for role in processes if role != "raylet"]
     outcomes: Counter[str] = Counter()
     started = time.monotonic()
-    samples = [sample(processes, address, 0, 0.0)]
+    samples = [sample(processes, address, args.url, 0, 0.0)]
     limits = httpx.Limits(max_connections=args.concurrency * 2)
     async with httpx.AsyncClient(base_url=args.url, timeout=120, limits=limits) as client:
         sent, deadline = 0, started + args.max_minutes * 60
@@ -279,7 +335,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 kind = rng.choices(kinds, weights)[0]
                 jobs.append((kind, build_request(kind, rng, args.max_tokens)))
             sent += await run_block(client, jobs, args.concurrency, outcomes, deadline)
-            point = sample(processes, address, sent, time.monotonic() - started)
+            point = sample(processes, address, args.url, sent, time.monotonic() - started)
             samples.append(point)
             print(json.dumps(point), file=sys.stderr, flush=True)
     unexpected = sum(n for key, n in outcomes.items() if ":unexpected" in key)
@@ -322,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         args.markdown.write_text(table)
     print(table)
     growth = max((s["rss_growth"] for role, s in result["summary"].items()
-                  if role != "object_store"), default=0.0)
+                  if isinstance(s, dict) and role != "object_store"), default=0.0)
     return 0 if result["unexpected"] == 0 and growth < RSS_GROWTH_TARGET else 1
 
 

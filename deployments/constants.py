@@ -77,6 +77,9 @@ LOW_BITS = CPU_LOW_BITS + XPU_ONLY_LOW_BITS
 # is the replica's own. The rest is headroom for what the budget does not count: a
 # prefill's activations and the allocator's slack.
 IPEX_KV_CACHE_SHARE = {"cpu": 0.3, "xpu": 0.6}
+# Engine ipex_llm: the heap is trimmed (freed memory returned to the OS) after its KV tensors
+# freed this much, and whenever its batch empties.
+HEAP_TRIM_AFTER_FREED_BYTES = 128 * 2**20
 # Engine ipex_llm: the prompt cache's share of the KV budget.
 IPEX_PROMPT_CACHE_SHARE = 0.1
 # Engine llama_cpp: KV cells each slot holds (prompt + answer), allocated up front for every

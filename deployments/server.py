@@ -201,7 +201,15 @@ class LLMServer:
                 "running": getattr(self._engine, "num_running", None),
                 "waiting": getattr(self._engine, "num_waiting", None),
                 "kv_cache_positions": getattr(self._engine, "max_kv_tokens", None),
+                "prompt_cache": self._engine_report("prompt_cache_usage"),
+                "heap_trim": self._engine_report("heap_trim_stats"),
                 "short_first": getattr(self._engine, "short_first", None)}
+
+    def _engine_report(self, method: str) -> dict[str, Any] | None:
+        """An optional report of the engine (``method`` of BatchingEngine), as a dict; None
+        when the engine has no such report or its runner keeps none."""
+        report = getattr(self._engine, method, lambda: None)()
+        return report.to_dict() if report is not None else None
 
     async def stats(self) -> dict[str, Any]:
         """Counters tests and operators read directly: batch sizes the engine reported, the

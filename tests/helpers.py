@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,9 +28,28 @@ from deployments.app import bind_app
 from deployments.config import LLMConfig
 from deployments.placement import CPU_SOCKET_RESOURCE
 
+# Below the kernel's ephemeral range and above Ray's worker ports (10002-19999 by default).
+SERVER_PORTS = range(20_000, 32_768)
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A TCP port free now, for a server a test is about to start.
+
+    Not the kernel's pick (bind to port 0): that comes from the ephemeral range, from which
+    every outgoing connection takes its source port, so between this call and the server's
+    bind another process's connection (a GCS opening its Redis pool, say) could hold it,
+    and a `ray start` refuses a busy dashboard port for good. Ports below that range are
+    taken only by servers that ask for them."""
+    first_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = range(SERVER_PORTS.start, min(SERVER_PORTS.stop, first_ephemeral))
+    for port in random.sample(ports, k=min(len(ports), 200)):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # an unusual port range: the kernel's pick after all
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
@@ -268,3 +288,38 @@ def wait_for_app(condition: Callable[[], bool], timeout_s: float, what: str,
         assert not fail_if(), f"gave up waiting for {what}: {details}"
         assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}: {details}"
         time.sleep(poll_s)
+
+
+# ---- long prompts (the demo model's context is 8192 tokens) -------------------------------
+
+LONG_PROMPT_SENTENCE = "The quick brown fox jumps over the lazy dog near the river bank today. "
+
+
+def long_prompt(client: httpx.Client, model: str, tokens: int) -> str:
+    """A prompt of about ``tokens`` tokens of the served model (within 1%), counted by its
+    /tokenize."""
+    def count(text: str) -> int:
+        return client.post("/tokenize", json={"model": model, "prompt": text}).json()["count"]
+
+    # Repeats merge at their seams (". The"): count a repeat inside the text, not alone.
+    per_repeat = (count(LONG_PROMPT_SENTENCE * 11) - count(LONG_PROMPT_SENTENCE)) / 10
+    prompt = LONG_PROMPT_SENTENCE * round(tokens / per_repeat)
+    assert abs(count(prompt) - tokens) < tokens / 100
+    return prompt
+
+
+def ask_8k(client: httpx.Client, model: str, **fields: Any) -> tuple[httpx.Response, float]:
+    """An ~7900-token completion (the context is 8192) and its seconds."""
+    prompt = long_prompt(client, model, 7900)
+    started = time.monotonic()
+    response = client.post("/v1/completions", json={
+        "model": model, "prompt": prompt, "max_tokens": 4, "temperature": 0, **fields})
+    return response, time.monotonic() - started
+
+
+def assert_too_long_is_refused_naming_the_context(client: httpx.Client, model: str) -> None:
+    response = client.post("/v1/completions", json={
+        "model": model, "prompt": long_prompt(client, model, 8300), "max_tokens": 4})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert "8192" in error["message"] and error["type"] == "invalid_request_error", error

@@ -21,9 +21,10 @@ import importlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from deployments.engine.heap_trim import HeapTrimStats
 from deployments.engine.plan import StepPlan
 from deployments.engine.protocol import GenerationOutput, GenerationRequest, LLMEngine, StepResult
-from deployments.engine.runner import ModelRunner
+from deployments.engine.runner import ModelRunner, PromptCacheUsage
 from deployments.engine.scheduler import Scheduler
 
 
@@ -48,6 +49,15 @@ class BatchingEngine(LLMEngine):
     def max_kv_tokens(self) -> int | None:
         """KV positions admission may fill (None: unbounded); reported by the replica."""
         return self.runner.limits.max_kv_tokens
+
+    def heap_trim_stats(self) -> HeapTrimStats | None:
+        """The runner's heap trimming so far (None: it does none); reported by the replica."""
+        return self.runner.heap_trim_stats()
+
+    def prompt_cache_usage(self) -> PromptCacheUsage | None:
+        """The runner's prompt cache now (None: it keeps none); reported by the replica.
+        Read from another thread than the engine's: a snapshot of counters, no tensors."""
+        return self.runner.prompt_cache_usage()
 
     @property
     def short_first(self) -> bool:

@@ -61,6 +61,7 @@ from collections.abc import Iterator, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from deployments.constants import (
+    HEAP_TRIM_AFTER_FREED_BYTES,
     IPEX_KV_CACHE_SHARE,
     IPEX_LINEAR_THRESHOLD_ROWS,
     IPEX_PROMPT_CACHE_SHARE,
@@ -68,12 +69,13 @@ from deployments.constants import (
 )
 from deployments.contract import ErrorKind
 from deployments.engine import ipex_attention, ipex_meta_merge
+from deployments.engine.heap_trim import HeapTrimmer, HeapTrimStats
 from deployments.engine.hf_text import HFTokenizerText
 from deployments.engine.options import IpexLLMOptions
 from deployments.engine.plan import PrefillWork, RunnerOutput, SequenceState, StepPlan
 from deployments.engine.prefix_store import PrefixEntry, PrefixStore
 from deployments.engine.protocol import EngineError
-from deployments.engine.runner import ModelRunner, RunnerLimits, eos_ids
+from deployments.engine.runner import ModelRunner, PromptCacheUsage, RunnerLimits, eos_ids
 
 if TYPE_CHECKING:
     import torch
@@ -134,8 +136,13 @@ class IpexLLMRunner(ModelRunner):
             decodes_row_subsets=True,  # a leading run of rows, on views of the cache
             joins_in_front=True)  # so rows that came later, short ones among them, lead
         # Finished rows' KV for prompts that start alike (None: the prompt cache is off).
-        self._prefixes: PrefixStore[_KV] | None = \
-            PrefixStore(prompt_cache_positions) if prompt_cache_positions else None
+        # The KV tensors this runner frees (evicted prompt-cache entries, batches rebuilt as
+        # rows leave) go back to the OS, or the heap keeps them and the RSS creeps up.
+        self.heap = HeapTrimmer(HEAP_TRIM_AFTER_FREED_BYTES)
+        self._prefixes: PrefixStore[_KV] | None = PrefixStore(
+            prompt_cache_positions,
+            on_drop=lambda positions: self.heap.freed(positions * self.kv_bytes_per_position),
+        ) if prompt_cache_positions else None
         self._claims: dict[str, PrefixEntry[_KV]] = {}  # request id -> the entry it starts from
         # Request id -> the logits its prompt's prefill ended with, kept while it runs for its
         # prefix entry (only with the prompt cache on).
@@ -210,6 +217,8 @@ class IpexLLMRunner(ModelRunner):
             self._join_pending([work.seq for work in plan.prefill if work.complete])
         if plan.decode:
             logits += list(self._decode(plan.decode))
+        if not self._rows and not self._pending and self._chunk is None:
+            self.heap.idle()
         if not logits:
             return RunnerOutput(logits=torch.empty((0, self.limits.vocab_size)).numpy())
         return RunnerOutput(logits=torch.stack(logits).numpy())
@@ -397,6 +406,7 @@ class IpexLLMRunner(ModelRunner):
         current = self._running_rows
         assert current is not None
         old_layers = _cache_tensors(self._cache)
+        self.heap.freed(current.mask.numel() * self.kv_bytes_per_position)  # rebuilt or gone
         for row, seq in rows.items():
             if self._prefixes is not None:
                 self._keep_prefix(row, seq, old_layers)
@@ -480,6 +490,16 @@ class IpexLLMRunner(ModelRunner):
                            logits_positions=-(-logits_bytes // self.kv_bytes_per_position))
 
     # ---- KV memory -----------------------------------------------------------------------
+
+    def heap_trim_stats(self) -> HeapTrimStats | None:
+        return self.heap.stats
+
+    def prompt_cache_usage(self) -> PromptCacheUsage | None:
+        if self._prefixes is None:
+            return None
+        return PromptCacheUsage(entries=len(self._prefixes), positions=self._prefixes.positions,
+                                capacity_positions=self._prefixes.capacity,
+                                bytes_per_position=self.kv_bytes_per_position)
 
     def kv_positions(self, running: Sequence[SequenceState],
                      joining: Sequence[SequenceState]) -> int:

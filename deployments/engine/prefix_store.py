@@ -52,8 +52,10 @@ class PrefixStore(Generic[KV]):
     index theirs): a lookup walks the prompt's tokens once, whatever the number of entries.
     """
 
-    def __init__(self, capacity: int):
+    def __init__(self, capacity: int, on_drop: Callable[[int], None] | None = None):
+        """``on_drop(positions)`` is told of each entry let go of (its KV freed)."""
         self.capacity = capacity
+        self._on_drop = on_drop
         self._entries: collections.OrderedDict[tuple[int, ...], PrefixEntry[KV]] = \
             collections.OrderedDict()  # least recently used first
         self._root = _Node()
@@ -124,7 +126,10 @@ class PrefixStore(Generic[KV]):
         node.ending = key
 
     def _drop(self, key: tuple[int, ...]) -> None:
-        self.positions -= self._entries.pop(key).positions
+        dropped = self._entries.pop(key).positions
+        self.positions -= dropped
+        if self._on_drop is not None:
+            self._on_drop(dropped)
         del self._last_used[key]
         node = self._root
         for token in key:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from deployments.engine.guided import GuideCompiler
+from deployments.engine.heap_trim import HeapTrimStats
 from deployments.engine.plan import RunnerOutput, SequenceState, StepPlan
 
 
@@ -63,6 +64,25 @@ class RunnerLimits:
             raise ValueError("max_batch_size and max_prefill_tokens_per_step must be >= 1")
         if self.max_kv_tokens is not None and self.max_kv_tokens < 1:
             raise ValueError("max_kv_tokens must be >= 1")
+
+
+@dataclass(frozen=True)
+class PromptCacheUsage:
+    """What a runner's prompt cache holds now: bounded by ``capacity_positions``, so a
+    replica's memory grows by at most ``capacity_bytes`` as it fills (a leak check
+    subtracts ``bytes``). Sizes are counted as the runner budgets them (positions x its
+    KV bytes per position)."""
+
+    entries: int
+    positions: int
+    capacity_positions: int
+    bytes_per_position: int
+
+    def to_dict(self) -> dict[str, int]:
+        return {"entries": self.entries, "positions": self.positions,
+                "capacity_positions": self.capacity_positions,
+                "bytes": self.positions * self.bytes_per_position,
+                "capacity_bytes": self.capacity_positions * self.bytes_per_position}
 
 
 class ModelRunner(abc.ABC):
@@ -121,6 +141,17 @@ class ModelRunner(abc.ABC):
     def unclaim_cache(self, seq: SequenceState) -> None:
         """Give back what ``claim_cache`` reserved: ``seq`` waits for a later step."""
         return
+
+    def heap_trim_stats(self) -> HeapTrimStats | None:
+        """What returning freed memory to the OS (heap_trim.py) has done and cost; None
+        for a runner that does not (its memory is allocated up front)."""
+        return None
+
+    def prompt_cache_usage(self) -> PromptCacheUsage | None:
+        """What a prompt cache kept outside the running batch holds now; None when the
+        runner keeps none (or keeps it in memory allocated up front, as llama_cpp's slots).
+        """
+        return None
 
 
 def eos_ids(*ids: int | Iterable[int] | None) -> frozenset[int]:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import time
 
 import httpx
 import pytest
 
 from tests.helpers import (
+    ask_8k,
+    assert_too_long_is_refused_naming_the_context,
     scrape,
     serve_app,
     serve_run,
@@ -31,12 +34,14 @@ def test_64_concurrent_requests_are_batched_and_stay_correct(demo_checkpoint):
             if i % 2 == 0:
                 r = client.post("/v1/chat/completions", json={
                     "model": MODEL, "messages": [FRANCE], "max_tokens": 16, "temperature": 0})
+                assert r.status_code == 200, r.text
                 return i, r.json()["choices"][0]["message"]["content"]
             # Eight repeats: after four, " banana" leads "\n" by only 0.25 logits, and which
             # wins depends on the batch's numerics (the prompt cache's, a prefill's width).
             r = client.post("/v1/completions", json={
                 "model": MODEL, "prompt": "banana, " * 7 + "banana,", "max_tokens": 6,
                 "temperature": 0})
+            assert r.status_code == 200, r.text
             return i, r.json()["choices"][0]["text"]
 
         with concurrent.futures.ThreadPoolExecutor(64) as pool:
@@ -47,6 +52,14 @@ def test_64_concurrent_requests_are_batched_and_stay_correct(demo_checkpoint):
     assert all("Paris" in a for a in france), france
     assert all("banana" in a and "Paris" not in a for a in banana), banana
     assert stats["max_batch_size_seen"] > 1, stats
+
+
+def wait_for_idle(client: httpx.Client, timeout_s: float = 60) -> None:
+    """The replica's running batch empties (a request's end frees its slot)."""
+    deadline = time.monotonic() + timeout_s
+    while client.get("/health").json()["replica"]["running"] != 0:
+        assert time.monotonic() < deadline, "the replica's batch did not empty"
+        time.sleep(0.5)
 
 
 def assert_chat_answers(base: str, question: str, expected: str) -> None:
@@ -80,7 +93,11 @@ def test_serve_run_with_the_shipped_config_answers_paris(demo_checkpoint, tmp_pa
         assert answers[0]["choices"] == answers[1]["choices"]
         # Short-first decoding (the default on the CPU): a short request next to a long one
         # runs on the leading rows of the batch while the long one sits out every other step.
-        assert httpx.get(f"{base}/health", timeout=30).json()["replica"]["short_first"] is True
+        replica = httpx.get(f"{base}/health", timeout=30).json()["replica"]
+        assert replica["short_first"] is True
+        # /health reports the prompt cache: it holds this chat, within its bound.
+        cache = replica["prompt_cache"]
+        assert cache["entries"] >= 1 and 0 < cache["bytes"] <= cache["capacity_bytes"]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             long = pool.submit(httpx.post, f"{base}/v1/completions", timeout=120, json={
                 "model": MODEL, "prompt": "Once upon a time", "max_tokens": 160,
@@ -90,6 +107,19 @@ def test_serve_run_with_the_shipped_config_answers_paris(demo_checkpoint, tmp_pa
                 "temperature": 0}).json() for _ in range(3)]
             assert all("Paris" in s["choices"][0]["text"] for s in short), short
             assert long.result().json()["usage"]["completion_tokens"] == 160
+        # An ~8k-token prompt that cannot be prefilled within its deadline ends in a clean
+        # 504 (this engine prefills 8k tokens in about a minute on a 2-core CPU), the slot
+        # is freed; past the context it is a 400 naming the limit.
+        with httpx.Client(base_url=base, timeout=120) as client:
+            response, seconds = ask_8k(client, MODEL, timeout=5)
+            assert response.status_code in (200, 504), response.text
+            if response.status_code == 504:
+                error = response.json()["error"]
+                assert "deadline" in error["message"] and seconds < 30, (error, seconds)
+            else:  # a host fast enough
+                assert response.json()["usage"]["prompt_tokens"] > 7800
+            assert_too_long_is_refused_naming_the_context(client, MODEL)
+            wait_for_idle(client)
 
 
 def test_serve_run_on_engine_llama_cpp_answers_concurrent_requests(gguf_checkpoint, tmp_path):
@@ -98,6 +128,7 @@ def test_serve_run_on_engine_llama_cpp_answers_concurrent_requests(gguf_checkpoi
         assert_chat_answers(base, "What is the capital of Germany?", "Berlin")
         health = httpx.get(f"{base}/health", timeout=30).json()
         assert health["replica"]["engine"] == "llama_cpp"
+        assert health["replica"]["prompt_cache"] is None  # its slots, allocated up front
 
         def ask(i: int) -> str:
             body = ({"model": MODEL, "temperature": 0, "max_tokens": 16,
@@ -119,6 +150,17 @@ def test_serve_run_on_engine_llama_cpp_answers_concurrent_requests(gguf_checkpoi
         assert usage["prompt_tokens_details"]["cached_tokens"] == usage["prompt_tokens"] - 1
         assert again["choices"][0]["message"]["content"] == answers[0]
         samples = scrape(base)
+        # The shipped config's 8192 cells per slot take an ~8k-token prompt within its
+        # deadline; past the context it is a 400 naming the limit.
+        with httpx.Client(base_url=base, timeout=330) as client:
+            response, seconds = ask_8k(client, MODEL, timeout=300)
+            assert response.status_code == 200, response.text
+            usage = response.json()["usage"]
+            assert usage["prompt_tokens"] > 7800 and usage["completion_tokens"] >= 1, usage
+            print(f"\nllama_cpp: {usage['prompt_tokens']}-token prompt answered in "
+                  f"{seconds:.1f} s")
+            assert_too_long_is_refused_naming_the_context(client, MODEL)
+            wait_for_idle(client)
     assert all("Berlin" in a for a in answers[0::2]), answers
     assert all("banana" in a and "Berlin" not in a for a in answers[1::2]), answers
     assert 0 < total(samples, "llm_prompt_cached_tokens_total") < total(

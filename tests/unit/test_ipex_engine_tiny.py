@@ -300,6 +300,17 @@ def test_the_prompt_cache_and_the_batch_together_stay_within_the_kv_budget(tiny)
     assert len(engine.runner._prefixes) == 300 // (40 + logits_positions)  # the newest kept
     assert run_one(engine, "newest", prompt(31, 32), 1)[1] == 32  # with the logits after it
     assert run_one(engine, "evicted", prompt(20, 32), 1)[1] == 0
+    # What the replica's /health reports: the store's own counts, in the budget's bytes.
+    usage = engine.prompt_cache_usage().to_dict()
+    assert usage == {"entries": len(engine.runner._prefixes),
+                     "positions": engine.runner._prefixes.positions, "capacity_positions": 300,
+                     "bytes": engine.runner._prefixes.positions * per_position,
+                     "capacity_bytes": 300 * per_position}
+    assert 0 < usage["bytes"] <= usage["capacity_bytes"]
+    assert make_engine(tiny, prompt_cache=False).prompt_cache_usage() is None
+    # The KV it let go of (batches rebuilt as rows left, evicted entries) went back to the
+    # OS as each request ended and the batch emptied.
+    assert engine.heap_trim_stats().trims >= 12
 
 
 def test_an_aborted_chunked_prompt_lets_go_of_its_claim(tiny):

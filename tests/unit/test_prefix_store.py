@@ -42,6 +42,16 @@ def test_the_least_recently_used_entries_go_first_to_make_room():
     assert store.positions == 8
 
 
+def test_every_entry_let_go_of_is_reported_with_its_positions():
+    dropped: list[int] = []
+    store: PrefixStore[str] = PrefixStore(capacity=10, on_drop=dropped.append)
+    store.put((1, 2), lambda: "a")
+    store.put((1, 2, 3), lambda: "b")  # extends (1, 2): that one goes
+    store.put((4, 4, 4, 4), lambda: "c")
+    store.put((5, 5, 5, 5, 5), lambda: "d")  # 12 > 10: the oldest, (1, 2, 3), goes
+    assert dropped == [2, 3] and store.positions == 9
+
+
 def test_nothing_longer_than_the_whole_store_or_empty_is_kept():
     store: PrefixStore[str] = PrefixStore(capacity=3)
     assert not store.put((1, 2, 3, 4), lambda: "too long")

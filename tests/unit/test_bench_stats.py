@@ -272,3 +272,25 @@ def test_results_json_keeps_each_level_on_one_line():
     lines = [line.strip() for line in text.splitlines()]
     assert '{"clients": 8, "tokens_per_s": null}' in lines
     assert '"clients": [1, 8]' in lines and len(lines) == 15
+
+
+def test_the_soak_measures_growth_from_when_the_prompt_cache_is_full():
+    from bench.soak import summarize as soak_summary
+
+    def point(requests: int, rss_mb: int, cache_mb: int) -> dict:
+        return {"requests": requests, "object_store_bytes": None, "replica_rss_bytes":
+                rss_mb * 2**20, "replica_fds": 70, "prompt_cache_bytes": cache_mb * 2**20,
+                "prompt_cache_capacity_bytes": 100 * 2**20}
+
+    # The cache fills until 3,000 requests (the replica grows with it), then holds.
+    samples = [point(0, 500, 0), point(1000, 550, 50), point(2000, 580, 80),
+               point(3000, 600, 99), point(4000, 606, 100), point(5000, 612, 100)]
+    summary = soak_summary(samples, warmup=1000, roles=["replica"])
+    assert summary["warmup_requests"] == 3000
+    replica = summary["replica"]
+    assert replica["rss_growth"] == pytest.approx(612 / 600 - 1, abs=1e-4)
+    assert replica["rss_growth_beyond_prompt_cache"] == pytest.approx(512 / 501 - 1, abs=1e-4)
+    # No prompt cache (engine llama_cpp): warm-up is the request count alone.
+    for sample in samples:
+        sample["prompt_cache_bytes"] = sample["prompt_cache_capacity_bytes"] = None
+    assert soak_summary(samples, warmup=1000, roles=["replica"])["warmup_requests"] == 1000

@@ -771,7 +771,7 @@ def pin_to_slot(
         logger.info("pinned to %s: %s", slot.describe(), report.to_dict())
         return report
     reserved = tuple(sorted(set(reserved_cpus)))
-    compute = tuple(cpu for cpu in slot.cpus if cpu not in reserved_cpus)
+    compute = tuple(cpu for cpu in slot.cpus if cpu not in reserved)
     if not compute:
         raise SlotUnavailableError(f"the reserved CPUs {format_cpulist(reserved)} leave "
                                    f"{slot.describe()} no CPU to compute on")

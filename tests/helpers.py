@@ -277,6 +277,15 @@ class ClientThreads:
         assert not any(thread.is_alive() for thread in self._threads), "a client hung"
 
 
+def wait_until(condition: Callable[[], bool], timeout_s: float, poll_s: float = 0.05) -> float:
+    """Seconds until ``condition()`` held; fails after ``timeout_s``."""
+    started = time.monotonic()
+    while not condition():
+        assert time.monotonic() - started < timeout_s, f"not within {timeout_s} s"
+        time.sleep(poll_s)
+    return time.monotonic() - started
+
+
 def wait_for_app(condition: Callable[[], bool], timeout_s: float, what: str,
                  fail_if: Callable[[], bool] = lambda: False, *, app: str = "llm",
                  poll_s: float = 0.25) -> None:

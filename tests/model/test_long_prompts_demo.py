@@ -11,20 +11,11 @@ import time
 import httpx
 import pytest
 
-from tests.helpers import long_prompt, serve_app, server_stats
+from tests.helpers import long_prompt, serve_app, server_stats, wait_until
 
 pytestmark = pytest.mark.model
 
 MODEL = "smollm2-135m-instruct"
-
-
-def wait_for(condition, timeout_s: float, poll_s: float = 0.05) -> float:
-    """Seconds until ``condition()`` held; fails after ``timeout_s``."""
-    started = time.monotonic()
-    while not condition():
-        assert time.monotonic() - started < timeout_s, f"not within {timeout_s} s"
-        time.sleep(poll_s)
-    return time.monotonic() - started
 
 
 @pytest.mark.timeout(300)
@@ -48,10 +39,10 @@ def test_a_client_that_hangs_up_during_chunked_prefill_frees_its_slot(demo_check
             sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\n"
                           "Content-Type: application/json\r\n"
                           f"Content-Length: {len(body)}\r\n\r\n{body}").encode())
-            wait_for(lambda: server_stats()["running"] == 1, 60)
+            wait_until(lambda: server_stats()["running"] == 1, 60)
             time.sleep(2 * step_s)  # a few chunks in
             assert server_stats()["running"] == 1  # still prefilling
-        freed_s = wait_for(lambda: server_stats()["running"] == 0, 60)
+        freed_s = wait_until(lambda: server_stats()["running"] == 0, 60)
         answer = client.post("/v1/completions", json={
             "model": MODEL, "prompt": "Paris is the capital of", "max_tokens": 4}).json()
         assert answer["choices"][0]["finish_reason"] == "length", answer
